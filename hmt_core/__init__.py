@@ -1,0 +1,22 @@
+"""hmt_core: the Hierarchical Memory Transformer (arXiv 2405.06067) over any transformers causal LM."""
+
+from hmt_core.config import HMTConfig
+from hmt_core.errors import CheckpointError, CorruptStateError, HMTError, InvalidInputError, ModelMismatchError
+from hmt_core.generation import GeneratedToken, Generation, SamplingParams
+from hmt_core.model import HMTModel, ScoreOutput
+from hmt_core.session import SessionState
+
+__all__ = [
+    "CheckpointError",
+    "CorruptStateError",
+    "GeneratedToken",
+    "Generation",
+    "HMTConfig",
+    "HMTError",
+    "HMTModel",
+    "InvalidInputError",
+    "ModelMismatchError",
+    "SamplingParams",
+    "ScoreOutput",
+    "SessionState",
+]

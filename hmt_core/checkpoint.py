@@ -1,0 +1,289 @@
+"""Loading HMT weights: HMT-pytorch checkpoints (every layout in the conformance README) and
+the native directory format written by `HMTModel.save_pretrained`.
+
+Native layout (a directory a user can ship and `hmt-serve --model DIR` serves as is):
+  hmt_config.json     {"format": "hmt", "format_version": 1, "hmt": {HMTConfig}, "backbone": "."}
+  hmt.safetensors     summary_prompt, initial_memory, recall_wq.weight, recall_wk.weight
+  config.json, model.safetensors, tokenizer files   the backbone, when "backbone" is "."
+"backbone" may instead name a hub model or a directory relative to this one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from hmt_core.config import HMTConfig
+from hmt_core.errors import CheckpointError
+from hmt_core.model import HMTModel
+
+log = logging.getLogger(__name__)
+
+NATIVE_FORMAT = "hmt"
+NATIVE_FORMAT_VERSION = 1
+HMT_CONFIG_FILE = "hmt_config.json"
+HMT_WEIGHTS_FILE = "hmt.safetensors"
+
+# HMT-pytorch key -> our parameter name
+_REFERENCE_KEYS = {
+    "mem": "summary_prompt",
+    "memory_cell.memory": "initial_memory",
+    "cross_attn.wq.weight": "recall_wq.weight",
+    "cross_attn.wk.weight": "recall_wk.weight",
+}
+_BACKBONE_PREFIX = "memory_cell.model."
+_PEFT_PREFIX = "base_model.model."
+_IGNORED_PREFIXES = ("memory_cell.mem_map.",)  # trained but unused at inference
+_LORA_PART = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)\."
+                        r"(?P<adapter>[^.]+)(?:\.weight)?$")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A flat state dict from safetensors or a torch.save pickle (weights_only: never a plain unpickle)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / n for n in ("model.safetensors", "pytorch_model.bin", "model.pt")]
+        found = [c for c in candidates if c.exists()] or sorted(path.glob("*.safetensors"))
+        if len(found) < 1:
+            raise CheckpointError(f"no checkpoint file in directory {path}")
+        path = found[0]
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {_strip_module(k): v for k, v in state.items()}
+
+
+def _strip_module(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def merge_lora(state: dict[str, Tensor], lora_alpha: float) -> tuple[dict[str, Tensor], set[str]]:
+    """Fold PEFT LoRA adapters (scale alpha/r) into plain weights.
+
+    Returns the merged state and the modules whose weights changed, so a caller can keep a tied
+    output head on the pre-LoRA embedding (PEFT's embedding LoRA changes the lookup only).
+    """
+    merged: dict[str, Tensor] = {}
+    lora: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        match = _LORA_PART.match(key)
+        if match:
+            lora.setdefault(match["module"], {})[match["kind"]] = value
+        elif ".modules_to_save." in key:
+            module, _, rest = key.partition(".modules_to_save.")
+            merged[f"{module}.{rest.split('.', 1)[1]}"] = value
+        elif ".original_module." in key:
+            continue  # superseded by modules_to_save
+        else:
+            merged[key.replace(".base_layer.", ".")] = value
+    for module, parts in lora.items():
+        weight_key = f"{module}.weight"
+        if weight_key not in merged:
+            raise CheckpointError(f"LoRA adapter for {module} has no base weight")
+        base = merged[weight_key]
+        if "lora_A" in parts and "lora_B" in parts:
+            a, b = parts["lora_A"], parts["lora_B"]
+            delta = b.float() @ a.float()
+        elif "lora_embedding_A" in parts and "lora_embedding_B" in parts:
+            a, b = parts["lora_embedding_A"], parts["lora_embedding_B"]
+            delta = (b.float() @ a.float()).t()
+        else:
+            raise CheckpointError(f"LoRA adapter for {module} is incomplete: {sorted(parts)}")
+        if delta.shape != base.shape and delta.t().shape == base.shape:
+            delta = delta.t()  # Conv1D layers (GPT-2) store weights transposed
+        if delta.shape != base.shape:
+            raise CheckpointError(f"LoRA delta {tuple(delta.shape)} does not fit {weight_key} {tuple(base.shape)}")
+        rank = a.shape[0]
+        merged[weight_key] = (base.float() + delta * (lora_alpha / rank)).to(base.dtype)
+    return merged, set(lora)
+
+
+def split_reference_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(HMT parameters under our names, backbone state dict with PEFT prefixes removed)."""
+    hmt: dict[str, Tensor] = {}
+    backbone: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        if key in _REFERENCE_KEYS:
+            hmt[_REFERENCE_KEYS[key]] = value
+        elif key.startswith(_BACKBONE_PREFIX):
+            sub = key[len(_BACKBONE_PREFIX):]
+            backbone[sub[len(_PEFT_PREFIX):] if sub.startswith(_PEFT_PREFIX) else sub] = value
+        elif not key.startswith(_IGNORED_PREFIXES):
+            unknown.append(key)
+    if unknown:
+        log.warning("ignoring %d unknown checkpoint keys, e.g. %s", len(unknown), unknown[:3])
+    missing = set(_REFERENCE_KEYS.values()) - set(hmt)
+    if missing:
+        raise CheckpointError(f"not an HMT checkpoint: missing {sorted(missing)}")
+    return hmt, backbone
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return None
+
+
+def _untie(config: PretrainedConfig) -> PretrainedConfig:
+    config = copy.deepcopy(config)
+    config.tie_word_embeddings = False
+    text = config.get_text_config()
+    if text is not config:
+        text.tie_word_embeddings = False
+    return config
+
+
+def _ties_embeddings(config: PretrainedConfig) -> bool:
+    return bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+
+
+def load_backbone_weights(config: PretrainedConfig, state: dict[str, Tensor],
+                          lora_modules: set[str], base_state: dict[str, Tensor]) -> PreTrainedModel:
+    """Build the backbone from its config and load (merged) weights, checking every key."""
+    probe = AutoModelForCausalLM.from_config(config)
+    in_name = _module_name(probe, probe.get_input_embeddings())
+    out_name = _module_name(probe, probe.get_output_embeddings())
+    if _ties_embeddings(config) and in_name in lora_modules and out_name and f"{out_name}.weight" not in state:
+        # PEFT's embedding LoRA changes the lookup only: the head keeps the pre-LoRA weights.
+        config = _untie(config)
+        state = dict(state)
+        state[f"{out_name}.weight"] = base_state[f"{in_name}.base_layer.weight"]
+        probe = AutoModelForCausalLM.from_config(config)
+    result = probe.load_state_dict(state, strict=False)
+    allowed_missing = {f"{out_name}.weight"} if _ties_embeddings(config) else set()
+    missing = [k for k in result.missing_keys if k not in allowed_missing]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"backbone weights do not fit its config: missing {missing[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")
+    if _ties_embeddings(config):
+        probe.tie_weights()
+    return probe
+
+
+def _set_hmt_parameters(model: HMTModel, params: dict[str, Tensor]) -> None:
+    own = model.state_dict()
+    for name, value in params.items():
+        if name not in own:
+            raise CheckpointError(f"unknown HMT parameter {name}")
+        if own[name].shape != value.shape:
+            raise CheckpointError(f"HMT parameter {name} has shape {tuple(value.shape)}, the config "
+                                  f"implies {tuple(own[name].shape)} (check recall_dim and the backbone)")
+    model.load_state_dict(params, strict=False)
+
+
+def _load_tokenizer(source: str | Path) -> object | None:
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as exc:
+        log.info("no tokenizer at %s (%s); token-id input only", source, exc)
+        return None
+
+
+def load_hmt_pytorch(path: str | Path, backbone: PretrainedConfig | str | Path, config: HMTConfig,
+                     lora_alpha: float = 32.0, dtype: torch.dtype | None = None,
+                     device: str | torch.device | None = None) -> HMTModel:
+    """Import a checkpoint written by HMT-pytorch (safetensors or torch.save, DP or PEFT LoRA)."""
+    raw = read_state_dict(path)
+    hmt_params, backbone_raw = split_reference_state(raw)
+    backbone_state, lora_modules = merge_lora(backbone_raw, lora_alpha)
+    tokenizer = None
+    if isinstance(backbone, PretrainedConfig):
+        backbone_config = copy.deepcopy(backbone)
+    else:
+        backbone_config = AutoConfig.from_pretrained(str(backbone))
+        tokenizer = _load_tokenizer(backbone)
+    if backbone_state:
+        model = load_backbone_weights(backbone_config, backbone_state, lora_modules, backbone_raw)
+    elif isinstance(backbone, PretrainedConfig):
+        raise CheckpointError("checkpoint holds no backbone weights; pass a backbone directory or name")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(backbone))
+    hmt = HMTModel(model, config, tokenizer)
+    _set_hmt_parameters(hmt, hmt_params)
+    return hmt.to(device=device, dtype=dtype) if (device or dtype) else hmt
+
+
+def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bool = True,
+                    backbone_ref: str | None = None) -> None:
+    """Write the native format; with include_backbone the directory is self-contained."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    params = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+              if not k.startswith("backbone.")}
+    save_file(params, str(directory / HMT_WEIGHTS_FILE), metadata={"format": "pt"})
+    if include_backbone:
+        model.backbone.save_pretrained(directory)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(directory)
+        ref = "."
+    else:
+        ref = backbone_ref or model.backbone.config.name_or_path
+        if not ref:
+            raise CheckpointError("backbone has no name to refer to; save it with include_backbone=True")
+    meta = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION,
+            "hmt": model.hmt_config.to_dict(), "backbone": ref, "fingerprint": model.fingerprint}
+    (directory / HMT_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local directory as is; otherwise a hub name, downloaded (needs network)."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{local} is a file, not a model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=str(name_or_path)))
+    except Exception as exc:
+        raise CheckpointError(f"{name_or_path} is neither a local directory nor a reachable hub model: {exc}") \
+            from None
+
+
+def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> HMTModel:
+    directory = resolve_model_dir(name_or_path)
+    config_file = directory / HMT_CONFIG_FILE
+    if not config_file.exists():
+        raise CheckpointError(f"{directory} has no {HMT_CONFIG_FILE}: not an HMT model directory")
+    try:
+        meta = json.loads(config_file.read_text())
+        if meta.get("format") != NATIVE_FORMAT or int(meta.get("format_version", 0)) > NATIVE_FORMAT_VERSION:
+            raise CheckpointError(f"{config_file} is not a supported HMT format: {meta.get('format_version')}")
+        config = HMTConfig.from_dict(meta["hmt"])
+        ref = str(meta.get("backbone", "."))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{config_file} is malformed: {exc}") from None
+    backbone_source: str | Path = directory if ref == "." else \
+        (directory / ref if (directory / ref).is_dir() else ref)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    backbone = AutoModelForCausalLM.from_pretrained(str(backbone_source), **kwargs)
+    tokenizer = _load_tokenizer(directory) if (directory / "tokenizer_config.json").exists() \
+        else _load_tokenizer(backbone_source)
+    model = HMTModel(backbone, config, tokenizer)
+    _set_hmt_parameters(model, load_file(str(directory / HMT_WEIGHTS_FILE)))
+    return model.to(device=device, dtype=dtype) if (device or dtype) else model

@@ -1,0 +1,66 @@
+"""HMT hyper-parameters: the five numbers of the paper plus how recall is computed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from hmt_core.errors import CheckpointError, InvalidInputError
+
+RecallScale = Literal["auto", "sqrt", "linear"]
+
+
+@dataclass(frozen=True)
+class HMTConfig:
+    """segment_tokens (L), num_sensory (k), ltm_context (N), recall_dim, sum_fraction.
+
+    recall_dtype: the reference computes recall in bfloat16 and its weights were trained so.
+    recall_scale: "auto" reproduces the reference's training/eval path, which divides scores by
+    recall_dim instead of sqrt(recall_dim) when hidden size and recall_dim are both >= 4096.
+    """
+
+    segment_tokens: int = 256
+    num_sensory: int = 32
+    ltm_context: int = 300
+    recall_dim: int = 4096
+    sum_fraction: float = 0.5
+    recall_dtype: str = "bfloat16"
+    recall_scale: RecallScale = "auto"
+
+    def __post_init__(self) -> None:
+        if self.segment_tokens < 1:
+            raise InvalidInputError(f"segment_tokens must be >= 1, got {self.segment_tokens}")
+        if not 0 <= self.num_sensory <= self.segment_tokens:
+            raise InvalidInputError(
+                f"num_sensory must be in [0, segment_tokens={self.segment_tokens}], got {self.num_sensory}")
+        if self.ltm_context < 1:
+            raise InvalidInputError(f"ltm_context must be >= 1, got {self.ltm_context}")
+        if self.recall_dim < 1:
+            raise InvalidInputError(f"recall_dim must be >= 1, got {self.recall_dim}")
+        if not 0.0 < self.sum_fraction <= 1.0:
+            raise InvalidInputError(f"sum_fraction must be in (0, 1], got {self.sum_fraction}")
+        if self.summary_tokens < 1:
+            raise InvalidInputError("segment_tokens * sum_fraction rounds to 0 summary tokens")
+        if self.recall_scale not in ("auto", "sqrt", "linear"):
+            raise InvalidInputError(f"recall_scale must be auto, sqrt or linear, got {self.recall_scale!r}")
+
+    @property
+    def summary_tokens(self) -> int:
+        """Tokens of a segment that feed the summary query; Python's round, as the reference."""
+        return round(self.segment_tokens * self.sum_fraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HMTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CheckpointError(f"unknown HMTConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,309 @@
+"""HMT over any transformers causal LM: the reference's four steps as batched tensor functions.
+
+One segment n with tokens x_n (see shared/conformance/README.md):
+  1. summary query  q_n = last hidden of backbone([mem, x_n[:s], mem])
+  2. recall         p_n = softmax(q_n Wq (M Wk)^T / scale) M, or the initial memory when M is empty
+  3. segment pass   backbone([p_n, E(sensory), E(x_n), p_n]); logits at x_n, m_n = last hidden
+  4. update         M := (M + [m_n])[-N:], sensory := x_n[-k:]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from hmt_core.config import HMTConfig
+from hmt_core.errors import InvalidInputError
+from hmt_core.session import SessionState, fill_window
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from hmt_core.generation import Generation, SamplingParams
+
+
+@dataclass
+class ScoreOutput:
+    logits: Tensor  # [B, T, V]
+    memories: Tensor  # [B, S, d]
+    recall_distances: Tensor  # [B, S]: segments back to the strongest recall weight (0: no recall)
+
+
+@dataclass
+class Recall:
+    prompts: Tensor  # [B, d] memory prompt p_n in the backbone's dtype
+    distances: Tensor  # [B] long; 0 where long-term memory was empty
+
+
+def _config_digest(config: PretrainedConfig) -> dict[str, Any]:
+    drop = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
+            "_attn_implementation_autoset", "_commit_hash"}
+    return {k: v for k, v in sorted(config.to_dict().items()) if k not in drop}
+
+
+class HMTModel(nn.Module):
+    """A causal LM made segment-recurrent. Device- and dtype-agnostic: use .to() as usual."""
+
+    def __init__(self, backbone: PreTrainedModel, config: HMTConfig,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.hmt_config = config
+        self.tokenizer = tokenizer
+        embeddings = backbone.get_input_embeddings()
+        dim = embeddings.weight.shape[1]
+        std = float(embeddings.weight.detach().float().std())
+        self.summary_prompt = nn.Parameter(torch.randn(1, dim) * std)  # reference key "mem"
+        self.initial_memory = nn.Parameter(torch.randn(1, dim) * std)  # "memory_cell.memory"
+        self.recall_wq = nn.Linear(dim, config.recall_dim, bias=False)  # "cross_attn.wq"
+        self.recall_wk = nn.Linear(dim, config.recall_dim, bias=False)  # "cross_attn.wk"
+        self._fingerprint: str | None = None
+        backbone.eval()
+
+    # ----- basic properties -------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return self.initial_memory.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backbone.get_input_embeddings().weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.initial_memory.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.get_input_embeddings().weight.dtype
+
+    @property
+    def recall_divisor(self) -> float:
+        scale = self.hmt_config.recall_scale
+        if scale == "auto":
+            scale = "linear" if self.dim >= 4096 and self.hmt_config.recall_dim >= 4096 else "sqrt"
+        return float(self.hmt_config.recall_dim) if scale == "linear" else math.sqrt(self.hmt_config.recall_dim)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.backbone.config, getattr(self.backbone, "generation_config", None), self.tokenizer):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of backbone + HMT weights + HMTConfig, stable across fp32/bf16 and devices.
+
+        Hashes configs, every tensor's name and shape, and an evenly strided sample of its values
+        rounded to bf16 (so loading the same weights in another dtype keeps the identity).
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(json.dumps(self.hmt_config.to_dict(), sort_keys=True).encode())
+            digest.update(json.dumps(_config_digest(self.backbone.config), sort_keys=True, default=str).encode())
+            with torch.no_grad():
+                for name, tensor in sorted(self.state_dict().items()):
+                    flat = tensor.detach().reshape(-1)
+                    step = max(1, flat.numel() // 4096)
+                    sample = flat[::step].to("cpu", torch.bfloat16).view(torch.int16)
+                    digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+                    digest.update(sample.numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:32]
+        return self._fingerprint
+
+    def refresh_fingerprint(self) -> str:
+        """Recompute the identity after the weights changed (training); states made before won't load."""
+        self._fingerprint = None
+        return self.fingerprint
+
+    # ----- the four steps, batched --------------------------------------------------------
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.backbone.get_input_embeddings()(ids.to(self.device))
+
+    def _last_hidden(self, inputs_embeds: Tensor) -> Tensor:
+        """Final (post-norm) hidden state at the last position, without computing logits."""
+        out = self.backbone.base_model(inputs_embeds=inputs_embeds, use_cache=False)
+        return out.last_hidden_state[:, -1]
+
+    def summary_queries(self, tokens: Tensor) -> Tensor:
+        """Step 1 for a batch of token rows [B, t] (already cut to at most summary_tokens)."""
+        batch = tokens.shape[0]
+        prompt = self.summary_prompt.to(self.dtype).expand(batch, 1, self.dim)
+        return self._last_hidden(torch.cat([prompt, self.embed(tokens), prompt], dim=1))
+
+    def recall(self, queries: Tensor, memories: Tensor, lengths: Tensor) -> Recall:
+        """Step 2. queries [B, d]; memories [B, n, d] left-aligned, row b valid up to lengths[b]."""
+        batch = queries.shape[0]
+        initial = self.initial_memory.to(self.dtype).expand(batch, self.dim)
+        if memories.shape[1] == 0:
+            return Recall(initial, torch.zeros(batch, dtype=torch.long, device=self.device))
+        rdtype = getattr(torch, self.hmt_config.recall_dtype)
+        mem = memories.to(self.device, rdtype)
+        xq = queries.to(rdtype) @ self.recall_wq.weight.to(rdtype).t()  # [B, h]
+        mk = mem @ self.recall_wk.weight.to(rdtype).t()  # [B, n, h]
+        scores = torch.einsum("bh,bnh->bn", xq, mk) / self.recall_divisor
+        lengths = lengths.to(self.device)
+        valid = torch.arange(mem.shape[1], device=self.device)[None, :] < lengths[:, None]
+        weights = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
+        weights = torch.nan_to_num(weights).to(rdtype)  # rows with no memory are all -inf
+        prompts = torch.einsum("bn,bnd->bd", weights, mem).to(self.dtype)
+        has_memory = lengths > 0
+        prompts = torch.where(has_memory[:, None], prompts, initial)
+        distances = torch.where(has_memory, lengths - weights.float().argmax(dim=-1), 0)
+        return Recall(prompts, distances)
+
+    def _segment_embeds(self, prompts: Tensor, sensory: Tensor | None, tokens: Tensor) -> Tensor:
+        p = prompts[:, None, :].to(self.dtype)
+        parts = [p]
+        if sensory is not None and sensory.shape[1] > 0:
+            parts.append(self.embed(sensory))
+        parts += [self.embed(tokens), p]
+        return torch.cat(parts, dim=1)
+
+    def segment_memories(self, prompts: Tensor, sensory: Tensor | None, tokens: Tensor) -> Tensor:
+        """Step 3 when only the new memory m_n is wanted (commits): no logits computed."""
+        return self._last_hidden(self._segment_embeds(prompts, sensory, tokens))
+
+    def segment_logits(self, prompts: Tensor, sensory: Tensor | None,
+                       tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Step 3 with logits at the token positions: returns (logits [B, t, V], memory [B, d])."""
+        t = tokens.shape[1]
+        out = self.backbone(inputs_embeds=self._segment_embeds(prompts, sensory, tokens),
+                            output_hidden_states=True, use_cache=False, logits_to_keep=t + 1)
+        return out.logits[:, :t], out.hidden_states[-1][:, -1]
+
+    # ----- whole-sequence scoring (teacher-forced, as the reference evaluates) ------------
+
+    def check_tokens(self, tokens: Sequence[int] | Tensor) -> Tensor:
+        ids = torch.as_tensor(tokens) if not isinstance(tokens, Tensor) else tokens
+        if ids.numel() == 0:
+            raise InvalidInputError("no tokens given")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise InvalidInputError(f"token ids must be integers, got {ids.dtype}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return ids.long()
+
+    @torch.no_grad()
+    def score(self, input_ids: Tensor) -> ScoreOutput:
+        """Logits at every position and the memory written by every segment, as the reference."""
+        ids = self.check_tokens(input_ids)
+        if ids.dim() != 2:
+            raise InvalidInputError(f"input_ids must be [batch, tokens], got shape {tuple(ids.shape)}")
+        ids = ids.to(self.device)
+        cfg = self.hmt_config
+        batch = ids.shape[0]
+        memories: list[Tensor] = []
+        logits: list[Tensor] = []
+        distances: list[Tensor] = []
+        sensory: Tensor | None = None
+        for start in range(0, ids.shape[1], cfg.segment_tokens):
+            segment = ids[:, start:start + cfg.segment_tokens]
+            queries = self.summary_queries(segment[:, :cfg.summary_tokens])
+            ltm = torch.stack(memories[-cfg.ltm_context:], dim=1) if memories else \
+                torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
+            recalled = self.recall(queries, ltm, torch.full((batch,), ltm.shape[1], device=self.device))
+            segment_logits, memory = self.segment_logits(recalled.prompts, sensory, segment)
+            logits.append(segment_logits)
+            memories.append(memory)
+            distances.append(recalled.distances)
+            sensory = segment[:, segment.shape[1] - cfg.num_sensory:] if cfg.num_sensory else None
+        return ScoreOutput(torch.cat(logits, dim=1), torch.stack(memories, dim=1),
+                           torch.stack(distances, dim=1))
+
+    # ----- sessions ----------------------------------------------------------------------
+
+    def new_session(self) -> SessionState:
+        return SessionState.empty(self.dim, self.fingerprint)
+
+    def check_session(self, state: SessionState) -> None:
+        state.check_model(self.fingerprint, self.hmt_config, self.dim)
+
+    @torch.no_grad()
+    def commit_windows(self, states: Sequence[SessionState]) -> tuple[list[SessionState], Tensor]:
+        """Commit the full windows of several sessions in one backbone pass per step.
+
+        Returns the new states and each commit's recall distance. The result equals committing
+        them one at a time (rows only differ in sensory length 0 vs k, grouped, never padded).
+        """
+        cfg = self.hmt_config
+        if not states:
+            return [], torch.zeros(0, dtype=torch.long)
+        for state in states:
+            self.check_session(state)
+            if len(state.window) != cfg.segment_tokens:
+                raise InvalidInputError(
+                    f"only a full window can be committed ({len(state.window)} of {cfg.segment_tokens} tokens)")
+        windows = torch.tensor([s.window for s in states], dtype=torch.long, device=self.device)
+        queries = self.summary_queries(windows[:, :cfg.summary_tokens])
+        lengths = torch.tensor([s.ltm.shape[0] for s in states], device=self.device)
+        ltm = torch.zeros(len(states), int(lengths.max()), self.dim, dtype=self.dtype, device=self.device)
+        for row, state in enumerate(states):
+            ltm[row, :state.ltm.shape[0]] = state.ltm.to(self.device, self.dtype)
+        recalled = self.recall(queries, ltm, lengths)
+        new_memories = torch.empty(len(states), self.dim, dtype=self.dtype, device=self.device)
+        for sensory_len in sorted({len(s.sensory) for s in states}):
+            rows = [i for i, s in enumerate(states) if len(s.sensory) == sensory_len]
+            index = torch.tensor(rows, device=self.device)
+            sensory = torch.tensor([states[i].sensory for i in rows], dtype=torch.long, device=self.device) \
+                if sensory_len else None
+            new_memories[index] = self.segment_memories(recalled.prompts[index], sensory, windows[index])
+        committed = [state.after_commit(new_memories[row], cfg) for row, state in enumerate(states)]
+        return committed, recalled.distances.cpu()
+
+    def append(self, state: SessionState, tokens: Sequence[int] | Tensor) -> SessionState:
+        """Append tokens to a session, committing full windows lazily. Returns a new state."""
+        self.check_session(state)
+        rest = self.check_tokens(tokens).reshape(-1).tolist()
+        state, rest = fill_window(state.bumped(), rest, self.hmt_config)
+        while rest:
+            (state,), _ = self.commit_windows([state])
+            state, rest = fill_window(state, rest, self.hmt_config)
+        return state
+
+    def generate(self, state: SessionState, params: SamplingParams | None = None) -> Generation:
+        """Stream tokens from a session's open window; see hmt_core.generation."""
+        from hmt_core.generation import Generation, SamplingParams
+
+        return Generation(self, state, params or SamplingParams())
+
+    # ----- loading and saving (implemented in hmt_core.checkpoint) --------------------------
+
+    @classmethod
+    def from_hmt_pytorch(cls, path: str | Path, backbone: PretrainedConfig | str | Path,
+                         config: HMTConfig, lora_alpha: float = 32.0,
+                         dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> HMTModel:
+        from hmt_core.checkpoint import load_hmt_pytorch
+
+        return load_hmt_pytorch(path, backbone=backbone, config=config, lora_alpha=lora_alpha,
+                                dtype=dtype, device=device)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> HMTModel:
+        from hmt_core.checkpoint import load_pretrained
+
+        return load_pretrained(name_or_path, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory: str | Path, include_backbone: bool = True) -> None:
+        from hmt_core.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, include_backbone=include_backbone)

@@ -1,0 +1,145 @@
+"""A session's whole state (serving-semantics.md) and its safe, versioned byte format.
+
+Bytes are a safetensors file (no pickle): tensors `ltm` float32 [n, d], `sensory` and `window`
+int64, and a metadata header with the format version, model fingerprint, counters and a
+SHA-256 checksum over everything else, so truncation or tampering is detected, not loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor
+
+from hmt_core.errors import CorruptStateError, ModelMismatchError
+
+if TYPE_CHECKING:
+    from hmt_core.config import HMTConfig
+
+STATE_FORMAT = "hmt-session"
+STATE_FORMAT_VERSION = 1
+_COUNTERS = ("segments_committed", "tokens_seen", "version")
+
+
+@dataclass(frozen=True)
+class SessionState:
+    ltm: Tensor  # [n, d] long-term memory, n <= ltm_context
+    sensory: tuple[int, ...]  # last num_sensory tokens of the last committed segment
+    window: tuple[int, ...]  # received, not yet committed (0..L tokens)
+    segments_committed: int
+    tokens_seen: int
+    version: int  # bumped on every change; the store's compare-and-set fence
+    fingerprint: str  # the model that made it
+
+    @classmethod
+    def empty(cls, dim: int, fingerprint: str) -> SessionState:
+        return cls(torch.zeros(0, dim), (), (), 0, 0, 0, fingerprint)
+
+    @property
+    def dim(self) -> int:
+        return int(self.ltm.shape[1])
+
+    def bumped(self) -> SessionState:
+        return replace(self, version=self.version + 1)
+
+    def after_commit(self, memory: Tensor, config: HMTConfig) -> SessionState:
+        """Step 4: the window is committed and memory m_n was written."""
+        ltm = torch.cat([self.ltm.to(memory.device, memory.dtype), memory.reshape(1, -1)])
+        sensory = self.window[len(self.window) - config.num_sensory:] if config.num_sensory else ()
+        return replace(self, ltm=ltm[-config.ltm_context:], sensory=tuple(sensory), window=(),
+                       segments_committed=self.segments_committed + 1)
+
+    def check_model(self, fingerprint: str, config: HMTConfig, dim: int) -> None:
+        if self.fingerprint != fingerprint:
+            raise ModelMismatchError(
+                f"session state belongs to model {self.fingerprint}, this model is {fingerprint}")
+        if self.dim != dim or self.ltm.shape[0] > config.ltm_context or \
+                len(self.window) > config.segment_tokens or len(self.sensory) > config.num_sensory:
+            raise CorruptStateError("session state does not fit this model's HMT configuration")
+
+    # ----- bytes ----------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        tensors = {
+            "ltm": self.ltm.detach().to("cpu", torch.float32).contiguous(),
+            "sensory": torch.tensor(self.sensory, dtype=torch.int64),
+            "window": torch.tensor(self.window, dtype=torch.int64),
+        }
+        meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION),
+                "fingerprint": self.fingerprint, **{k: str(getattr(self, k)) for k in _COUNTERS}}
+        meta["checksum"] = _checksum(meta, tensors)
+        return save_tensors(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, fingerprint: str | None = None) -> SessionState:
+        """Parse and verify; with `fingerprint`, also refuse a state of another model."""
+        meta = _read_metadata(data)
+        if meta.get("format") != STATE_FORMAT:
+            raise CorruptStateError("not an HMT session state")
+        if meta.get("format_version") != str(STATE_FORMAT_VERSION):
+            raise CorruptStateError(f"unsupported session format version {meta.get('format_version')!r}")
+        try:
+            tensors = load_tensors(bytes(data))
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise CorruptStateError(f"session state is unreadable: {exc}") from None
+        if set(tensors) != {"ltm", "sensory", "window"}:
+            raise CorruptStateError("session state has the wrong tensors")
+        expected = meta.pop("checksum", None)
+        if expected != _checksum(meta, tensors):
+            raise CorruptStateError("session state failed its integrity check")
+        ltm, sensory, window = tensors["ltm"], tensors["sensory"], tensors["window"]
+        if ltm.dim() != 2 or sensory.dim() != 1 or window.dim() != 1 or ltm.dtype != torch.float32:
+            raise CorruptStateError("session state tensors have the wrong shapes")
+        try:
+            counters = {k: int(meta[k]) for k in _COUNTERS}
+        except (KeyError, ValueError):
+            raise CorruptStateError("session state counters are missing or malformed") from None
+        state = cls(ltm, tuple(sensory.tolist()), tuple(window.tolist()), fingerprint=meta["fingerprint"],
+                    **counters)
+        if fingerprint is not None and state.fingerprint != fingerprint:
+            raise ModelMismatchError(
+                f"session state belongs to model {state.fingerprint}, this model is {fingerprint}")
+        return state
+
+
+def fill_window(state: SessionState, tokens: Sequence[int], config: HMTConfig) -> tuple[SessionState, list[int]]:
+    """Move tokens into the window until it holds L; return the rest (a commit must come first)."""
+    room = config.segment_tokens - len(state.window)
+    taken, rest = list(tokens[:room]), list(tokens[room:])
+    if not taken:
+        return state, rest
+    return replace(state, window=state.window + tuple(taken), tokens_seen=state.tokens_seen + len(taken)), rest
+
+
+def _checksum(meta: dict[str, str], tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise CorruptStateError("session state is truncated")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise CorruptStateError("session state is truncated")
+    try:
+        header = json.loads(bytes(data[8:8 + header_len]))
+        meta = header["__metadata__"]
+    except (ValueError, KeyError, TypeError):
+        raise CorruptStateError("session state header is unreadable") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptStateError("session state header is malformed")
+    return dict(meta)
