@@ -166,11 +166,11 @@ def load_backbone_weights(config: PretrainedConfig, state: dict[str, Tensor],
     probe = AutoModelForCausalLM.from_config(config)
     in_name = _module_name(probe, probe.get_input_embeddings())
     out_name = _module_name(probe, probe.get_output_embeddings())
-    if _ties_embeddings(config) and in_name in lora_modules and out_name and f"{out_name}.weight" not in state:
+    if _ties_embeddings(config) and in_name in lora_modules and out_name:
         # PEFT's embedding LoRA changes the lookup only: the head keeps the pre-LoRA weights.
         config = _untie(config)
         state = dict(state)
-        state[f"{out_name}.weight"] = base_state[f"{in_name}.base_layer.weight"]
+        state.setdefault(f"{out_name}.weight", base_state[f"{in_name}.base_layer.weight"])
         probe = AutoModelForCausalLM.from_config(config)
     result = probe.load_state_dict(state, strict=False)
     allowed_missing = {f"{out_name}.weight"} if _ties_embeddings(config) else set()
