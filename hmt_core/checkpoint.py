@@ -194,7 +194,7 @@ def _set_hmt_parameters(model: HMTModel, params: dict[str, Tensor]) -> None:
     model.load_state_dict(params, strict=False)
 
 
-def _load_tokenizer(source: str | Path) -> object | None:
+def load_tokenizer(source: str | Path) -> object | None:
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except Exception as exc:
@@ -214,7 +214,7 @@ def load_hmt_pytorch(path: str | Path, backbone: PretrainedConfig | str | Path, 
         backbone_config = copy.deepcopy(backbone)
     else:
         backbone_config = AutoConfig.from_pretrained(str(backbone))
-        tokenizer = _load_tokenizer(backbone)
+        tokenizer = load_tokenizer(backbone)
     if backbone_state:
         model = load_backbone_weights(backbone_config, backbone_state, lora_modules, backbone_raw)
     elif isinstance(backbone, PretrainedConfig):
@@ -282,8 +282,8 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
         (directory / ref if (directory / ref).is_dir() else ref)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     backbone = AutoModelForCausalLM.from_pretrained(str(backbone_source), **kwargs)
-    tokenizer = _load_tokenizer(directory) if (directory / "tokenizer_config.json").exists() \
-        else _load_tokenizer(backbone_source)
+    tokenizer = load_tokenizer(directory) if (directory / "tokenizer_config.json").exists() \
+        else load_tokenizer(backbone_source)
     model = HMTModel(backbone, config, tokenizer)
     _set_hmt_parameters(model, load_file(str(directory / HMT_WEIGHTS_FILE)))
     return model.to(device=device, dtype=dtype) if (device or dtype) else model

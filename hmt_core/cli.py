@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from hmt_core.checkpoint import read_state_dict
+from hmt_core.checkpoint import load_tokenizer, read_state_dict
 from hmt_core.config import HMTConfig
 from hmt_core.errors import HMTError
 from hmt_core.model import HMTModel
@@ -44,6 +44,64 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_model(args: argparse.Namespace) -> HMTModel:
+    """A fresh HMT model on a backbone: its weights if it has any, else random (train from scratch)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = str(args.backbone)
+    try:
+        backbone = AutoModelForCausalLM.from_pretrained(source)
+    except OSError:  # a config without weights: initialise from scratch
+        torch.manual_seed(args.seed)
+        backbone = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    config = HMTConfig(segment_tokens=args.segment_tokens, num_sensory=args.num_sensory,
+                       ltm_context=args.ltm_context, recall_dim=args.recall_dim, sum_fraction=args.sum_fraction)
+    torch.manual_seed(args.seed)
+    return HMTModel(backbone, config, load_tokenizer(source))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from hmt_core.train import TrainConfig, read_texts, token_samples, train
+
+    if (args.model is None) == (args.backbone is None):
+        raise HMTError("give exactly one of --model (an HMT directory) or --backbone (a causal LM)")
+    model = HMTModel.from_pretrained(args.model) if args.model else _new_model(args)
+    model.to(args.device)
+    config = TrainConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size,
+                         segments_per_sample=args.segments_per_sample, bptt_depth=args.bptt_depth,
+                         learning_rate=args.lr, warmup_steps=args.warmup_steps,
+                         backbone_training=args.backbone_training, lora_r=args.lora_r,
+                         lora_alpha=args.lora_alpha, save_every=args.save_every, seed=args.seed)
+    texts = _dataset_texts(args.dataset, args.text_field) if args.dataset else read_texts(args.data, args.text_field)
+    samples = token_samples(model, texts, config.segments_per_sample * model.hmt_config.segment_tokens)
+    result = train(model, samples, config, args.out, resume=not args.no_resume)
+    print(json.dumps({"out": str(result.output), "steps": result.steps, "first_loss": result.losses[0],
+                      "last_loss": result.losses[-1], "tokens_per_second": round(result.tokens_per_second, 1),
+                      "fingerprint": model.fingerprint}, indent=2))
+    return 0
+
+
+def _dataset_texts(name: str, field: str) -> Iterator[str]:
+    """A Hugging Face dataset (needs network and the `datasets` package): NAME or NAME:SPLIT."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise HMTError("--dataset needs the `datasets` package (pip install datasets)") from None
+    dataset_name, _, split = name.partition(":")
+    return (row[field] for row in load_dataset(dataset_name, split=split or "train", streaming=True))
+
+
+def _add_hmt_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--segment-tokens", type=int, required=required, default=None if required else 256,
+                        help="L, the segment length")
+    parser.add_argument("--num-sensory", type=int, required=required, default=None if required else 32,
+                        help="k, sensory tokens carried over")
+    parser.add_argument("--ltm-context", type=int, required=required, default=None if required else 300,
+                        help="N, memory embeddings recalled over")
+    parser.add_argument("--sum-fraction", type=float, default=0.5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmt", description="Hierarchical Memory Transformer tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,19 +113,49 @@ def build_parser() -> argparse.ArgumentParser:
                          help="backbone directory or hub name: config and tokenizer (weights only if the "
                               "checkpoint has none)")
     convert.add_argument("--out", required=True, metavar="DIR")
-    convert.add_argument("--segment-tokens", type=int, required=True, help="L, the segment length trained with")
-    convert.add_argument("--num-sensory", type=int, required=True, help="k, sensory tokens carried over")
-    convert.add_argument("--ltm-context", type=int, required=True, help="N, memory embeddings recalled over")
+    _add_hmt_flags(convert, required=True)
     convert.add_argument("--recall-dim", type=int, default=None, help="default: read from the checkpoint")
-    convert.add_argument("--sum-fraction", type=float, default=0.5)
     convert.add_argument("--lora-alpha", type=float, default=32.0,
                          help="LoRA alpha of a PEFT backbone (not stored in checkpoints; reference uses 32)")
     convert.set_defaults(run=_convert)
+
+    train = commands.add_parser("train", help="two-stage HMT training (stage 1: memory, stage 2: recall)")
+    source = train.add_argument_group("model: an HMT directory, or a backbone to put new HMT weights on")
+    source.add_argument("--model", metavar="DIR", help="HMT model directory (e.g. the output of stage 1)")
+    source.add_argument("--backbone", metavar="DIR_OR_NAME",
+                        help="causal LM directory or hub name; a config without weights starts from scratch")
+    _add_hmt_flags(train, required=False)
+    train.add_argument("--recall-dim", type=int, default=256)
+    train.add_argument("--data", nargs="*", default=[], metavar="FILE", help="text files or jsonl")
+    train.add_argument("--dataset", metavar="NAME[:SPLIT]", help="a Hugging Face dataset instead (network)")
+    train.add_argument("--text-field", default="text", help="jsonl / dataset field holding the text")
+    train.add_argument("--out", required=True, metavar="DIR", help="checkpoints and the final model")
+    train.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--segments-per-sample", type=int, default=4)
+    train.add_argument("--bptt-depth", type=int, default=2, help="segments of memory gradients flow through")
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--warmup-steps", type=int, default=10)
+    train.add_argument("--backbone-training", choices=("frozen", "lora", "full"), default="frozen")
+    train.add_argument("--lora-r", type=int, default=8)
+    train.add_argument("--lora-alpha", type=float, default=32.0)
+    train.add_argument("--save-every", type=int, default=50)
+    train.add_argument("--seed", type=int, default=3407)
+    train.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    train.set_defaults(run=_train)
 
     info = commands.add_parser("info", help="describe a model directory")
     info.add_argument("model", metavar="DIR_OR_NAME")
     info.set_defaults(run=_info)
     return parser
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

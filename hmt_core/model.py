@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from hmt_core.config import HMTConfig
 from hmt_core.errors import InvalidInputError
 from hmt_core.session import SessionState, fill_window
+
+MemoryMode = Literal["hmt", "rmt", "window"]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -138,7 +140,10 @@ class HMTModel(nn.Module):
 
     def _last_hidden(self, inputs_embeds: Tensor) -> Tensor:
         """Final (post-norm) hidden state at the last position, without computing logits."""
-        out = self.backbone.base_model(inputs_embeds=inputs_embeds, use_cache=False)
+        backbone = self.backbone
+        if hasattr(backbone, "get_base_model"):  # a peft wrapper during LoRA training
+            backbone = backbone.get_base_model()
+        out = backbone.base_model(inputs_embeds=inputs_embeds, use_cache=False)
         return out.last_hidden_state[:, -1]
 
     def summary_queries(self, tokens: Tensor) -> Tensor:
@@ -205,29 +210,51 @@ class HMTModel(nn.Module):
     @torch.no_grad()
     def score(self, input_ids: Tensor) -> ScoreOutput:
         """Logits at every position and the memory written by every segment, as the reference."""
-        ids = self.check_tokens(input_ids)
-        if ids.dim() != 2:
-            raise InvalidInputError(f"input_ids must be [batch, tokens], got shape {tuple(ids.shape)}")
-        ids = ids.to(self.device)
+        return self.forward_segments(self.check_tokens(input_ids))
+
+    def forward_segments(self, input_ids: Tensor, mode: MemoryMode = "hmt",
+                         bptt_depth: int | None = None) -> ScoreOutput:
+        """Teacher-forced pass over [B, T] tokens, segment by segment (differentiable).
+
+        mode "hmt": the reference's four steps. "rmt": no recall, each segment's memory prompt is
+        the previous segment's memory (HMT's stage-1 training, RMT-style). "window": the backbone
+        alone on each L-token segment, no memory or sensory tokens (the baseline).
+        bptt_depth: gradients flow back through at most this many segments of memory.
+        """
+        if input_ids.dim() != 2:
+            raise InvalidInputError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        ids = input_ids.to(self.device)
         cfg = self.hmt_config
         batch = ids.shape[0]
         memories: list[Tensor] = []
         logits: list[Tensor] = []
         distances: list[Tensor] = []
         sensory: Tensor | None = None
+        no_recall = torch.zeros(batch, dtype=torch.long, device=self.device)
         for start in range(0, ids.shape[1], cfg.segment_tokens):
             segment = ids[:, start:start + cfg.segment_tokens]
-            queries = self.summary_queries(segment[:, :cfg.summary_tokens])
-            ltm = torch.stack(memories[-cfg.ltm_context:], dim=1) if memories else \
-                torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
-            recalled = self.recall(queries, ltm, torch.full((batch,), ltm.shape[1], device=self.device))
+            if mode == "window":
+                logits.append(self.backbone(input_ids=segment, use_cache=False).logits)
+                continue
+            if bptt_depth is not None and len(memories) > bptt_depth:
+                memories[-bptt_depth - 1] = memories[-bptt_depth - 1].detach()
+            if mode == "rmt":
+                prompts = memories[-1] if memories else self.initial_memory.to(self.dtype).expand(batch, self.dim)
+                recalled = Recall(prompts, no_recall)
+            else:
+                queries = self.summary_queries(segment[:, :cfg.summary_tokens])
+                ltm = torch.stack(memories[-cfg.ltm_context:], dim=1) if memories else \
+                    torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
+                recalled = self.recall(queries, ltm, torch.full((batch,), ltm.shape[1], device=self.device))
             segment_logits, memory = self.segment_logits(recalled.prompts, sensory, segment)
             logits.append(segment_logits)
             memories.append(memory)
             distances.append(recalled.distances)
             sensory = segment[:, segment.shape[1] - cfg.num_sensory:] if cfg.num_sensory else None
-        return ScoreOutput(torch.cat(logits, dim=1), torch.stack(memories, dim=1),
-                           torch.stack(distances, dim=1))
+        empty = torch.zeros(batch, 0, device=self.device)
+        return ScoreOutput(torch.cat(logits, dim=1),
+                           torch.stack(memories, dim=1) if memories else empty[..., None],
+                           torch.stack(distances, dim=1) if distances else empty.long())
 
     # ----- sessions ----------------------------------------------------------------------
 

@@ -13,6 +13,12 @@ from hmt_core.session import SessionState
 
 FAMILIES = ("llama", "qwen2", "gpt2", "opt", "gpt_neox")
 
+SAMPLE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. A memory transformer reads the text segment by segment.",
+    "It keeps the last few tokens, a summary of the segment, and a cache of past memories.",
+    "Long conversations resume on any replica because the state is small. Hello world, hello memory!",
+] * 4
+
 _TINY: dict[str, dict[str, Any]] = {
     "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 512},

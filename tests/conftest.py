@@ -6,19 +6,13 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from hmt_core import HMTConfig, HMTModel
-from hmt_core.testing import tiny_hmt_model
+from hmt_core.testing import SAMPLE_TEXTS, tiny_hmt_model
 from hmt_core.tokenizer import train_bpe_tokenizer
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. A memory transformer reads the text segment by segment.",
-    "It keeps the last few tokens, a summary of the segment, and a cache of past memories.",
-    "Long conversations resume on any replica because the state is small. Hello world, hello memory!",
-] * 4
 
 
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
-    return train_bpe_tokenizer(CORPUS, vocab_size=300)
+    return train_bpe_tokenizer(SAMPLE_TEXTS, vocab_size=300)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,217 @@
+"""`hmt train`: the paper's two-stage training of HMT on a backbone, in plain torch.
+
+Stage 1 trains the memory without recall (each segment's memory prompt is the previous
+segment's memory, RMT-style) over `bptt_depth` unrolled segments; stage 2 adds recall over the
+cached memories. The backbone is frozen, LoRA-tuned (peft) or fully trained. Plain torch, one
+code path for CPU and GPU: the model is small enough for one device, and a loop we own is easier
+to make resumable bit-for-bit than a framework's (accelerate adds nothing for one device).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from hmt_core.errors import InvalidInputError
+from hmt_core.model import HMTModel, MemoryMode
+
+BackboneTraining = Literal["frozen", "lora", "full"]
+TRAINER_STATE = "trainer_state.pt"
+TRAINER_META = "trainer.json"
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1  # 1: memory without recall; 2: with recall
+    steps: int = 100
+    batch_size: int = 4
+    segments_per_sample: int = 4
+    bptt_depth: int = 2
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    backbone_training: BackboneTraining = "frozen"
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    save_every: int = 50
+    seed: int = 3407
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise InvalidInputError(f"stage must be 1 or 2, got {self.stage}")
+        if self.backbone_training not in ("frozen", "lora", "full"):
+            raise InvalidInputError(f"backbone_training must be frozen, lora or full, got {self.backbone_training}")
+        if min(self.steps, self.batch_size, self.segments_per_sample, self.bptt_depth) < 1:
+            raise InvalidInputError("steps, batch_size, segments_per_sample and bptt_depth must be >= 1")
+
+    @property
+    def mode(self) -> MemoryMode:
+        return "rmt" if self.stage == 1 else "hmt"
+
+
+def read_texts(paths: Sequence[str | Path], text_field: str = "text") -> Iterator[str]:
+    """Plain text files (one document each) or jsonl (one document per line, in `text_field`)."""
+    for path in map(Path, paths):
+        if not path.exists():
+            raise InvalidInputError(f"training data {path} does not exist")
+        if path.suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as lines:
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        try:
+                            yield str(json.loads(line)[text_field])
+                        except (ValueError, KeyError, TypeError):
+                            raise InvalidInputError(f"{path}:{number}: not a JSON object with {text_field!r}") \
+                                from None
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def token_samples(model: HMTModel, texts: Iterator[str], sample_tokens: int) -> Tensor:
+    """Tokenize documents (EOS between them) and cut the stream into [n, sample_tokens] rows."""
+    if model.tokenizer is None:
+        raise InvalidInputError("training on text needs a model with a tokenizer")
+    eos = model.tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream += model.tokenizer.encode(text) + ([eos] if eos is not None else [])
+    rows = len(stream) // sample_tokens
+    if rows == 0:
+        raise InvalidInputError(f"not enough text: {len(stream)} tokens, one sample needs {sample_tokens}")
+    return torch.tensor(stream[:rows * sample_tokens]).view(rows, sample_tokens)
+
+
+def language_model_loss(logits: Tensor, ids: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the whole stream (segment boundaries included)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(
+        logits.device))
+
+
+def _prepare_parameters(model: HMTModel, config: TrainConfig) -> list[torch.nn.Parameter]:
+    model.requires_grad_(False)
+    if config.backbone_training == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
+                          lora_dropout=0.0)
+        model.backbone = get_peft_model(model.backbone, lora)  # marks only the adapters trainable
+    elif config.backbone_training == "full":
+        model.backbone.requires_grad_(True)
+    hmt_params = [model.initial_memory] if config.stage == 1 else \
+        [model.initial_memory, model.summary_prompt, model.recall_wq.weight, model.recall_wk.weight]
+    for param in hmt_params:
+        param.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _finish_backbone(model: HMTModel) -> None:
+    """Fold LoRA adapters into plain weights so the saved model is an ordinary native directory."""
+    if hasattr(model.backbone, "merge_and_unload"):
+        model.backbone = model.backbone.merge_and_unload()
+    model.requires_grad_(False)
+    model.refresh_fingerprint()
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batch_order(rows: int, config: TrainConfig) -> Iterator[Tensor]:
+    """Deterministic epoch permutations from the seed; resuming skips to the same position."""
+    epoch = 0
+    while True:
+        generator = torch.Generator().manual_seed(config.seed + epoch)
+        order = torch.randperm(rows, generator=generator)
+        for start in range(0, rows - config.batch_size + 1, config.batch_size):
+            yield order[start:start + config.batch_size]
+        if rows < config.batch_size:
+            yield order
+        epoch += 1
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted((p for p in out_dir.glob("checkpoint-*") if (p / TRAINER_META).exists()),
+                   key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    tokens_per_second: float
+    output: Path
+
+
+def train(model: HMTModel, samples: Tensor, config: TrainConfig, out_dir: str | Path,
+          resume: bool = True, progress: bool = True) -> TrainResult:
+    """Train in place; write checkpoint-<step>/ every save_every steps and the final model to out_dir."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    params = _prepare_parameters(model, config)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    start_step, losses = 0, []
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        saved = torch.load(checkpoint / TRAINER_STATE, map_location=model.device, weights_only=True)
+        model.load_state_dict(saved["trainable"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"].cpu())
+        meta = json.loads((checkpoint / TRAINER_META).read_text())
+        start_step, losses = meta["step"], meta["losses"]
+    order = _batch_order(samples.shape[0], config)
+    for _ in range(start_step):
+        next(order)
+    model.train()
+    tokens_done, started = 0, time.perf_counter()
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not progress,
+               desc=f"stage {config.stage}")
+    for step in bar:
+        batch = samples[next(order)].to(model.device)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        out = model.forward_segments(batch, mode=config.mode, bptt_depth=config.bptt_depth)
+        loss = language_model_loss(out.logits, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        tokens_done += batch.numel()
+        rate = tokens_done / max(1e-9, time.perf_counter() - started)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}")
+        if (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            _save_checkpoint(model, optimizer, config, out_dir / f"checkpoint-{step + 1}", step + 1, losses)
+    model.eval()
+    _finish_backbone(model)
+    model.save_pretrained(out_dir)
+    (out_dir / "train_log.json").write_text(json.dumps({"config": asdict(config), "losses": losses}, indent=1))
+    return TrainResult(config.steps, losses, tokens_done / max(1e-9, time.perf_counter() - started), out_dir)
+
+
+def _save_checkpoint(model: HMTModel, optimizer: torch.optim.Optimizer, config: TrainConfig, path: Path,
+                     step: int, losses: list[float]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    trainable = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    state: dict[str, Any] = {"trainable": trainable, "optimizer": optimizer.state_dict(),
+                             "rng": torch.get_rng_state()}
+    tmp = path / (TRAINER_STATE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path / TRAINER_STATE)  # a crash mid-write never leaves a checkpoint that looks complete
+    (path / TRAINER_META).write_text(json.dumps({"step": step, "losses": losses, "config": asdict(config)}))

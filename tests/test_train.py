@@ -1,0 +1,102 @@
+"""`hmt train`: loss goes down, checkpoints load, an interrupted run resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from hmt_core import HMTConfig, HMTModel, InvalidInputError, SamplingParams
+from hmt_core.testing import SAMPLE_TEXTS as CORPUS
+from hmt_core.testing import tiny_hmt_model
+from hmt_core.train import TrainConfig, language_model_loss, read_texts, token_samples, train
+
+HMT_CFG = HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4, recall_dim=16)
+
+
+def fresh_model(tokenizer: PreTrainedTokenizerFast) -> HMTModel:
+    model = tiny_hmt_model("llama", HMT_CFG, vocab_size=len(tokenizer), seed=4)
+    model.tokenizer = tokenizer
+    return model
+
+
+def eval_loss(model: HMTModel, samples: torch.Tensor, mode: str) -> float:
+    with torch.no_grad():
+        return float(language_model_loss(model.forward_segments(samples, mode=mode).logits, samples))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stage, backbone_training", [(1, "full"), (2, "lora"), (2, "frozen")])
+def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path: Path, tokenizer: PreTrainedTokenizerFast,
+                                                            stage: int, backbone_training: str) -> None:
+    model = fresh_model(tokenizer)
+    samples = token_samples(model, iter(CORPUS), 32)
+    config = TrainConfig(stage=stage, steps=15, batch_size=4, segments_per_sample=4, learning_rate=3e-3,
+                         warmup_steps=2, backbone_training=backbone_training, save_every=100)  # type: ignore[arg-type]
+    before = eval_loss(model, samples, config.mode)
+    result = train(model, samples, config, tmp_path / "out", progress=False)
+    assert eval_loss(model, samples, config.mode) < before
+    loaded = HMTModel.from_pretrained(tmp_path / "out")
+    assert loaded.fingerprint == model.fingerprint
+    assert eval_loss(loaded, samples, config.mode) == pytest.approx(eval_loss(model, samples, config.mode), rel=1e-4)
+    assert len(result.losses) == 15
+    state = loaded.append(loaded.new_session(), tokenizer.encode("hello memory"))
+    assert len(loaded.generate(state, SamplingParams(max_tokens=5, ignore_eos=True)).run().tokens) == 5
+
+
+def test_interrupted_training_resumes_to_the_same_model(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    config = TrainConfig(stage=2, steps=8, batch_size=2, segments_per_sample=4, learning_rate=3e-3,
+                         warmup_steps=2, backbone_training="lora", save_every=3)
+    samples = token_samples(fresh_model(tokenizer), iter(CORPUS), 32)
+    whole = fresh_model(tokenizer)
+    uninterrupted = train(whole, samples, config, tmp_path / "whole", progress=False)
+
+    # what an interruption after step 3 leaves behind: only the first checkpoint
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", tmp_path / "cut" / "checkpoint-3")
+    resumed_model = fresh_model(tokenizer)
+    resumed = train(resumed_model, samples, config, tmp_path / "cut", progress=False)
+    assert resumed.losses == pytest.approx(uninterrupted.losses, rel=1e-5)
+    assert resumed_model.fingerprint == whole.fingerprint
+
+
+def test_text_and_jsonl_inputs(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    (tmp_path / "a.txt").write_text(CORPUS[0])
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in CORPUS[1:3]) + "\n")
+    texts = list(read_texts([tmp_path / "a.txt", tmp_path / "b.jsonl"]))
+    assert texts == CORPUS[:3]
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(InvalidInputError, match=r"bad\.jsonl:1"):
+        list(read_texts([tmp_path / "bad.jsonl"]))
+    with pytest.raises(InvalidInputError, match="not enough text"):
+        token_samples(fresh_model(tokenizer), iter(["hi"]), 64)
+
+
+def test_train_cli_from_scratch_then_stage_two(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    backbone = fresh_model(tokenizer).backbone
+    backbone.config.save_pretrained(tmp_path / "scratch")  # a config and a tokenizer, no weights
+    tokenizer.save_pretrained(tmp_path / "scratch")
+    (tmp_path / "data.txt").write_text(" ".join(CORPUS))
+    common = ["--data", str(tmp_path / "data.txt"), "--steps", "4", "--batch-size", "2", "--save-every", "2",
+              "--segments-per-sample", "3"]
+    stage1 = subprocess.run([sys.executable, "-m", "hmt_core.cli", "train", "--backbone", str(tmp_path / "scratch"),
+                             "--segment-tokens", "8", "--num-sensory", "3", "--ltm-context", "4",
+                             "--recall-dim", "16", "--stage", "1", "--backbone-training", "full",
+                             "--out", str(tmp_path / "s1"), *common], capture_output=True, text=True, timeout=300)
+    assert stage1.returncode == 0, stage1.stderr
+    assert (tmp_path / "s1" / "checkpoint-2" / "trainer.json").exists()
+    stage2 = subprocess.run([sys.executable, "-m", "hmt_core.cli", "train", "--model", str(tmp_path / "s1"),
+                             "--stage", "2", "--out", str(tmp_path / "s2"), *common],
+                            capture_output=True, text=True, timeout=300)
+    assert stage2.returncode == 0, stage2.stderr
+    report = json.loads(stage2.stdout)
+    final = HMTModel.from_pretrained(tmp_path / "s2")
+    assert final.fingerprint == report["fingerprint"] != HMTModel.from_pretrained(tmp_path / "s1").fingerprint
+    bad = subprocess.run([sys.executable, "-m", "hmt_core.cli", "train", "--out", str(tmp_path / "x"),
+                          "--data", str(tmp_path / "data.txt")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "exactly one of --model" in bad.stderr
