@@ -92,6 +92,28 @@ def _dataset_texts(name: str, field: str) -> Iterator[str]:
     return (row[field] for row in load_dataset(dataset_name, split=split or "train", streaming=True))
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from hmt_core import evaluate
+    from hmt_core.train import read_texts, token_samples
+
+    model = HMTModel.from_pretrained(args.model).to(args.device)
+    if args.task == "passkey":
+        report = evaluate.passkey(model, args.distances, trials=args.trials, seed=args.seed)
+        print(json.dumps({"segment_tokens": report.segment_tokens, "trials": report.trials,
+                          "accuracy": report.accuracy}, indent=2) if args.json else report.table())
+        return 0
+    if not args.data:
+        raise HMTError("perplexity needs --data FILE [FILE ...] (held-out text or jsonl)")
+    rmt = HMTModel.from_pretrained(args.rmt_model).to(args.device) if args.rmt_model else model
+    texts = read_texts(args.data, args.text_field)
+    documents = token_samples(model, texts, args.doc_segments * model.hmt_config.segment_tokens)[:args.docs]
+    report = evaluate.perplexity({"window": model, "rmt": rmt, "hmt": model}, documents, args.batch_size)
+    if args.plot:
+        evaluate.plot_loss_by_position(report, args.plot)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    return 0
+
+
 def _add_hmt_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--segment-tokens", type=int, required=required, default=None if required else 256,
                         help="L, the segment length")
@@ -145,6 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
     train.set_defaults(run=_train)
+
+    evaluation = commands.add_parser("eval", help="perplexity by position (3 readers) or pass-key retrieval")
+    evaluation.add_argument("task", nargs="?", choices=("perplexity", "passkey"), default="perplexity")
+    evaluation.add_argument("--model", required=True, metavar="DIR_OR_NAME", help="the HMT model (stage 2)")
+    evaluation.add_argument("--rmt-model", metavar="DIR", help="the stage-1 model for the RMT row "
+                                                               "(default: --model read without recall)")
+    evaluation.add_argument("--data", nargs="*", default=[], metavar="FILE", help="held-out text or jsonl")
+    evaluation.add_argument("--text-field", default="text")
+    evaluation.add_argument("--doc-segments", type=int, default=16, help="document length in segments")
+    evaluation.add_argument("--docs", type=int, default=16, help="at most this many documents")
+    evaluation.add_argument("--batch-size", type=int, default=4)
+    evaluation.add_argument("--plot", metavar="PNG", help="write loss against position to this file")
+    evaluation.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                            help="pass key: segments between key and question")
+    evaluation.add_argument("--trials", type=int, default=50, help="pass key: random keys per distance")
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluation.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    evaluation.set_defaults(run=_eval)
 
     info = commands.add_parser("info", help="describe a model directory")
     info.add_argument("model", metavar="DIR_OR_NAME")
