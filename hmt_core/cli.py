@@ -114,6 +114,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from hmt_core.demo import DemoRecipe, build_demo
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(DemoRecipe) if getattr(args, f.name, None) is not None}
+    print(json.dumps(build_demo(args.out, DemoRecipe(**overrides)), indent=2))
+    return 0
+
+
 def _add_hmt_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--segment-tokens", type=int, required=required, default=None if required else 256,
                         help="L, the segment length")
@@ -186,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--json", action="store_true", help="machine-readable output")
     evaluation.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     evaluation.set_defaults(run=_eval)
+
+    demo = commands.add_parser("demo", help="rebuild the shipped demo model from nothing (needs bible-kjv)")
+    demo.add_argument("--out", default="models/hmt-demo", metavar="DIR")
+    for name in ("stage1_steps", "stage2_steps", "batch_size", "seed", "segment_tokens", "hidden_size", "layers"):
+        demo.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
+    demo.set_defaults(run=_demo)
 
     info = commands.add_parser("info", help="describe a model directory")
     info.add_argument("model", metavar="DIR_OR_NAME")

@@ -231,7 +231,9 @@ class HMTModel(nn.Module):
         distances: list[Tensor] = []
         sensory: Tensor | None = None
         no_recall = torch.zeros(batch, dtype=torch.long, device=self.device)
-        for start in range(0, ids.shape[1], cfg.segment_tokens):
+        starts = range(0, ids.shape[1], cfg.segment_tokens)
+        queries = self._all_summary_queries(ids, starts) if mode == "hmt" else []
+        for index, start in enumerate(starts):
             segment = ids[:, start:start + cfg.segment_tokens]
             if mode == "window":
                 logits.append(self.backbone(input_ids=segment, use_cache=False).logits)
@@ -242,10 +244,9 @@ class HMTModel(nn.Module):
                 prompts = memories[-1] if memories else self.initial_memory.to(self.dtype).expand(batch, self.dim)
                 recalled = Recall(prompts, no_recall)
             else:
-                queries = self.summary_queries(segment[:, :cfg.summary_tokens])
                 ltm = torch.stack(memories[-cfg.ltm_context:], dim=1) if memories else \
                     torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
-                recalled = self.recall(queries, ltm, torch.full((batch,), ltm.shape[1], device=self.device))
+                recalled = self.recall(queries[index], ltm, torch.full((batch,), ltm.shape[1], device=self.device))
             segment_logits, memory = self.segment_logits(recalled.prompts, sensory, segment)
             logits.append(segment_logits)
             memories.append(memory)
@@ -255,6 +256,16 @@ class HMTModel(nn.Module):
         return ScoreOutput(torch.cat(logits, dim=1),
                            torch.stack(memories, dim=1) if memories else empty[..., None],
                            torch.stack(distances, dim=1) if distances else empty.long())
+
+    def _all_summary_queries(self, ids: Tensor, starts: range) -> list[Tensor]:
+        """Step 1 for every segment at once: a query needs only its own segment's tokens."""
+        cfg = self.hmt_config
+        heads = [ids[:, start:start + cfg.segment_tokens][:, :cfg.summary_tokens] for start in starts]
+        same = [i for i, head in enumerate(heads) if head.shape[1] == heads[0].shape[1]]
+        stacked = self.summary_queries(torch.cat([heads[i] for i in same])).split(ids.shape[0])
+        queries = dict(zip(same, stacked, strict=True))
+        # only a short trailing segment can have a shorter head
+        return [queries[i] if i in queries else self.summary_queries(heads[i]) for i in range(len(heads))]
 
     # ----- sessions ----------------------------------------------------------------------
 

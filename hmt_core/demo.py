@@ -1,0 +1,135 @@
+"""The demo model shipped in models/hmt-demo, rebuilt from nothing by `hmt demo`.
+
+Text: the King James Version of the Bible (1611; public domain), from Debian's package
+bible-kjv-text, read with the `bible` program of package bible-kjv (`apt-get install bible-kjv`).
+Recipe: a byte-level BPE trained on that text, a small Llama backbone trained from scratch with
+the memory (stage 1, RMT-style), then recall (stage 2), on KJV chapters mixed with pass-key
+exercises (random keys, random distances; the standard prompt, key-free filler).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from hmt_core.config import HMTConfig
+from hmt_core.errors import HMTError
+from hmt_core.evaluate import build_passkey_prompt
+from hmt_core.model import HMTModel
+from hmt_core.tokenizer import train_bpe_tokenizer
+from hmt_core.train import TrainConfig, token_samples, train
+
+TEXT_SOURCE = ("King James Version of the Bible (1611, public domain), Debian package bible-kjv-text, "
+               "extracted with the `bible` program of package bible-kjv")
+_CHAPTER = re.compile(r"^(?P<book>\S.*\S) (?P<chapter>\d+)$")
+_VERSE = re.compile(r"^\s+\d+ ")
+
+
+def kjv_chapters() -> list[str]:
+    """Every chapter of the KJV as one paragraph of plain text (verse numbers removed)."""
+    if shutil.which("bible") is None:
+        raise HMTError("the demo corpus needs Debian's bible-kjv: apt-get install -y bible-kjv")
+    text = subprocess.run(["bible", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
+    chapters: list[list[str]] = []
+    for line in text.splitlines():
+        if _CHAPTER.match(line):
+            chapters.append([])
+        elif line.strip() and chapters:
+            chapters[-1].append(_VERSE.sub("", line).strip())
+    return [" ".join(lines) for lines in chapters if lines]
+
+
+@dataclass
+class DemoRecipe:
+    vocab_size: int = 2048
+    hidden_size: int = 192
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 512
+    segment_tokens: int = 32
+    num_sensory: int = 8
+    ltm_context: int = 16
+    recall_dim: int = 64
+    segments_per_sample: int = 12
+    stage1_steps: int = 600
+    stage2_steps: int = 600
+    batch_size: int = 8
+    stage1_lr: float = 2e-3
+    stage2_lr: float = 1e-3
+    bptt_depth: int = 12
+    passkey_fraction: float = 0.5  # share of stage-2 samples that are pass-key exercises
+    held_out_chapters: int = 60  # the last chapters are kept out of training, for `hmt eval`
+    seed: int = 1234
+
+
+def passkey_sample(tokenizer: object, rng: random.Random, sample_tokens: int, segment_tokens: int,
+                   filler_stream: list[int]) -> list[int]:
+    """A pass-key exercise exactly sample_tokens long: prompt + answer, then plain text."""
+    encode = tokenizer.encode  # type: ignore[attr-defined]
+    key = rng.randrange(10_000, 100_000)
+    probe = build_passkey_prompt(tokenizer, key, 0, segment_tokens)
+    answer = encode(f" {key}.")
+    room = (sample_tokens - len(answer) - 1 - (len(probe.tokens) - probe.key_end)) // segment_tokens
+    distance = rng.randint(1, max(1, room - (probe.key_end - 1) // segment_tokens))
+    tokens = build_passkey_prompt(tokenizer, key, distance, segment_tokens).tokens + answer
+    tokens.append(tokenizer.eos_token_id)  # type: ignore[attr-defined]
+    start = rng.randrange(0, max(1, len(filler_stream) - sample_tokens))
+    return (tokens + filler_stream[start:start + sample_tokens])[:sample_tokens]
+
+
+def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: bool = True) -> dict:
+    """Tokenizer, backbone from scratch, stage 1, stage 2; writes a servable directory."""
+    recipe = recipe or DemoRecipe()
+    out_dir = Path(out_dir)
+    work = out_dir.parent / (out_dir.name + ".work")
+    started = time.perf_counter()
+    chapters = kjv_chapters()
+    train_chapters, held_out = chapters[:-recipe.held_out_chapters], chapters[-recipe.held_out_chapters:]
+    tokenizer = train_bpe_tokenizer(train_chapters, recipe.vocab_size)
+    torch.manual_seed(recipe.seed)
+    backbone = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+        max_position_embeddings=4 * recipe.segment_tokens, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    hmt = HMTConfig(segment_tokens=recipe.segment_tokens, num_sensory=recipe.num_sensory,
+                    ltm_context=recipe.ltm_context, recall_dim=recipe.recall_dim)
+    model = HMTModel(backbone, hmt, tokenizer)
+
+    sample_tokens = recipe.segments_per_sample * recipe.segment_tokens
+    text_samples = token_samples(model, iter(train_chapters), sample_tokens)
+    stream = text_samples.flatten().tolist()
+    rng = random.Random(recipe.seed)
+    n_passkey = int(len(text_samples) * recipe.passkey_fraction / (1 - recipe.passkey_fraction))
+    passkey_samples = torch.tensor([passkey_sample(tokenizer, rng, sample_tokens, recipe.segment_tokens, stream)
+                                    for _ in range(n_passkey)])
+    mixed = torch.cat([text_samples, passkey_samples])
+
+    common = {"batch_size": recipe.batch_size, "segments_per_sample": recipe.segments_per_sample,
+              "bptt_depth": recipe.bptt_depth, "seed": recipe.seed, "save_every": 100}
+    stage1 = train(model, text_samples, TrainConfig(stage=1, steps=recipe.stage1_steps, learning_rate=recipe.stage1_lr,
+                                                    backbone_training="full", warmup_steps=30, **common),
+                   work / "stage1", progress=progress)
+    stage2 = train(model, mixed, TrainConfig(stage=2, steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
+                                             backbone_training="full", warmup_steps=30, **common),
+                   work / "stage2", progress=progress)
+    model.save_pretrained(out_dir)
+    shutil.copytree(work / "stage1", out_dir / "stage1", ignore=shutil.ignore_patterns("checkpoint-*"),
+                    dirs_exist_ok=True)
+    (out_dir / "held_out.txt").write_text("\n".join(held_out) + "\n")
+    card = {"text_source": TEXT_SOURCE, "license": "public domain (text); model weights: same terms as this repo",
+            "recipe": asdict(recipe), "stage1_final_loss": stage1.losses[-1],
+            "stage2_final_loss": stage2.losses[-1], "build_seconds": round(time.perf_counter() - started),
+            "fingerprint": model.fingerprint}
+    (out_dir / "demo_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
