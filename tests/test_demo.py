@@ -1,0 +1,54 @@
+"""The demo recipe: KJV corpus extraction, pass-key exercises, and a miniature end-to-end build."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from hmt_core import HMTModel, SamplingParams
+from hmt_core.demo import DemoRecipe, build_demo, kjv_chapters, passkey_sample
+from hmt_core.evaluate import PASSKEY_QUESTION
+
+needs_bible = pytest.mark.skipif(shutil.which("bible") is None, reason="apt-get install bible-kjv")
+
+
+def test_passkey_exercise_is_exact_length_and_answers_its_key(tokenizer: PreTrainedTokenizerFast) -> None:
+    rng = random.Random(0)
+    filler = tokenizer.encode(" in the beginning was the word") * 200
+    for _ in range(5):
+        tokens = passkey_sample(tokenizer, rng, 512, 64, filler)
+        assert len(tokens) == 512
+        text = tokenizer.decode(tokens)
+        key = text.split("The pass key is ")[1][:5]
+        assert key.isdigit()
+        assert f"{PASSKEY_QUESTION} {key}." in text
+
+
+@needs_bible
+def test_kjv_chapters_are_plain_text() -> None:
+    chapters = kjv_chapters()
+    assert len(chapters) == 1189  # every chapter of the KJV
+    assert chapters[0].startswith("In the beginning God created the heaven and the earth. And the earth")
+    assert chapters[-1].endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+    assert not any(c[:3].strip().isdigit() for c in chapters)  # verse numbers removed
+
+
+@needs_bible
+def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
+    recipe = DemoRecipe(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, segment_tokens=16,
+                        num_sensory=4, ltm_context=4, recall_dim=16, segments_per_sample=4, stage1_steps=2,
+                        stage2_steps=2, batch_size=2, bptt_depth=2)
+    card = build_demo(tmp_path / "demo", recipe, progress=False)
+    model = HMTModel.from_pretrained(tmp_path / "demo")
+    assert model.fingerprint == card["fingerprint"]
+    assert "public domain" in card["text_source"]
+    assert json.loads((tmp_path / "demo" / "demo_card.json").read_text())["recipe"]["segment_tokens"] == 16
+    assert HMTModel.from_pretrained(tmp_path / "demo" / "stage1").hmt_config == model.hmt_config
+    assert (tmp_path / "demo" / "held_out.txt").read_text().strip()
+    state = model.append(model.new_session(), model.tokenizer.encode("In the beginning"))
+    assert len(model.generate(state, SamplingParams(max_tokens=4, ignore_eos=True)).run().tokens) == 4
