@@ -1,0 +1,1 @@
+"""hmt-serve: an HTTP service for long conversations with HMT sessions whose whole state lives in Redis."""

@@ -1,0 +1,400 @@
+"""HTTP routes, error mapping and API-key auth.
+
+Data path of a write: handler -> store.acquire (lock + read) -> worker job -> store.save
+(version compare-and-set) -> release -> response/stream. The store-to-store part runs in its
+own task, not in the response: a client that disconnects mid-stream cannot leave a session
+half-written. Disconnect rule: accepted input (the append, the generate prompt) is always
+applied in full, and a generation's reply so far is all recorded (every token sent, plus any
+the worker produced before it saw the disconnect); the session stays consistent either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hmt_core import (
+    CorruptStateError,
+    HMTModel,
+    InvalidInputError,
+    ModelMismatchError,
+    SamplingParams,
+    SessionState,
+)
+from service import metrics
+from service.protocol import (
+    SESSION_ID_PATTERN,
+    AppendRequest,
+    AppendResponse,
+    CreateSession,
+    ErrorBody,
+    GenerateRequest,
+    GenerateResponse,
+    SessionInfo,
+    Usage,
+)
+from service.settings import Settings
+from service.store import (
+    Lease,
+    SessionBusyError,
+    SessionConflictError,
+    SessionNotFoundError,
+    SessionStore,
+    StoreUnavailableError,
+)
+from service.worker import Job, JobResult, ModelWorker, SegmentEvent, TokenEvent
+
+log = logging.getLogger(__name__)
+
+_END = object()  # marks the end of a job's event queue, after the state was saved (or not)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (SessionNotFoundError, 404, "not_found"),
+    (SessionBusyError, 409, "session_busy"),
+    (SessionConflictError, 409, "conflict"),
+    (StoreUnavailableError, 503, "store_unavailable"),
+    (ModelMismatchError, 409, "model_mismatch"),
+    (CorruptStateError, 422, "corrupt_state"),
+    (InvalidInputError, 422, "invalid_input"),
+]
+
+
+def error_response(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body for any exception; unknown ones never leak details."""
+    if isinstance(exc, APIError):
+        return exc.status, {"error": {"message": exc.message, "type": exc.kind}}
+    for cls, status, kind in _ERRORS:
+        if isinstance(exc, cls):
+            return status, {"error": {"message": str(exc), "type": kind}}
+    log.error("internal error", exc_info=exc)
+    return 500, {"error": {"message": "internal server error", "type": "internal_error"}}
+
+
+def _sse(data: Any, event: str | None = None) -> str:
+    body = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {event}\n" if event else "") + f"data: {body}\n\n"
+
+
+class Service:
+    """Everything a request needs: the model, its worker, the store, the settings."""
+
+    def __init__(self, settings: Settings, model: HMTModel, store: SessionStore) -> None:
+        self.settings = settings
+        self.model = model
+        self.store = store
+        self.worker = ModelWorker(model, settings.max_batch)
+        self.fingerprint = model.fingerprint
+        self._tasks: set[asyncio.Task[Any]] = set()  # strong references to session tasks
+        self._keys = {hashlib.sha256(k.encode()).hexdigest()[:32]: k for k in settings.keys}
+
+    # ----- auth ------------------------------------------------------------------------------
+
+    def owner(self, request: Request) -> str:
+        """The owner tag sessions are stored under: '' without keys, else a hash of the key."""
+        if not self._keys:
+            return ""
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and key:
+            for tag, known in self._keys.items():
+                if hmac.compare_digest(key.encode(), known.encode()):
+                    return tag
+        raise APIError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)")
+
+    # ----- helpers -----------------------------------------------------------------------------
+
+    def state_from(self, data: bytes) -> SessionState:
+        """A stored state, checked against this model (409 if another model made it)."""
+        try:
+            state = SessionState.from_bytes(data, self.fingerprint)
+            self.model.check_session(state)
+        except CorruptStateError as exc:
+            raise APIError(409, "corrupt_state", f"the stored session state is unusable: {exc}") from None
+        return state
+
+    async def tokens_of(self, text: str | None, tokens: list[int] | None) -> list[int]:
+        if text is not None:
+            if self.model.tokenizer is None:
+                raise InvalidInputError("this model has no tokenizer: send token ids")
+            # off the event loop: a long text takes a while to tokenize
+            tokens = await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens=False)
+        tokens = list(tokens or [])
+        if len(tokens) > self.settings.max_append_tokens:
+            raise APIError(413, "too_large", f"{len(tokens)} tokens exceed the limit of "
+                                             f"{self.settings.max_append_tokens} per request")
+        if tokens:
+            self.model.check_tokens(tokens)
+        return tokens
+
+    def info(self, session_id: str, state: SessionState, size: int) -> SessionInfo:
+        return SessionInfo(id=session_id, tokens_seen=state.tokens_seen, segments_total=state.segments_committed,
+                           window_tokens=len(state.window), state_bytes=size, version=state.version,
+                           fingerprint=state.fingerprint)
+
+    async def start_job(self, session_id: str, owner: str, tokens: list[int],
+                        params: SamplingParams | None) -> tuple[Job, asyncio.Task[JobResult]]:
+        lease = await self.store.acquire(session_id, owner)
+        try:
+            state = self.state_from(lease.data)
+            if params is not None and not tokens and not state.window:
+                raise InvalidInputError("the session has no tokens yet: give a prompt")
+        except BaseException:
+            await self.store.release(session_id, lease.token)
+            raise
+        metrics.TOKENS_IN.inc(len(tokens))
+        job = self.worker.submit(state, tokens, params)
+        task = asyncio.create_task(self._complete(lease, owner, job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job, task
+
+    async def _complete(self, lease: Lease, owner: str, job: Job) -> JobResult:
+        """Wait for the worker, save with compare-and-set, release; runs even if the client left."""
+        metrics.ACTIVE_SESSIONS.inc()
+        renewer = asyncio.create_task(self._renew(lease))
+        try:
+            result: JobResult = await job.done
+            await self.store.save(lease, result.state.to_bytes(), result.state.version, owner)
+            return result
+        finally:
+            renewer.cancel()
+            await self.store.release(lease.session_id, lease.token)
+            metrics.ACTIVE_SESSIONS.dec()
+            job.events.put_nowait(_END)
+
+    async def _renew(self, lease: Lease) -> None:
+        """Keep the lock while a long job runs; if renewal fails the version fence still protects."""
+        while True:
+            await asyncio.sleep(self.store.lock_ttl_ms / 3000)
+            with contextlib.suppress(StoreUnavailableError):
+                await self.store.renew(lease)
+
+
+def create_app(service: Service) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.worker.start()
+        yield
+        service.worker.stop()
+        await service.store.close()
+
+    app = FastAPI(title="hmt-serve", version="0.1.0", lifespan=lifespan,
+                  description="Long conversations with Hierarchical Memory Transformer sessions stored in Redis.",
+                  responses={code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 503)})
+    app.state.service = service
+    settings = service.settings
+
+    @app.exception_handler(Exception)
+    async def _any_error(request: Request, exc: Exception) -> JSONResponse:
+        status, body = error_payload(exc)
+        return JSONResponse(body, status_code=status)
+
+    for cls in (APIError, *(c for c, _, _ in _ERRORS)):
+        app.add_exception_handler(cls, _any_error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = ["{}: {}".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg")) for e in exc.errors()]
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, kind, str(exc.detail))
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            response: Response = error_response(413, "too_large", f"request body over {settings.max_body_bytes} bytes")
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # errors raised past the handlers (middleware order)
+                status, body = error_payload(exc)
+                response = JSONResponse(body, status_code=status)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        labels = (path, request.method, str(response.status_code))
+        metrics.REQUESTS.labels(*labels).inc()
+        metrics.REQUEST_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+        return response
+
+    owner_dep = Depends(service.owner)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        if not await service.store.ping():
+            return error_response(503, "store_unavailable", "Redis is not reachable")
+        return JSONResponse({"status": "ready", "fingerprint": service.fingerprint})
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics_route() -> Response:
+        model = service.model
+        if model.device.type == "cuda":
+            metrics.MODEL_MEMORY_BYTES.set(torch.cuda.memory_allocated(model.device))
+        else:
+            metrics.MODEL_MEMORY_BYTES.set(sum(p.numel() * p.element_size() for p in model.parameters()))
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/sessions", status_code=201, response_model=SessionInfo, tags=["sessions"])
+    async def create_session(body: CreateSession | None = None, owner: str = owner_dep) -> SessionInfo:
+        session_id = (body.id if body else None) or uuid.uuid4().hex
+        state = service.model.new_session()
+        data = state.to_bytes()
+        await service.store.create(session_id, owner, data, state.version)
+        return service.info(session_id, state, len(data))
+
+    @app.get("/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
+    async def get_session(session_id: str, owner: str = owner_dep) -> SessionInfo:
+        data, _ = await service.store.get(session_id, owner)
+        return service.info(session_id, service.state_from(data), len(data))
+
+    @app.delete("/sessions/{session_id}", tags=["sessions"])
+    async def delete_session(session_id: str, owner: str = owner_dep) -> dict[str, Any]:
+        await service.store.delete(session_id, owner)
+        return {"id": session_id, "deleted": True}
+
+    @app.get("/sessions/{session_id}/state", tags=["sessions"],
+             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
+    async def export_state(session_id: str, owner: str = owner_dep) -> Response:
+        data, version = await service.store.get(session_id, owner)
+        return Response(data, media_type="application/octet-stream", headers={"X-HMT-Version": str(version)})
+
+    @app.put("/sessions/{session_id}/state", response_model=SessionInfo, tags=["sessions"])
+    async def import_state(session_id: str, request: Request, owner: str = owner_dep) -> SessionInfo:
+        """Replace (or create) a session from exported bytes; an invalid body changes nothing."""
+        if not re.fullmatch(SESSION_ID_PATTERN, session_id):
+            raise InvalidInputError(f"session id must match {SESSION_ID_PATTERN}")
+        data = await request.body()
+        if len(data) > settings.max_body_bytes:
+            raise APIError(413, "too_large", f"state over {settings.max_body_bytes} bytes")
+        state = SessionState.from_bytes(data, service.fingerprint)
+        service.model.check_session(state)
+        lease = await service.store.acquire(session_id, owner, must_exist=False)
+        try:
+            # The version only grows, so writers fenced on an older version stay fenced off.
+            state = replace(state, version=max(state.version, lease.version + 1))
+            data = state.to_bytes()
+            await service.store.save(lease, data, state.version, owner)
+        finally:
+            await service.store.release(session_id, lease.token)
+        return service.info(session_id, state, len(data))
+
+    @app.post("/sessions/{session_id}/append", response_model=AppendResponse, tags=["sessions"],
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def append(session_id: str, body: AppendRequest, request: Request, owner: str = owner_dep) -> Any:
+        """Append text or token ids. With `Accept: text/event-stream`: a `segment` event per
+        committed segment, then a `summary` event with the response body."""
+        tokens = await service.tokens_of(body.text, body.tokens)
+        if not tokens:
+            raise InvalidInputError("nothing to append: the input is empty")
+        job, task = await service.start_job(session_id, owner, tokens, None)
+
+        def summary(result: JobResult) -> AppendResponse:
+            return AppendResponse(id=session_id, tokens_appended=len(tokens),
+                                  segments_committed=result.segments_committed,
+                                  tokens_seen=result.state.tokens_seen,
+                                  segments_total=result.state.segments_committed,
+                                  window_tokens=len(result.state.window))
+
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            return summary(await task)
+
+        async def stream() -> AsyncIterator[str]:
+            while (event := await job.events.get()) is not _END:
+                if isinstance(event, SegmentEvent):
+                    yield _sse(asdict(event), "segment")
+            try:
+                yield _sse(summary(await task).model_dump(), "summary")
+            except Exception as exc:
+                yield _sse(error_payload(exc)[1], "error")
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/sessions/{session_id}/generate", response_model=GenerateResponse, tags=["sessions"],
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def generate(session_id: str, body: GenerateRequest, owner: str = owner_dep) -> Any:
+        """Append the prompt, then generate a reply that is appended to the session too.
+        `stream: true`: one `data: {"token", "text"}` event per token, a final event with
+        finish_reason and usage, then `data: [DONE]`."""
+        start = time.perf_counter()
+        if body.max_tokens > settings.max_generate_tokens:
+            raise APIError(413, "too_large", f"max_tokens over the limit of {settings.max_generate_tokens}")
+        if body.stop and service.model.tokenizer is None:
+            raise InvalidInputError("stop strings need a model with a tokenizer")
+        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                top_p=body.top_p, seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos)
+        prompt = await service.tokens_of(body.prompt, body.prompt_tokens) if \
+            (body.prompt or body.prompt_tokens) else []
+        job, task = await service.start_job(session_id, owner, prompt, params)
+
+        def final(result: JobResult) -> GenerateResponse:
+            usage = Usage(prompt_tokens=len(prompt), completion_tokens=len(result.tokens),
+                          total_tokens=len(prompt) + len(result.tokens))
+            return GenerateResponse(id=session_id, text=result.text, tokens=result.tokens,
+                                    finish_reason=result.finish_reason or "stop", usage=usage,
+                                    tokens_seen=result.state.tokens_seen,
+                                    segments_total=result.state.segments_committed,
+                                    window_tokens=len(result.state.window))
+
+        if not body.stream:
+            first = True
+            while (event := await job.events.get()) is not _END:
+                if first and isinstance(event, TokenEvent):
+                    metrics.TTFT_SECONDS.observe(time.perf_counter() - start)
+                    first = False
+            return final(await task)
+
+        async def stream() -> AsyncIterator[str]:
+            first = True
+            try:
+                while (event := await job.events.get()) is not _END:
+                    if isinstance(event, TokenEvent):
+                        if first:
+                            metrics.TTFT_SECONDS.observe(time.perf_counter() - start)
+                            first = False
+                        yield _sse({"token": event.token, "text": event.text})
+                try:
+                    done = final(await task).model_dump(exclude={"tokens", "text"})
+                    yield _sse(done)
+                except Exception as exc:
+                    yield _sse(error_payload(exc)[1], "error")
+                yield _sse("[DONE]")
+            finally:
+                job.cancelled = True  # no-op after the end; on disconnect, stops sampling
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app

@@ -1,0 +1,70 @@
+"""`hmt-serve` entry point: settings, embedded Redis if needed, model load, uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from service.settings import Settings, parse_args
+
+if TYPE_CHECKING:
+    from hmt_core import HMTModel
+
+log = logging.getLogger("hmt-serve")
+
+
+def load_model(settings: Settings) -> HMTModel:
+    import torch
+
+    from hmt_core import CheckpointError, HMTModel
+
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = settings.model_path()
+    try:
+        model = HMTModel.from_pretrained(path, dtype=dtype, device=device)
+    except CheckpointError as exc:
+        raise SystemExit(f"hmt-serve: cannot load model {path}: {exc}") from None
+    model.eval()
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.model_path()  # fail fast, before the slow imports and Redis, when there is no model
+
+    import torch
+    import uvicorn
+
+    from service.app import Service, create_app
+    from service.store import EmbeddedRedis, SessionStore
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    embedded: EmbeddedRedis | None = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        embedded.start()
+        url = embedded.url
+        log.info("embedded redis-server at %s (AOF in %s)", url, embedded.data_dir)
+    try:
+        model = load_model(settings)
+        log.info("model %s loaded: fingerprint %s", settings.model_path(), model.fingerprint)
+        store = SessionStore(url, settings.key_prefix, settings.session_ttl_s, settings.lock_ttl_s,
+                             settings.lock_wait_s)
+        app = create_app(Service(settings, model, store))
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                    timeout_graceful_shutdown=5)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Prometheus series, all prefixed hmt_, in one registry owned by this process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry()
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+REQUESTS = Counter("hmt_requests", "HTTP requests", ["route", "method", "status"], registry=REGISTRY)
+REQUEST_SECONDS = Histogram("hmt_request_seconds", "HTTP request latency (streams: until the response starts)",
+                            ["route", "method", "status"], buckets=_LATENCY, registry=REGISTRY)
+TTFT_SECONDS = Histogram("hmt_time_to_first_token_seconds", "Generate request start to first token",
+                         buckets=_LATENCY, registry=REGISTRY)
+INTER_TOKEN_SECONDS = Histogram("hmt_inter_token_seconds", "Time between generated tokens of one request",
+                                buckets=_LATENCY, registry=REGISTRY)
+TOKENS_IN = Counter("hmt_tokens_in", "Tokens appended by clients (prompts included)", registry=REGISTRY)
+TOKENS_OUT = Counter("hmt_tokens_out", "Tokens generated", registry=REGISTRY)
+SEGMENTS = Counter("hmt_segments_committed", "Segments committed by batched appends", registry=REGISTRY)
+SEGMENT_SECONDS = Histogram("hmt_segment_seconds", "Latency of one batched segment-commit forward",
+                            buckets=_LATENCY, registry=REGISTRY)
+BATCH_SIZE = Histogram("hmt_batch_size", "Sessions per batched segment commit",
+                       buckets=(1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
+QUEUE_DEPTH = Gauge("hmt_queue_depth", "Jobs waiting for or running in the model worker", registry=REGISTRY)
+STORE_SECONDS = Histogram("hmt_store_seconds", "Redis operation latency", ["op"], buckets=_LATENCY,
+                          registry=REGISTRY)
+STORE_ERRORS = Counter("hmt_store_errors", "Redis operations that failed", ["op"], registry=REGISTRY)
+STATE_BYTES = Histogram("hmt_state_bytes", "Serialized session state size at each write",
+                        buckets=(1e3, 1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7), registry=REGISTRY)
+ACTIVE_SESSIONS = Gauge("hmt_active_sessions", "Sessions with a request in progress in this process",
+                        registry=REGISTRY)
+MODEL_MEMORY_BYTES = Gauge("hmt_model_memory_bytes", "Model weights (CPU) or allocated device memory (GPU)",
+                           registry=REGISTRY)
+RECALL_DISTANCE = Histogram("hmt_recall_distance", "Segments back to the strongest recall weight (0: no memory)",
+                            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

