@@ -172,6 +172,7 @@ class Generation(Iterator[GeneratedToken]):
         self.params = params
         self.state = state.bumped()
         self.tokens: list[int] = []
+        self.commit_distances: list[int] = []  # recall distance of each segment committed while generating
         self.finish_reason: FinishReason | None = None
         self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else model.eos_token_ids)
         self._text = TextStream(model.tokenizer, params.stop)
@@ -212,7 +213,8 @@ class Generation(Iterator[GeneratedToken]):
         model, config = self.model, self.model.hmt_config
         window_was_full = len(self.state.window) == config.segment_tokens
         if window_was_full:
-            (self.state,), _ = model.commit_windows([self.state])
+            (self.state,), distances = model.commit_windows([self.state])
+            self.commit_distances.append(int(distances[0]))
         self.state, _ = fill_window(self.state, [token], config)
         if not need_logits:
             return

@@ -190,7 +190,11 @@ class ModelWorker:
         if job.cancelled:
             job.finish(JobResult(gen.state, job.segments, list(gen.tokens), gen.text, "cancelled"))
             return True
+        commits_before = len(gen.commit_distances)
         token = next(gen)
+        for distance in gen.commit_distances[commits_before:]:  # a window filled up mid-reply
+            metrics.RECALL_DISTANCE.observe(distance)
+            metrics.SEGMENTS.inc()
         now = time.perf_counter()
         if job.last_token_at:
             metrics.INTER_TOKEN_SECONDS.observe(now - job.last_token_at)

@@ -41,6 +41,8 @@ def test_generation_crosses_three_boundaries_and_equals_append(model: HMTModel) 
     generation = model.generate(state, SamplingParams(max_tokens=4 * seg, ignore_eos=True))
     reply = [t.token_id for t in generation]
     assert generation.state.segments_committed - state.segments_committed >= 3
+    assert len(generation.commit_distances) == generation.state.segments_committed - state.segments_committed
+    assert all(1 <= d <= model.hmt_config.ltm_context for d in generation.commit_distances)
     assert_states_equal(generation.state, model.append(state, reply))
     assert_states_equal(generation.state, model.append(model.new_session(), prompt.tolist() + reply))
     assert generation.state.version > state.version
