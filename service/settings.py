@@ -10,7 +10,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEMO_MODEL_DIR = Path("models/hmt-demo")
+# served when no model is named: a demo in the working directory, else the one shipped in this repo
+DEMO_MODEL_DIRS = (Path("models/hmt-demo"), Path(__file__).resolve().parents[1] / "models" / "hmt-demo")
 
 
 class Settings(BaseSettings):
@@ -43,9 +44,10 @@ class Settings(BaseSettings):
         """The model to serve; raises SystemExit with a clear message when there is none."""
         if self.model:
             return self.model
-        if DEMO_MODEL_DIR.is_dir():
-            return str(DEMO_MODEL_DIR)
-        raise SystemExit(f"hmt-serve: no --model given and no demo model in {DEMO_MODEL_DIR}/; "
+        for candidate in DEMO_MODEL_DIRS:
+            if (candidate / "hmt_config.json").is_file():
+                return str(candidate)
+        raise SystemExit(f"hmt-serve: no --model given and no demo model in {DEMO_MODEL_DIRS[0]}/; "
                          "pass --model DIR_OR_NAME (or set HMT_MODEL)")
 
 

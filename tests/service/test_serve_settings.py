@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from service import settings as settings_module
 from service.settings import parse_args
 
 
@@ -30,7 +31,12 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_model_path_needs_a_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HMT_MODEL", raising=False)
+    monkeypatch.setattr(settings_module, "DEMO_MODEL_DIRS", (Path("models/hmt-demo"), tmp_path / "shipped"))
     with pytest.raises(SystemExit, match="no --model given"):
         parse_args([]).model_path()
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "hmt_config.json").write_text("{}")
+    assert parse_args([]).model_path() == str(tmp_path / "shipped")
     (tmp_path / "models" / "hmt-demo").mkdir(parents=True)
-    assert parse_args([]).model_path() == "models/hmt-demo"
+    (tmp_path / "models" / "hmt-demo" / "hmt_config.json").write_text("{}")
+    assert parse_args([]).model_path() == "models/hmt-demo"  # the working directory's wins
