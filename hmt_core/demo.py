@@ -67,34 +67,30 @@ class DemoRecipe:
     stage2_lr: float = 1e-3
     bptt_depth: int = 12
     passkey_fraction: float = 0.5  # share of stage-2 samples that are pass-key exercises
+    answer_weight: float = 20.0  # loss weight of a pass key's answer tokens: 5 digits among hundreds
     held_out_chapters: int = 60  # the last chapters are kept out of training, for `hmt eval`
     seed: int = 1234
 
 
 def passkey_sample(tokenizer: object, rng: random.Random, sample_tokens: int, segment_tokens: int,
-                   filler_stream: list[int]) -> list[int]:
-    """A pass-key exercise exactly sample_tokens long: prompt + answer, then plain text."""
+                   filler_stream: list[int]) -> tuple[list[int], slice]:
+    """A pass-key exercise exactly sample_tokens long (prompt + answer, then plain text), and
+    where its answer lies."""
     encode = tokenizer.encode  # type: ignore[attr-defined]
     key = rng.randrange(10_000, 100_000)
     probe = build_passkey_prompt(tokenizer, key, 0, segment_tokens)
     answer = encode(f" {key}.")
     room = (sample_tokens - len(answer) - 1 - (len(probe.tokens) - probe.key_end)) // segment_tokens
     distance = rng.randint(1, max(1, room - (probe.key_end - 1) // segment_tokens))
-    tokens = build_passkey_prompt(tokenizer, key, distance, segment_tokens).tokens + answer
-    tokens.append(tokenizer.eos_token_id)  # type: ignore[attr-defined]
+    prompt = build_passkey_prompt(tokenizer, key, distance, segment_tokens).tokens
+    tokens = [*prompt, *answer, tokenizer.eos_token_id]  # type: ignore[attr-defined]
     start = rng.randrange(0, max(1, len(filler_stream) - sample_tokens))
-    return (tokens + filler_stream[start:start + sample_tokens])[:sample_tokens]
+    return (tokens + filler_stream[start:start + sample_tokens])[:sample_tokens], \
+        slice(len(prompt), len(prompt) + len(answer))
 
 
-def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: bool = True) -> dict:
-    """Tokenizer, backbone from scratch, stage 1, stage 2; writes a servable directory."""
-    recipe = recipe or DemoRecipe()
-    out_dir = Path(out_dir)
-    work = out_dir.parent / (out_dir.name + ".work")
-    started = time.perf_counter()
-    chapters = kjv_chapters()
-    train_chapters, held_out = chapters[:-recipe.held_out_chapters], chapters[-recipe.held_out_chapters:]
-    tokenizer = train_bpe_tokenizer(train_chapters, recipe.vocab_size)
+def _new_model(recipe: DemoRecipe, texts: list[str]) -> HMTModel:
+    tokenizer = train_bpe_tokenizer(texts, recipe.vocab_size)
     torch.manual_seed(recipe.seed)
     backbone = AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
@@ -104,31 +100,53 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
         pad_token_id=tokenizer.pad_token_id))
     hmt = HMTConfig(segment_tokens=recipe.segment_tokens, num_sensory=recipe.num_sensory,
                     ltm_context=recipe.ltm_context, recall_dim=recipe.recall_dim)
-    model = HMTModel(backbone, hmt, tokenizer)
+    return HMTModel(backbone, hmt, tokenizer)
+
+
+def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: bool = True,
+               from_stage1: str | Path | None = None) -> dict:
+    """Tokenizer, backbone from scratch, stage 1, stage 2; writes a servable directory.
+
+    from_stage1: reuse a stage-1 model (its tokenizer and weights) and run stage 2 only."""
+    recipe = recipe or DemoRecipe()
+    out_dir = Path(out_dir)
+    work = out_dir.parent / (out_dir.name + ".work")
+    started = time.perf_counter()
+    chapters = kjv_chapters()
+    train_chapters, held_out = chapters[:-recipe.held_out_chapters], chapters[-recipe.held_out_chapters:]
+    model = HMTModel.from_pretrained(from_stage1) if from_stage1 else _new_model(recipe, train_chapters)
+    tokenizer = model.tokenizer
 
     sample_tokens = recipe.segments_per_sample * recipe.segment_tokens
     text_samples = token_samples(model, iter(train_chapters), sample_tokens)
     stream = text_samples.flatten().tolist()
     rng = random.Random(recipe.seed)
     n_passkey = int(len(text_samples) * recipe.passkey_fraction / (1 - recipe.passkey_fraction))
-    passkey_samples = torch.tensor([passkey_sample(tokenizer, rng, sample_tokens, recipe.segment_tokens, stream)
-                                    for _ in range(n_passkey)])
-    mixed = torch.cat([text_samples, passkey_samples])
+    exercises = [passkey_sample(tokenizer, rng, sample_tokens, recipe.segment_tokens, stream)
+                 for _ in range(n_passkey)]
+    mixed = torch.cat([text_samples, torch.tensor([tokens for tokens, _ in exercises])])
+    weights = torch.ones(mixed.shape)
+    for row, (_, answer) in enumerate(exercises, start=len(text_samples)):
+        weights[row, answer] = recipe.answer_weight
 
     common = {"batch_size": recipe.batch_size, "segments_per_sample": recipe.segments_per_sample,
               "bptt_depth": recipe.bptt_depth, "seed": recipe.seed, "save_every": 100}
-    stage1 = train(model, text_samples, TrainConfig(stage=1, steps=recipe.stage1_steps, learning_rate=recipe.stage1_lr,
-                                                    backbone_training="full", warmup_steps=30, **common),
-                   work / "stage1", progress=progress)
+    stage1_dir = Path(from_stage1) if from_stage1 else work / "stage1"
+    if not from_stage1:
+        train(model, text_samples, TrainConfig(stage=1, steps=recipe.stage1_steps, learning_rate=recipe.stage1_lr,
+                                               backbone_training="full", warmup_steps=30, **common),
+              stage1_dir, progress=progress)
     stage2 = train(model, mixed, TrainConfig(stage=2, steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
                                              backbone_training="full", warmup_steps=30, **common),
-                   work / "stage2", progress=progress)
+                   work / "stage2", progress=progress, weights=weights)
     model.save_pretrained(out_dir)
-    shutil.copytree(work / "stage1", out_dir / "stage1", ignore=shutil.ignore_patterns("checkpoint-*"),
-                    dirs_exist_ok=True)
+    if stage1_dir.resolve() != (out_dir / "stage1").resolve():
+        shutil.copytree(stage1_dir, out_dir / "stage1", ignore=shutil.ignore_patterns("checkpoint-*"),
+                        dirs_exist_ok=True)
     (out_dir / "held_out.txt").write_text("\n".join(held_out) + "\n")
+    stage1_losses = json.loads((stage1_dir / "train_log.json").read_text())["losses"]
     card = {"text_source": TEXT_SOURCE, "license": "public domain (text); model weights: same terms as this repo",
-            "recipe": asdict(recipe), "stage1_final_loss": stage1.losses[-1],
+            "recipe": asdict(recipe), "stage1_final_loss": stage1_losses[-1],
             "stage2_final_loss": stage2.losses[-1], "build_seconds": round(time.perf_counter() - started),
             "fingerprint": model.fingerprint}
     (out_dir / "demo_card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -90,10 +90,18 @@ def token_samples(model: HMTModel, texts: Iterator[str], sample_tokens: int) -> 
     return torch.tensor(stream[:rows * sample_tokens]).view(rows, sample_tokens)
 
 
-def language_model_loss(logits: Tensor, ids: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over the whole stream (segment boundaries included)."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(
-        logits.device))
+def language_model_loss(logits: Tensor, ids: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Next-token cross-entropy over the whole stream (segment boundaries included).
+
+    weights [B, T]: per-token weight of predicting that token (e.g. up-weight a pass key's digits);
+    the loss is their weighted mean. None: a plain mean.
+    """
+    targets = ids[:, 1:].to(logits.device)
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, reduction="none")
+    if weights is None:
+        return losses.mean()
+    w = weights[:, 1:].to(losses.device, losses.dtype)
+    return (losses * w).sum() / w.sum()
 
 
 def _prepare_parameters(model: HMTModel, config: TrainConfig) -> list[torch.nn.Parameter]:
@@ -156,8 +164,12 @@ class TrainResult:
 
 
 def train(model: HMTModel, samples: Tensor, config: TrainConfig, out_dir: str | Path,
-          resume: bool = True, progress: bool = True) -> TrainResult:
-    """Train in place; write checkpoint-<step>/ every save_every steps and the final model to out_dir."""
+          resume: bool = True, progress: bool = True, weights: Tensor | None = None) -> TrainResult:
+    """Train in place; write checkpoint-<step>/ every save_every steps and the final model to out_dir.
+
+    weights: optional per-token loss weights, same shape as samples."""
+    if weights is not None and weights.shape != samples.shape:
+        raise InvalidInputError(f"weights {tuple(weights.shape)} must match samples {tuple(samples.shape)}")
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -183,11 +195,12 @@ def train(model: HMTModel, samples: Tensor, config: TrainConfig, out_dir: str | 
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not progress,
                desc=f"stage {config.stage}")
     for step in bar:
-        batch = samples[next(order)].to(model.device)
+        rows = next(order)
+        batch = samples[rows].to(model.device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         out = model.forward_segments(batch, mode=config.mode, bptt_depth=config.bptt_depth)
-        loss = language_model_loss(out.logits, batch)
+        loss = language_model_loss(out.logits, batch, None if weights is None else weights[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -21,12 +21,13 @@ def test_passkey_exercise_is_exact_length_and_answers_its_key(tokenizer: PreTrai
     rng = random.Random(0)
     filler = tokenizer.encode(" in the beginning was the word") * 200
     for _ in range(5):
-        tokens = passkey_sample(tokenizer, rng, 512, 64, filler)
+        tokens, answer = passkey_sample(tokenizer, rng, 512, 64, filler)
         assert len(tokens) == 512
         text = tokenizer.decode(tokens)
         key = text.split("The pass key is ")[1][:5]
         assert key.isdigit()
         assert f"{PASSKEY_QUESTION} {key}." in text
+        assert tokenizer.decode(tokens[answer]) == f" {key}."
 
 
 @needs_bible

@@ -100,3 +100,19 @@ def test_train_cli_from_scratch_then_stage_two(tmp_path: Path, tokenizer: PreTra
     bad = subprocess.run([sys.executable, "-m", "hmt_core.cli", "train", "--out", str(tmp_path / "x"),
                           "--data", str(tmp_path / "data.txt")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "exactly one of --model" in bad.stderr
+
+
+def test_loss_weights_reweight_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
+    logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(1))
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    assert float(language_model_loss(logits, ids)) == pytest.approx(float(per_token.mean()), rel=1e-6)
+    assert float(language_model_loss(logits, ids, torch.ones(2, 6))) == pytest.approx(float(per_token.mean()))
+    weights = torch.ones(2, 6)
+    weights[1, 3] = 20.0  # predicting token 3 of row 1 is per_token[1, 2]
+    expected = (per_token.sum() + 19 * per_token[1, 2]) / (per_token.numel() + 19)
+    assert float(language_model_loss(logits, ids, weights)) == pytest.approx(float(expected), rel=1e-6)
+    model = fresh_model(tokenizer)
+    samples = token_samples(model, iter(CORPUS), 32)
+    with pytest.raises(InvalidInputError, match="must match samples"):
+        train(model, samples, TrainConfig(steps=1), "/nonexistent/never-written", weights=torch.ones(1, 3))
