@@ -53,3 +53,17 @@ def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "held_out.txt").read_text().strip()
     state = model.append(model.new_session(), model.tokenizer.encode("In the beginning"))
     assert len(model.generate(state, SamplingParams(max_tokens=4, ignore_eos=True)).run().tokens) == 4
+
+
+def test_shipped_demo_model_loads_offline_and_generates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shipped = Path(__file__).resolve().parents[1] / "models" / "hmt-demo"
+    model = HMTModel.from_pretrained(shipped)
+    card = json.loads((shipped / "demo_card.json").read_text())
+    assert model.fingerprint == card["fingerprint"]
+    assert model.tokenizer is not None and model.tokenizer.chat_template
+    assert sum((shipped / f).stat().st_size for f in ("model.safetensors", "hmt.safetensors")) < 25_000_000
+    state = model.append(model.new_session(), model.tokenizer.encode("And God said, Let there be light"))
+    reply = model.generate(state, SamplingParams(max_tokens=12, ignore_eos=True)).run()
+    assert len(reply.tokens) == 12 and reply.text.strip()
+    assert HMTModel.from_pretrained(shipped / "stage1").tokenizer is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import ROOT, Fleet, RedisServer, Server, error_of
+from serve_helpers import Fleet, RedisServer, Server, error_of
 
 
 def script(client_a: httpx.Client, client_b: httpx.Client, sid: str) -> list:
@@ -91,7 +91,6 @@ def test_embedded_redis_survives_a_server_kill(fleet: Fleet) -> None:
         assert c.post("/sessions/kept/append", json={"tokens": [3]}).status_code == 200
 
 
-@pytest.mark.skipif(not (ROOT / "models" / "hmt-demo" / "hmt_config.json").exists(), reason="no demo model shipped")
 def test_no_flags_serves_the_shipped_demo_model(tmp_path: Path) -> None:
     """The README's first command: no model named, no Redis started by hand."""
     server = Server(["--data-dir", str(tmp_path / "data")], tmp_path / "server.log")
