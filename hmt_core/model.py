@@ -219,7 +219,8 @@ class HMTModel(nn.Module):
         mode "hmt": the reference's four steps. "rmt": no recall, each segment's memory prompt is
         the previous segment's memory (HMT's stage-1 training, RMT-style). "window": the backbone
         alone on each L-token segment, no memory or sensory tokens (the baseline).
-        bptt_depth: gradients flow back through at most this many segments of memory.
+        bptt_depth: memories written before the last bptt_depth segments are detached, so gradients
+        flow back through at most that many segments of memory (the reference's truncation).
         """
         if input_ids.dim() != 2:
             raise InvalidInputError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
@@ -238,8 +239,6 @@ class HMTModel(nn.Module):
             if mode == "window":
                 logits.append(self.backbone(input_ids=segment, use_cache=False).logits)
                 continue
-            if bptt_depth is not None and len(memories) > bptt_depth:
-                memories[-bptt_depth - 1] = memories[-bptt_depth - 1].detach()
             if mode == "rmt":
                 prompts = memories[-1] if memories else self.initial_memory.to(self.dtype).expand(batch, self.dim)
                 recalled = Recall(prompts, no_recall)
@@ -248,6 +247,8 @@ class HMTModel(nn.Module):
                     torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
                 recalled = self.recall(queries[index], ltm, torch.full((batch,), ltm.shape[1], device=self.device))
             segment_logits, memory = self.segment_logits(recalled.prompts, sensory, segment)
+            if bptt_depth is not None and index < len(starts) - bptt_depth:
+                memory = memory.detach()  # only the last bptt_depth segments' memory writes get gradients
             logits.append(segment_logits)
             memories.append(memory)
             distances.append(recalled.distances)

@@ -116,3 +116,19 @@ def test_loss_weights_reweight_tokens(tokenizer: PreTrainedTokenizerFast) -> Non
     samples = token_samples(model, iter(CORPUS), 32)
     with pytest.raises(InvalidInputError, match="must match samples"):
         train(model, samples, TrainConfig(steps=1), "/nonexistent/never-written", weights=torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("mode", ["rmt", "hmt"])
+def test_bptt_depth_truncates_memory_gradients(mode: str) -> None:
+    model = tiny_hmt_model("llama", HMT_CFG)
+    ids = torch.randint(0, 128, (1, 8 * 6), generator=torch.Generator().manual_seed(0))
+
+    def grad_into_initial_memory(depth: int | None) -> float:
+        model.zero_grad()
+        model.forward_segments(ids, mode=mode, bptt_depth=depth).logits[:, -1].sum().backward()  # type: ignore[arg-type]
+        return float(model.initial_memory.grad.abs().sum())
+
+    # the initial memory feeds segment 0 only: 6 segments back from the last logits
+    assert grad_into_initial_memory(1) == 0.0
+    assert grad_into_initial_memory(6) > 0.0
+    assert grad_into_initial_memory(None) > 0.0
