@@ -67,14 +67,13 @@ def perplexity(readers: dict[str, HMTModel], documents: torch.Tensor, batch_size
         raise InvalidInputError("documents must be [n, tokens] with at least two tokens")
     any_model = next(iter(readers.values()))
     report = PerplexityReport(any_model.hmt_config.segment_tokens, documents.shape[0], documents.numel())
+    # overall loss weights each segment by its number of predicted tokens
+    weights = torch.bincount(torch.arange(1, documents.shape[1]) // report.segment_tokens).float()
     for mode, model in readers.items():
         per_batch = [segment_losses(model, documents[i:i + batch_size], mode) * len(documents[i:i + batch_size])
                      for i in range(0, len(documents), batch_size)]
         by_segment = torch.stack(per_batch).sum(0) / len(documents)
         report.loss_by_segment[mode] = by_segment.tolist()
-        # overall: weight each segment by its number of predicted tokens
-        seg = report.segment_tokens
-        weights = torch.bincount(torch.arange(1, documents.shape[1]) // seg).float()
         report.loss[mode] = float((by_segment * weights).sum() / weights.sum())
     return report
 
