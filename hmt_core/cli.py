@@ -1,4 +1,4 @@
-"""`hmt`: the command line of hmt_core (convert checkpoints, inspect models)."""
+"""`hmt`: the command line (convert checkpoints, train, evaluate, build the demo, inspect models, chat)."""
 
 from __future__ import annotations
 
@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a model directory")
     info.add_argument("model", metavar="DIR_OR_NAME")
     info.set_defaults(run=_info)
+
+    from service.chat_client import add_parser as add_chat_parser  # the client of the service, same package
+
+    add_chat_parser(commands)
     return parser
 
 

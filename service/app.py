@@ -38,6 +38,7 @@ from hmt_core import (
     SessionState,
 )
 from service import metrics
+from service.openai_protocol import openai_error_body
 from service.protocol import (
     SESSION_ID_PATTERN,
     AppendRequest,
@@ -51,6 +52,7 @@ from service.protocol import (
 )
 from service.settings import Settings
 from service.store import (
+    ChatRecord,
     Lease,
     SessionBusyError,
     SessionConflictError,
@@ -82,7 +84,12 @@ _ERRORS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
-def error_response(status: int, kind: str, message: str) -> JSONResponse:
+def error_response(status: int, kind: str, message: str, request: Request | None = None,
+                   param: str | None = None) -> JSONResponse:
+    """Our error body, or OpenAI's shape under /v1 (where a bad request is 400, not 422)."""
+    if request is not None and request.url.path.startswith("/v1/"):
+        status = 400 if status == 422 else status
+        return JSONResponse(openai_error_body(status, kind, message, param), status_code=status)
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
@@ -97,9 +104,20 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return 500, {"error": {"message": "internal server error", "type": "internal_error"}}
 
 
-def _sse(data: Any, event: str | None = None) -> str:
+def sse(data: Any, event: str | None = None) -> str:
     body = data if isinstance(data, str) else json.dumps(data)
     return (f"event: {event}\n" if event else "") + f"data: {body}\n\n"
+
+
+async def token_events(job: Job, start: float) -> AsyncIterator[TokenEvent]:
+    """A job's tokens as they come, until it is saved; records time to first token."""
+    first = True
+    while (event := await job.events.get()) is not _END:
+        if isinstance(event, TokenEvent):
+            if first:
+                metrics.TTFT_SECONDS.observe(time.perf_counter() - start)
+                first = False
+            yield event
 
 
 class Service:
@@ -162,25 +180,56 @@ class Service:
         lease = await self.store.acquire(session_id, owner)
         try:
             state = self.state_from(lease.data)
-            if params is not None and not tokens and not state.window:
-                raise InvalidInputError("the session has no tokens yet: give a prompt")
         except BaseException:
             await self.store.release(session_id, lease.token)
             raise
+        return self.launch(lease, owner, state, tokens, params)
+
+    def launch(self, lease: Lease, owner: str, state: SessionState, tokens: list[int], params: SamplingParams | None,
+               chat: Callable[[JobResult, bytes], ChatRecord] | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
+        """Run a job on a state read under `lease`; the lease is released when it is saved (or failed).
+        `chat` makes the conversation record saved atomically with the state."""
+        try:
+            if params is not None and not tokens and not state.window:
+                raise InvalidInputError("the session has no tokens yet: give a prompt")
+        except BaseException:
+            self.spawn(self.store.release(lease.session_id, lease.token))
+            raise
         metrics.TOKENS_IN.inc(len(tokens))
         job = self.worker.submit(state, tokens, params)
-        task = asyncio.create_task(self._complete(lease, owner, job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self.spawn(self._complete(lease, owner, job, chat))
         return job, task
 
-    async def _complete(self, lease: Lease, owner: str, job: Job) -> JobResult:
+    def run_unsaved(self, state: SessionState, tokens: list[int],
+                    params: SamplingParams) -> tuple[Job, asyncio.Task[JobResult]]:
+        """A job on a state that is not stored (a stateless request)."""
+        metrics.TOKENS_IN.inc(len(tokens))
+        job = self.worker.submit(state, tokens, params)
+
+        async def complete() -> JobResult:
+            try:
+                return await job.done
+            finally:
+                job.events.put_nowait(_END)
+
+        return job, self.spawn(complete())
+
+    def spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
+        """A task that outlives the request (kept referenced so it is not collected)."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _complete(self, lease: Lease, owner: str, job: Job,
+                        chat: Callable[[JobResult, bytes], ChatRecord] | None) -> JobResult:
         """Wait for the worker, save with compare-and-set, release; runs even if the client left."""
         metrics.ACTIVE_SESSIONS.inc()
         renewer = asyncio.create_task(self._renew(lease))
         try:
             result: JobResult = await job.done
-            await self.store.save(lease, result.state.to_bytes(), result.state.version, owner)
+            data = result.state.to_bytes()
+            await self.store.save(lease, data, result.state.version, owner, chat(result, data) if chat else None)
             return result
         finally:
             renewer.cancel()
@@ -213,33 +262,37 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception) -> JSONResponse:
         status, body = error_payload(exc)
-        return JSONResponse(body, status_code=status)
+        return error_response(status, body["error"]["type"], body["error"]["message"], request)
 
     for cls in (APIError, *(c for c, _, _ in _ERRORS)):
         app.add_exception_handler(cls, _any_error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = ["{}: {}".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg")) for e in exc.errors()]
-        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+        errors = exc.errors()
+        parts = ["{}: {}".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg")) for e in errors]
+        fields = [str(e["loc"][-1]) for e in errors if len(e.get("loc", ())) > 1]
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request", request,
+                              fields[0] if fields else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, kind, str(exc.detail))
+        return error_response(exc.status_code, kind, str(exc.detail), request)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            response: Response = error_response(413, "too_large", f"request body over {settings.max_body_bytes} bytes")
+            response: Response = error_response(413, "too_large", f"request body over {settings.max_body_bytes} bytes",
+                                                request)
         else:
             try:
                 response = await call_next(request)
             except Exception as exc:  # errors raised past the handlers (middleware order)
                 status, body = error_payload(exc)
-                response = JSONResponse(body, status_code=status)
+                response = error_response(status, body["error"]["type"], body["error"]["message"], request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         labels = (path, request.method, str(response.status_code))
@@ -307,7 +360,8 @@ def create_app(service: Service) -> FastAPI:
             # The version only grows, so writers fenced on an older version stay fenced off.
             state = replace(state, version=max(state.version, lease.version + 1))
             data = state.to_bytes()
-            await service.store.save(lease, data, state.version, owner)
+            # the imported state is not the conversation the chat record describes: forget it
+            await service.store.save(lease, data, state.version, owner, ChatRecord(b""))
         finally:
             await service.store.release(session_id, lease.token)
         return service.info(session_id, state, len(data))
@@ -335,11 +389,11 @@ def create_app(service: Service) -> FastAPI:
         async def stream() -> AsyncIterator[str]:
             while (event := await job.events.get()) is not _END:
                 if isinstance(event, SegmentEvent):
-                    yield _sse(asdict(event), "segment")
+                    yield sse(asdict(event), "segment")
             try:
-                yield _sse(summary(await task).model_dump(), "summary")
+                yield sse(summary(await task).model_dump(), "summary")
             except Exception as exc:
-                yield _sse(error_payload(exc)[1], "error")
+                yield sse(error_payload(exc)[1], "error")
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -370,31 +424,26 @@ def create_app(service: Service) -> FastAPI:
                                     window_tokens=len(result.state.window))
 
         if not body.stream:
-            first = True
-            while (event := await job.events.get()) is not _END:
-                if first and isinstance(event, TokenEvent):
-                    metrics.TTFT_SECONDS.observe(time.perf_counter() - start)
-                    first = False
+            async for _ in token_events(job, start):
+                pass
             return final(await task)
 
         async def stream() -> AsyncIterator[str]:
-            first = True
             try:
-                while (event := await job.events.get()) is not _END:
-                    if isinstance(event, TokenEvent):
-                        if first:
-                            metrics.TTFT_SECONDS.observe(time.perf_counter() - start)
-                            first = False
-                        yield _sse({"token": event.token, "text": event.text})
+                async for event in token_events(job, start):
+                    yield sse({"token": event.token, "text": event.text})
                 try:
                     done = final(await task).model_dump(exclude={"tokens", "text"})
-                    yield _sse(done)
+                    yield sse(done)
                 except Exception as exc:
-                    yield _sse(error_payload(exc)[1], "error")
-                yield _sse("[DONE]")
+                    yield sse(error_payload(exc)[1], "error")
+                yield sse("[DONE]")
             finally:
                 job.cancelled = True  # no-op after the end; on disconnect, stops sampling
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    from service.openai_api import create_router  # it builds on this module's Service
+
+    app.include_router(create_router(service))
     return app

@@ -34,11 +34,19 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body; more is 413")
     max_batch: int = Field(16, ge=1, description="sessions per batched segment commit")
     api_keys: str = Field("", description="comma-separated API keys; empty: no authentication")
+    served_model_name: str | None = Field(None, description="model id on /v1/models; default: the model "
+                                                            "directory's name")
+    default_max_tokens: int = Field(512, ge=1, description="/v1 reply length when a request gives none")
+    chat_snapshots: int = Field(16, ge=1, description="state snapshots kept per chat session for edits and "
+                                                      "regenerates (the first turn's is always kept)")
     log_level: str = Field("info", description="debug, info, warning, error")
 
     @property
     def keys(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_path().rstrip("/")).name
 
     def model_path(self) -> str:
         """The model to serve; raises SystemExit with a clear message when there is none."""

@@ -1,9 +1,14 @@
 """Redis session store: one hash per session, whole-value writes fenced by the state's version,
 one writer per session through a lock with expiry, and an embedded redis-server when no URL is given.
 
-Layout: `{prefix}session:{id}` hash {state: SessionState bytes, version, owner, created};
-`{prefix}lock:{id}` a random token with a PX expiry. A save is a compare-and-set in Lua on the
-stored version, so a writer whose lock expired (and whose state is older) can never overwrite.
+Layout: `{prefix}session:{id}` hash {state: SessionState bytes, version, owner, created, and for
+chat sessions conversation: the hash chain record of service.conversation};
+`{prefix}snapshots:{id}` hash {message count: SessionState bytes at the end of that chat turn};
+`{prefix}lock:{id}` a random token with a PX expiry; `{prefix}chat:{owner}:{chain hash}` the id of
+the session whose turn ended at that hash (a hint for clients that send no session id).
+A save is a compare-and-set in Lua on the stored version, so a writer whose lock expired (and
+whose state is older) can never overwrite; the conversation record and snapshots change in the
+same script, so they always describe the saved state.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -56,6 +61,15 @@ class Lease:
     version: int
 
 
+@dataclass
+class ChatRecord:
+    """What a chat turn writes beside the state, atomically with it."""
+
+    conversation: bytes  # the record (JSON); b"" removes it
+    snapshots: dict[int, bytes] = field(default_factory=dict)  # message count -> state bytes
+    drop: list[int] = field(default_factory=list)  # snapshot keys to delete
+
+
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'version', ARGV[2], 'owner', ARGV[3], 'created', ARGV[4])
@@ -63,7 +77,9 @@ if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
 
-# KEYS[1] session; ARGV: expected version (or '' when it must not exist), state, new version, owner, ttl ms, now
+# KEYS[1] session, KEYS[2] snapshots; ARGV: expected version ('' when it must not exist), state, new version,
+# owner, ttl ms, now, then optionally: conversation ('' deletes it and every snapshot), number of snapshot
+# pairs S, S (key, state) pairs, snapshot keys to delete.
 _SAVE = """
 local v = redis.call('HGET', KEYS[1], 'version')
 if ARGV[1] == '' then
@@ -74,7 +90,20 @@ else
   if v ~= ARGV[1] then return 0 end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'version', ARGV[3])
-if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) else redis.call('PERSIST', KEYS[1]) end
+if #ARGV > 6 then
+  if ARGV[7] == '' then
+    redis.call('HDEL', KEYS[1], 'conversation')
+    redis.call('DEL', KEYS[2])
+  else
+    redis.call('HSET', KEYS[1], 'conversation', ARGV[7])
+    local pairs_end = 8 + 2 * tonumber(ARGV[8])
+    for i = 9, pairs_end, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+    for i = pairs_end + 1, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+  end
+end
+for _, key in ipairs(KEYS) do
+  if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', key, ARGV[5]) else redis.call('PERSIST', key) end
+end
 return 1
 """
 
@@ -109,6 +138,12 @@ class SessionStore:
 
     def _lock_key(self, session_id: str) -> str:
         return f"{self.prefix}lock:{session_id}"
+
+    def _snapshots_key(self, session_id: str) -> str:
+        return f"{self.prefix}snapshots:{session_id}"
+
+    def _hint_key(self, owner: str, chain_hash: str) -> str:
+        return f"{self.prefix}chat:{owner}:{chain_hash}"
 
     @contextlib.asynccontextmanager
     async def _op(self, name: str) -> AsyncIterator[None]:
@@ -200,12 +235,19 @@ class SessionStore:
             async with self._op("unlock"):
                 await self._release(keys=[self._lock_key(session_id)], args=[token])
 
-    async def save(self, lease: Lease, data: bytes, version: int, owner: str) -> None:
-        """Compare-and-set: write only if the stored version is still the one read under the lease."""
+    async def save(self, lease: Lease, data: bytes, version: int, owner: str, chat: ChatRecord | None = None) -> None:
+        """Compare-and-set: write only if the stored version is still the one read under the lease.
+        With `chat`, the conversation record and snapshots change in the same atomic script."""
         expected = "" if lease.version < 0 else str(lease.version)
+        args: list[bytes | str | int | float] = [expected, data, version, owner, self.ttl_ms, time.time()]
+        if chat is not None:
+            args += [chat.conversation, len(chat.snapshots)]
+            for key, snapshot in chat.snapshots.items():
+                args += [str(key), snapshot]
+            args += [str(key) for key in chat.drop]
         async with self._op("write"):
-            result = await self._save(keys=[self._key(lease.session_id)],
-                                      args=[expected, data, version, owner, self.ttl_ms, time.time()])
+            result = await self._save(keys=[self._key(lease.session_id), self._snapshots_key(lease.session_id)],
+                                      args=args)
         if result == -1:
             raise SessionNotFoundError(f"session {lease.session_id!r} was deleted meanwhile")
         if result == 0:
@@ -217,9 +259,37 @@ class SessionStore:
         lease = await self.acquire(session_id, owner)
         try:
             async with self._op("write"):
-                await self.redis.delete(self._key(session_id))
+                await self.redis.delete(self._key(session_id), self._snapshots_key(session_id))
         finally:
             await self.release(session_id, lease.token)
+
+    # ----- chat sessions (service.conversation) ----------------------------------------------
+
+    async def conversation(self, session_id: str) -> bytes | None:
+        """The conversation record; read it under a lease so it matches the state."""
+        async with self._op("read"):
+            return await self.redis.hget(self._key(session_id), "conversation")
+
+    async def snapshot(self, session_id: str, messages: int) -> bytes | None:
+        async with self._op("read"):
+            return await self.redis.hget(self._snapshots_key(session_id), str(messages))
+
+    async def find_chat(self, owner: str, chain: list[str]) -> tuple[int, str] | None:
+        """The longest prefix chain[:n] at which some session's chat turn ended: (n, session id)."""
+        if not chain:
+            return None
+        async with self._op("read"):
+            found = await self.redis.mget([self._hint_key(owner, h) for h in chain])
+        for n in range(len(chain), 0, -1):
+            if found[n - 1] is not None:
+                return n, found[n - 1].decode()
+        return None
+
+    async def remember_chat(self, owner: str, chain_hash: str, session_id: str) -> None:
+        """A hint only (checked on use), so a failure to write it is no error."""
+        with contextlib.suppress(StoreUnavailableError):
+            async with self._op("write"):
+                await self.redis.set(self._hint_key(owner, chain_hash), session_id, px=self.ttl_ms or None)
 
 
 class EmbeddedRedis:
