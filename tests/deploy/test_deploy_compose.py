@@ -1,0 +1,141 @@
+"""docker-compose.yml: valid against the Compose Specification's JSON schema (the copy
+check-jsonschema vendors from github.com/compose-spec/compose-spec, Apache-2.0), and wired
+right: what Docker Compose itself would only find out at `up` time is checked here."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_helpers import (
+    COMPOSE_FILE,
+    DOCKERFILES,
+    ROOT,
+    bind_mounts,
+    compose,
+    copies,
+    host_path,
+    load_yaml,
+    require_tool,
+)
+
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict[str, Any]:
+    return compose()
+
+
+def _check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
+    tool = require_tool("check-jsonschema", "pip install check-jsonschema")
+    return subprocess.run([tool, "--builtin-schema", "vendor.compose-spec", str(path)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_valid_against_the_compose_specification(tmp_path: Path) -> None:
+    result = _check_jsonschema(COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # once more after interpolation with the defaults, as Compose validates what it will run
+    interpolated = tmp_path / "compose.json"
+    interpolated.write_text(json.dumps(compose()))
+    result = _check_jsonschema(interpolated)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_validator_rejects_a_broken_file(tmp_path: Path) -> None:
+    """The schema check has teeth: an unknown key in the shared service block is caught."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("  init: true", "  init: true\n  gpus_please: 1", 1))
+    result = _check_jsonschema(broken)
+    assert result.returncode != 0 and "gpus_please" in result.stdout
+
+
+def test_references_resolve(spec: dict[str, Any]) -> None:
+    services = spec["services"]
+    volumes = set(spec.get("volumes") or {})
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            if service["depends_on"][dependency].get("condition") == "service_healthy":
+                assert "healthcheck" in services[dependency], f"{dependency} has no health check"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in volumes, f"{name}: volume {source} is not declared"
+        for target, source in bind_mounts(service).items():
+            assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
+        if "build" in service:
+            assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+
+
+def test_service_wiring(spec: dict[str, Any]) -> None:
+    services = spec["services"]
+    fields = {f"HMT_{name.upper()}" for name in Settings.model_fields}
+    for name in ("hmt", "hmt-gpu"):
+        service = services[name]
+        env = service["environment"]
+        assert set(env) <= fields, f"{name}: unknown settings {set(env) - fields}"
+        assert env["HMT_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert service["healthcheck"]["test"] == ["CMD", "hmt-healthcheck", "/readyz"]
+        published = service["ports"][0].split(":")
+        assert published[0] == "127.0.0.1" and published[-1] == env["HMT_PORT"] == "8000"
+    # the default model path is the one the images bake in
+    for dockerfile in DOCKERFILES:
+        assert (services["hmt"]["environment"]["HMT_MODEL"], ["models/hmt-demo"]) in \
+            [(dst, src) for src, dst in copies(dockerfile)]
+
+    assert "profiles" not in services["hmt"], "plain `docker compose up` must start the CPU service"
+    gpu = services["hmt-gpu"]
+    assert gpu["profiles"] == ["gpu"] and gpu["environment"]["HMT_DEVICE"] == "cuda"
+    assert gpu["build"]["dockerfile"] == "docker/Dockerfile.cuda"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    # Prometheus discovers the replicas by the DNS name hmt: the GPU service answers to it too
+    assert "hmt" in gpu["networks"]["default"]["aliases"]
+
+
+def test_redis_persists(spec: dict[str, Any]) -> None:
+    redis = spec["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    (data,) = [v for v in redis["volumes"] if v.endswith(":/data")]
+    assert data.split(":")[0] in spec["volumes"], "AOF on a named volume"
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+
+def test_prometheus_reads_the_repository_config(spec: dict[str, Any]) -> None:
+    prometheus = spec["services"]["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in prometheus["command"] if "=" in arg)
+    config = host_path(prometheus, flags["--config.file"])
+    assert config == ROOT / "deploy" / "prometheus" / "prometheus.yml"
+    rules = load_yaml(config)["rule_files"]
+    assert all(list(config.parent.glob(pattern)) for pattern in rules)
+    (job,) = [j for j in load_yaml(config)["scrape_configs"] if j["job_name"] == "hmt"]
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["names"] == ["hmt"] and "hmt" in spec["services"]
+    assert discovery["port"] == int(spec["services"]["hmt"]["environment"]["HMT_PORT"])
+
+
+def test_grafana_opens_the_dashboard_with_no_clicks(spec: dict[str, Any]) -> None:
+    grafana = spec["services"]["grafana"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    home = host_path(grafana, env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert home.is_file()
+
+    datasources = host_path(grafana, "/etc/grafana/provisioning/datasources")
+    (datasource,) = [d for f in datasources.glob("*.yml") for d in load_yaml(f)["datasources"]]
+    host, port = re.fullmatch(r"http://([\w-]+):(\d+)", datasource["url"]).groups()
+    assert host in spec["services"] and port == "9090"
+    used = {p["datasource"]["uid"] for p in json.loads(home.read_text())["panels"] if "datasource" in p}
+    assert used == {datasource["uid"]}
+
+    providers = host_path(grafana, "/etc/grafana/provisioning/dashboards")
+    (provider,) = [p for f in providers.glob("*.yml") for p in load_yaml(f)["providers"]]
+    assert host_path(grafana, provider["options"]["path"]) == home.parent
