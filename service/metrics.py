@@ -35,6 +35,12 @@ MODEL_MEMORY_BYTES = Gauge("hmt_model_memory_bytes", "Model weights (CPU) or all
 RECALL_DISTANCE = Histogram("hmt_recall_distance", "Segments back to the strongest recall weight (0: no memory)",
                             buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY)
 
+CHAT_TURNS = Counter("hmt_chat_turns", "Chat turns (/v1/chat/completions) by how they continued their session: "
+                     "new, continued (read only new messages), branched (from a snapshot), restarted (re-read all)",
+                     ["continuation"], registry=REGISTRY)
+for _continuation in ("new", "continued", "branched", "restarted"):  # every series exists from the start
+    CHAT_TURNS.labels(_continuation)
+
 
 def render() -> bytes:
     return generate_latest(REGISTRY)

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hmt_core import CorruptStateError, InvalidInputError, SamplingParams
+from service import metrics
 from service.app import APIError, Service, error_payload, sse, token_events
 from service.conversation import (
     EMPTY,
@@ -237,6 +238,7 @@ class OpenAIFrontend:
             return ChatRecord(new_record.to_bytes(), snapshots, drop)
 
         turn.job, turn.task = service.launch(lease, owner, state, tokens, params, chat_record)
+        metrics.CHAT_TURNS.labels(continuation).inc()
         service.spawn(self._remember(turn, owner))
         return turn
 

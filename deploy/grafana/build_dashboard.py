@@ -214,6 +214,12 @@ def panels() -> list[Panel]:
     layout.add(timeseries("Device memory", "Model weights (CPU) or allocated device memory (GPU) per replica.",
                           targets((f"sum by (instance) (hmt_model_memory_bytes{{{SEL}}})", "{{instance}}")),
                           "bytes"), 12)
+
+    layout.row("Chat sessions (OpenAI API)")
+    layout.add(timeseries("Chat turns by continuation", "Chat turns per second: continued (only new messages "
+                          "read), branched (edit or regenerate, from a snapshot), new, restarted (history re-read).",
+                          targets((f"sum by (continuation) (rate(hmt_chat_turns_total{{{SEL}}}[{RATE}]))",
+                                   "{{continuation}}")), "reqps", stack=True), 24)
     return layout.panels
 
 

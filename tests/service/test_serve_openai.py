@@ -116,6 +116,10 @@ def test_regenerate_and_edit_continue_from_snapshots(sdk: openai.OpenAI, server:
     fresh, _, _ = chat(sdk, model_id, edited, session="oa-branch-fresh")
     assert reply == fresh
     assert tokens_seen(server, "oa-branch") == tokens_seen(server, "oa-branch-fresh") != seen
+    metrics = httpx.get(f"{server.url}/metrics").text
+    series = 'hmt_chat_turns_total{continuation="branched"}'
+    branched = [line for line in metrics.splitlines() if line.startswith(series)]
+    assert branched and float(branched[0].split()[-1]) >= 2
 
 
 def test_without_session_id_a_known_prefix_continues_its_session(sdk: openai.OpenAI, server: Server,
