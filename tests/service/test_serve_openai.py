@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -221,3 +222,23 @@ def test_hmt_chat_terminal_client(server: Server) -> None:
     assert out.count("hmt> ") == 1
     assert tokens_seen(server, "oa-terminal") > seen  # resumed: the earlier turns are still in the state
     assert "resume with: hmt chat --session oa-terminal" in out
+
+
+def test_a_client_leaving_mid_stream_leaves_a_consistent_session(sdk: openai.OpenAI, server: Server,
+                                                                  model_id: str) -> None:
+    messages = [{"role": "user", "content": "hello world"}]
+    body = {"model": model_id, "messages": messages, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=30) as http, \
+            http.stream("POST", "/v1/chat/completions", json=body, headers={"X-Session-Id": "oa-gone"}) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the first chunk, then hang up
+    # the turn is saved (the lock released) with what was generated; the client never saw the whole
+    # reply, so resending its history regenerates from the snapshot before the turn
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.url}/sessions/oa-gone").json()["version"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    _, headers, completion = chat(sdk, model_id, messages, session="oa-gone")
+    assert headers["x-hmt-continuation"] == "branched"
+    assert completion.usage is not None
+    assert tokens_seen(server, "oa-gone") == completion.usage.prompt_tokens + completion.usage.completion_tokens
