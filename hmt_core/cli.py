@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--from-stage1", metavar="DIR", help="reuse this stage-1 model: run stage 2 only")
     for name in ("stage1_steps", "stage2_steps", "batch_size", "seed", "segment_tokens", "hidden_size", "layers"):
         demo.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
+    demo.add_argument("--repeat-weight", dest="repeat_weight", type=float,
+                      help="loss weight of the key's repeat in its own line (0: off)")
+    demo.add_argument("--recall-dtype", dest="recall_dtype", choices=["float32", "bfloat16"])
+    demo.add_argument("--no-reinit-unseen", dest="reinit_unseen", action="store_false", default=None,
+                      help="keep stage 1's embeddings of tokens it never saw (how models/hmt-demo was built)")
     demo.set_defaults(run=_demo)
 
     info = commands.add_parser("info", help="describe a model directory")

@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -68,25 +68,58 @@ class DemoRecipe:
     bptt_depth: int = 12
     passkey_fraction: float = 0.5  # share of stage-2 samples that are pass-key exercises
     answer_weight: float = 20.0  # loss weight of a pass key's answer tokens: 5 digits among hundreds
+    # loss weight of the key's repeat inside its own line ("... 48213. Remember it. 48213 ..."): an
+    # in-window copy the KJV never teaches, and the digit reading the memory path builds on
+    repeat_weight: float = 20.0
+    # recall in fp32: a key changes its segment's memory by <1% of its norm, about what bf16
+    # rounding of the memory adds (the reference's bf16 only matters for its own checkpoints)
+    recall_dtype: str = "float32"
+    # fresh embeddings before stage 2 for tokens stage 1 never saw (the digits): see reinit_unseen_embeddings
+    reinit_unseen: bool = True
     held_out_chapters: int = 60  # the last chapters are kept out of training, for `hmt eval`
     seed: int = 1234
 
 
 def passkey_sample(tokenizer: object, rng: random.Random, sample_tokens: int, segment_tokens: int,
-                   filler_stream: list[int]) -> tuple[list[int], slice]:
-    """A pass-key exercise exactly sample_tokens long (prompt + answer, then plain text), and
-    where its answer lies."""
+                   filler_stream: list[int]) -> tuple[list[int], slice, slice]:
+    """A pass-key exercise exactly sample_tokens long (prompt + answer, then plain text), where
+    its answer lies, and where the key's digits repeat inside the key line (empty if they don't)."""
     encode = tokenizer.encode  # type: ignore[attr-defined]
     key = rng.randrange(10_000, 100_000)
     probe = build_passkey_prompt(tokenizer, key, 0, segment_tokens)
     answer = encode(f" {key}.")
     room = (sample_tokens - len(answer) - 1 - (len(probe.tokens) - probe.key_end)) // segment_tokens
     distance = rng.randint(1, max(1, room - (probe.key_end - 1) // segment_tokens))
-    prompt = build_passkey_prompt(tokenizer, key, distance, segment_tokens).tokens
+    built = build_passkey_prompt(tokenizer, key, distance, segment_tokens)
+    prompt = built.tokens
+    digits = encode(str(key))
+    found = [i for i in range(built.key_position, built.key_end - len(digits) + 1)
+             if prompt[i:i + len(digits)] == digits]
+    repeat = slice(found[-1], found[-1] + len(digits)) if len(found) > 1 else slice(0, 0)
     tokens = [*prompt, *answer, tokenizer.eos_token_id]  # type: ignore[attr-defined]
     start = rng.randrange(0, max(1, len(filler_stream) - sample_tokens))
     return (tokens + filler_stream[start:start + sample_tokens])[:sample_tokens], \
-        slice(len(prompt), len(prompt) + len(answer))
+        slice(len(prompt), len(prompt) + len(answer)), repeat
+
+
+def reinit_unseen_embeddings(model: HMTModel, seen: torch.Tensor, used: torch.Tensor, seed: int) -> list[int]:
+    """Give the tokens in `used` that never occur in `seen` fresh, distinct embedding rows.
+
+    The KJV has no digits. With tied embeddings, Adam moves every unseen token's row by about lr
+    per step along the same "predict it less" direction, so after stage 1 the ten digits are
+    almost one vector (pairwise cosine ~0.9, vs ~0.05 for seen tokens): no pass key can then be
+    copied, stored or recalled (stage 2 stayed at chance, ln 10 per digit). Random directions at
+    the seen tokens' mean norm make them tell-apart-able again. Returns the re-initialised ids.
+    """
+    seen_ids = seen.unique()
+    ids = sorted(set(used.unique().tolist()) - set(seen_ids.tolist()))
+    weight = model.backbone.get_input_embeddings().weight
+    if ids:
+        with torch.no_grad():
+            rows = torch.randn(len(ids), weight.shape[1], generator=torch.Generator().manual_seed(seed))
+            norm = weight[seen_ids].float().norm(dim=-1).mean()
+            weight[ids] = (rows / rows.norm(dim=-1, keepdim=True) * norm).to(weight.dtype)
+    return ids
 
 
 def _new_model(recipe: DemoRecipe, texts: list[str]) -> HMTModel:
@@ -99,7 +132,7 @@ def _new_model(recipe: DemoRecipe, texts: list[str]) -> HMTModel:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
     hmt = HMTConfig(segment_tokens=recipe.segment_tokens, num_sensory=recipe.num_sensory,
-                    ltm_context=recipe.ltm_context, recall_dim=recipe.recall_dim)
+                    ltm_context=recipe.ltm_context, recall_dim=recipe.recall_dim, recall_dtype=recipe.recall_dtype)
     return HMTModel(backbone, hmt, tokenizer)
 
 
@@ -124,10 +157,11 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
     n_passkey = int(len(text_samples) * recipe.passkey_fraction / (1 - recipe.passkey_fraction))
     exercises = [passkey_sample(tokenizer, rng, sample_tokens, recipe.segment_tokens, stream)
                  for _ in range(n_passkey)]
-    mixed = torch.cat([text_samples, torch.tensor([tokens for tokens, _ in exercises])])
+    mixed = torch.cat([text_samples, torch.tensor([tokens for tokens, _, _ in exercises])])
     weights = torch.ones(mixed.shape)
-    for row, (_, answer) in enumerate(exercises, start=len(text_samples)):
+    for row, (_, answer, repeat) in enumerate(exercises, start=len(text_samples)):
         weights[row, answer] = recipe.answer_weight
+        weights[row, repeat] = recipe.repeat_weight
 
     common = {"batch_size": recipe.batch_size, "segments_per_sample": recipe.segments_per_sample,
               "bptt_depth": recipe.bptt_depth, "seed": recipe.seed, "save_every": 100}
@@ -136,6 +170,8 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
         train(model, text_samples, TrainConfig(stage=1, steps=recipe.stage1_steps, learning_rate=recipe.stage1_lr,
                                                backbone_training="full", warmup_steps=30, **common),
               stage1_dir, progress=progress)
+    model.hmt_config = replace(model.hmt_config, recall_dtype=recipe.recall_dtype)  # a reused stage 1
+    reinitialised = reinit_unseen_embeddings(model, text_samples, mixed, recipe.seed) if recipe.reinit_unseen else []
     stage2 = train(model, mixed, TrainConfig(stage=2, steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
                                              backbone_training="full", warmup_steps=30, **common),
                    work / "stage2", progress=progress, weights=weights)
@@ -147,7 +183,9 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
     stage1_losses = json.loads((stage1_dir / "train_log.json").read_text())["losses"]
     card = {"text_source": TEXT_SOURCE, "license": "public domain (text); model weights: same terms as this repo",
             "recipe": asdict(recipe), "stage1_final_loss": stage1_losses[-1],
-            "stage2_final_loss": stage2.losses[-1], "build_seconds": round(time.perf_counter() - started),
+            "stage2_final_loss": stage2.losses[-1],
+            "reinitialised_tokens": [tokenizer.decode([i]) for i in reinitialised],
+            "build_seconds": round(time.perf_counter() - started),
             "fingerprint": model.fingerprint}
     (out_dir / "demo_card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card

@@ -8,11 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast
 
 from hmt_core import HMTModel, SamplingParams
-from hmt_core.demo import DemoRecipe, build_demo, kjv_chapters, passkey_sample
+from hmt_core.demo import DemoRecipe, build_demo, kjv_chapters, passkey_sample, reinit_unseen_embeddings
 from hmt_core.evaluate import PASSKEY_QUESTION
+from hmt_core.testing import tiny_hmt_model
 
 needs_bible = pytest.mark.skipif(shutil.which("bible") is None, reason="apt-get install bible-kjv")
 
@@ -21,13 +23,32 @@ def test_passkey_exercise_is_exact_length_and_answers_its_key(tokenizer: PreTrai
     rng = random.Random(0)
     filler = tokenizer.encode(" in the beginning was the word") * 200
     for _ in range(5):
-        tokens, answer = passkey_sample(tokenizer, rng, 512, 64, filler)
+        tokens, answer, repeat = passkey_sample(tokenizer, rng, 512, 64, filler)
         assert len(tokens) == 512
         text = tokenizer.decode(tokens)
         key = text.split("The pass key is ")[1][:5]
         assert key.isdigit()
         assert f"{PASSKEY_QUESTION} {key}." in text
         assert tokenizer.decode(tokens[answer]) == f" {key}."
+        # the repeat is the second copy of the key, inside the key line and before the question
+        assert tokenizer.decode(tokens[repeat]).strip() == key
+        assert answer.start - repeat.stop > len(tokenizer.encode(" " + PASSKEY_QUESTION))
+        assert tokenizer.decode(tokens[:repeat.start]).count(key) == 1
+
+
+def test_tokens_unseen_in_stage1_get_distinct_embeddings_back() -> None:
+    model = tiny_hmt_model(vocab_size=64)
+    weight = model.backbone.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[40:50] = weight[40] + 0.01 * torch.randn(10, weight.shape[1])  # the collapsed digits
+    before = weight.detach().clone()
+    seen, used = torch.arange(0, 30).view(3, 10), torch.arange(20, 50).view(3, 10)
+    assert reinit_unseen_embeddings(model, seen, used, seed=0) == list(range(30, 50))
+    torch.testing.assert_close(weight[:30], before[:30])  # seen rows untouched
+    digits = torch.nn.functional.normalize(weight[40:50].detach(), dim=-1)
+    assert (digits @ digits.T - torch.eye(10)).abs().max() < 0.9  # told apart again (were ~1.0)
+    norms = weight[30:50].detach().norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, float(before[:30].norm(dim=-1).mean())))
 
 
 @needs_bible
@@ -50,6 +71,8 @@ def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
     assert "public domain" in card["text_source"]
     assert json.loads((tmp_path / "demo" / "demo_card.json").read_text())["recipe"]["segment_tokens"] == 16
     assert HMTModel.from_pretrained(tmp_path / "demo" / "stage1").hmt_config == model.hmt_config
+    assert model.hmt_config.recall_dtype == "float32"  # the demo trains its own recall: no bf16 quirk
+    assert isinstance(card["reinitialised_tokens"], list)  # (here the 64-token exercises end before the key)
     assert (tmp_path / "demo" / "held_out.txt").read_text().strip()
     state = model.append(model.new_session(), model.tokenizer.encode("In the beginning"))
     assert len(model.generate(state, SamplingParams(max_tokens=4, ignore_eos=True)).run().tokens) == 4
