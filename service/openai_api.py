@@ -74,6 +74,7 @@ class Turn:
     prompt_tokens: int
     continuation: str = ""
     end_hash: str = ""  # the chain hash after the reply, once saved
+    owner: str = ""
 
     def headers(self) -> dict[str, str]:
         headers = {SESSION_HEADER: self.session_id} if self.session_id else {}
@@ -239,17 +240,16 @@ class OpenAIFrontend:
 
         turn.job, turn.task = service.launch(lease, owner, state, tokens, params, chat_record)
         metrics.CHAT_TURNS.labels(continuation).inc()
-        service.spawn(self._remember(turn, owner))
+        turn.owner = owner
         return turn
 
-    async def _remember(self, turn: Turn, owner: str) -> None:
-        """Let a client without a session id find this session by its history next turn."""
-        try:
-            await turn.task
-        except Exception:
-            return  # the request reports it
+    async def finish(self, turn: Turn) -> JobResult:
+        """The saved result; then let a client without a session id find this session by its
+        history next turn (before the response ends, so that next turn cannot come first)."""
+        result: JobResult = await turn.task
         if turn.end_hash and turn.session_id:
-            await self.service.store.remember_chat(owner, turn.end_hash, turn.session_id)
+            await self.service.store.remember_chat(turn.owner, turn.end_hash, turn.session_id)
+        return result
 
     # ----- completions --------------------------------------------------------------------------
 
@@ -281,7 +281,7 @@ class OpenAIFrontend:
         if not stream:
             async for _ in token_events(turn.job, start):
                 pass
-            result: JobResult = await turn.task
+            result = await self.finish(turn)
             return JSONResponse(final(result).model_dump(), headers=turn.headers())
 
         async def events() -> AsyncIterator[str]:
@@ -293,7 +293,7 @@ class OpenAIFrontend:
                     if event.text:
                         yield sse(chunk(event.text, None).model_dump())
                 try:
-                    result = await turn.task
+                    result = await self.finish(turn)
                     yield sse(chunk("", _finish_reason(result)).model_dump())
                     if include_usage:
                         usage_chunk = chunk("", None)

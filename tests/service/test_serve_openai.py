@@ -235,9 +235,10 @@ def test_a_client_leaving_mid_stream_leaves_a_consistent_session(sdk: openai.Ope
     # the turn is saved (the lock released) with what was generated; the client never saw the whole
     # reply, so resending its history regenerates from the snapshot before the turn
     deadline = time.monotonic() + 30
-    while httpx.get(f"{server.url}/sessions/oa-gone").json()["version"] < 1:
+    while (info := httpx.get(f"{server.url}/sessions/oa-gone")).status_code == 404:  # created when saved
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    assert info.status_code == 200 and info.json()["version"] >= 1
     _, headers, completion = chat(sdk, model_id, messages, session="oa-gone")
     assert headers["x-hmt-continuation"] == "branched"
     assert completion.usage is not None
