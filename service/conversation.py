@@ -89,12 +89,12 @@ class ChatTemplate:
         except Exception as exc:  # jinja raises for conversations the template forbids
             raise InvalidInputError(f"the chat template rejected the messages: {exc}") from None
 
-    def suffix(self, messages: Sequence[Message], absorbed: int) -> str | None:
-        """The text to append for messages[absorbed:] plus the generation prompt; None if the
-        template does not render incrementally here."""
-        full = self.render(messages, generation_prompt=True)
+    def suffix(self, messages: Sequence[Message], prompt: str, absorbed: int) -> str | None:
+        """The text to append for messages[absorbed:] plus the generation prompt, given
+        prompt = render(messages, generation_prompt=True); None if the template does not
+        render incrementally here."""
         head = self.render(messages[:absorbed])
-        return full[len(head):] if full.startswith(head) else None
+        return prompt[len(head):] if prompt.startswith(head) else None
 
     def continuation(self, messages: Sequence[Message]) -> str:
         """The text for messages sent alone (X-HMT-Messages: new), as the template renders them
@@ -104,10 +104,10 @@ class ChatTemplate:
         full = self.render([*earlier, *messages], generation_prompt=True)
         return full[len(head):] if full.startswith(head) else self.render(messages, generation_prompt=True)
 
-    def closing(self, messages: Sequence[Message], reply: str, ended_turn: bool) -> str:
+    def closing(self, messages: Sequence[Message], prompt: str, reply: str, ended_turn: bool) -> str:
         """What the template puts after the reply that the session has not read yet ("\\n" after
         a generated <|im_end|>, the whole "<|im_end|>\\n" after a reply cut by max_tokens)."""
-        read = self.render(messages, generation_prompt=True) + reply
+        read = prompt + reply  # prompt = render(messages, generation_prompt=True), what preceded the reply
         target = self.render([*messages, Message("assistant", reply)])
         if not target.startswith(read):
             return ""

@@ -183,12 +183,13 @@ class OpenAIFrontend:
         no longer ends where the request continues (it is left alone)."""
         service, store, template = self.service, self.service.store, self.template
         assert template is not None
+        prompt = template.render(messages, generation_prompt=True)  # once: O(history) for full resends
         lease = await store.acquire(session_id, owner, must_exist=False)
         try:
             keep: dict[int, bytes] = {}  # snapshots this turn stores besides its result
             record: Conversation | None = None
             if lease.version < 0:
-                state = self.service.state_from(fork.state) if fork else service.model.new_session()
+                state = service.state_from(fork.state) if fork else service.model.new_session()
                 if fork:
                     record, keep[fork.messages] = fork.record, fork.state
             else:
@@ -199,17 +200,16 @@ class OpenAIFrontend:
                 prior = record.chain if record else []
                 chain = prior + chain_hashes(messages, prior[-1] if prior else ROOT_HASH)
                 plan = Plan("continued" if record else "new", None, len(prior), record.pending if record else "")
-                text: str | None = template.continuation(messages) if prior or state.tokens_seen else \
-                    template.render(messages, generation_prompt=True)
+                text: str | None = template.continuation(messages) if prior or state.tokens_seen else prompt
             else:
                 plan = plan_turn(record, chain)
                 if implicit and plan.continuation != "continued":
                     await store.release(session_id, lease.token)
                     return None
-                text = template.suffix(messages, plan.absorbed)
+                text = template.suffix(messages, prompt, plan.absorbed)
             if text is None:  # the template does not render this conversation incrementally
                 plan = restart_plan(record)
-                text = template.render(messages, generation_prompt=True)
+                text = prompt
             if plan.continuation == "new":
                 keep[0] = lease.data or state.to_bytes()
             if plan.base == EMPTY:
@@ -219,7 +219,7 @@ class OpenAIFrontend:
                 data = await store.snapshot(session_id, plan.base)
                 if data is None:
                     raise CorruptStateError(f"snapshot {plan.base} of session {session_id!r} is missing")
-                state = self.service.state_from(data)
+                state = service.state_from(data)
             state = replace(state, version=max(state.version, lease.version))  # the version only grows
             tokens = await service.tokens_of(plan.pending + text, None)
         except BaseException:
@@ -230,7 +230,8 @@ class OpenAIFrontend:
         max_snapshots = service.settings.chat_snapshots
 
         def chat_record(result: JobResult, data: bytes) -> ChatRecord:
-            pending = template.closing(messages, result.text, template.ended_turn(result.tokens, result.finish_reason))
+            ended = template.ended_turn(result.tokens, result.finish_reason)
+            pending = template.closing(messages, prompt, result.text, ended)
             full_chain = chain + chain_hashes([Message("assistant", result.text)], chain[-1])
             new_record, drop = after_turn(record, plan, full_chain, pending, max_snapshots)
             turn.end_hash = full_chain[-1]

@@ -41,12 +41,13 @@ def test_chatml_template_of_the_demo(demo_tokenizer: PreTrainedTokenizerBase) ->
     assert template.stop_strings == ()
     messages = conversation(3)
     # the new suffix: exactly the rendering of the new message plus the generation prompt
-    assert template.suffix(messages, 2) == "<|im_start|>user\nmessage 2<|im_end|>\n<|im_start|>assistant\n"
-    assert template.suffix(messages, 0) == template.render(messages, generation_prompt=True)
-    assert template.continuation(messages[2:]) == template.suffix(messages, 2)
+    prompt = template.render(messages, generation_prompt=True)
+    assert template.suffix(messages, prompt, 2) == "<|im_start|>user\nmessage 2<|im_end|>\n<|im_start|>assistant\n"
+    assert template.suffix(messages, prompt, 0) == prompt
+    assert template.continuation(messages[2:]) == template.suffix(messages, prompt, 2)
     # after a reply: the session still needs the end of the turn, minus what the model generated
-    assert template.closing(messages, "hi", ended_turn=True) == "\n"
-    assert template.closing(messages, "hi", ended_turn=False) == "<|im_end|>\n"
+    assert template.closing(messages, prompt, "hi", ended_turn=True) == "\n"
+    assert template.closing(messages, prompt, "hi", ended_turn=False) == "<|im_end|>\n"
     reply = demo_tokenizer.encode("hi<|im_end|>", add_special_tokens=False)
     assert template.ended_turn(reply, "stop") and not template.ended_turn(reply, "length")
     assert not template.ended_turn(demo_tokenizer.encode("hi there", add_special_tokens=False), "stop")
@@ -60,15 +61,17 @@ def test_template_without_special_tokens_stops_on_a_string() -> None:
     messages = conversation(3)
     # sent alone, new messages do not get a second beginning-of-text
     assert template.continuation(messages[2:]).startswith("<|start_header_id|>user")
-    assert template.suffix(messages, 2) == template.continuation(messages[2:])
+    prompt = template.render(messages, generation_prompt=True)
+    assert template.suffix(messages, prompt, 2) == template.continuation(messages[2:])
 
 
 def test_non_incremental_template_is_detected() -> None:
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "models" / "hmt-demo")
     tokenizer.chat_template = NOT_INCREMENTAL
     template = ChatTemplate(tokenizer)
-    assert template.suffix(conversation(3), 2) is None
-    assert template.suffix(conversation(3), 0) is not None
+    prompt = template.render(conversation(3), generation_prompt=True)
+    assert template.suffix(conversation(3), prompt, 2) is None
+    assert template.suffix(conversation(3), prompt, 0) is not None
 
 
 def test_chain_hashes_cover_the_whole_prefix() -> None:
