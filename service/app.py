@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,7 +39,6 @@ from hmt_core import (
 from service import metrics
 from service.openai_protocol import openai_error_body
 from service.protocol import (
-    SESSION_ID_PATTERN,
     AppendRequest,
     AppendResponse,
     CreateSession,
@@ -49,6 +47,7 @@ from service.protocol import (
     GenerateResponse,
     SessionInfo,
     Usage,
+    check_session_id,
 )
 from service.settings import Settings
 from service.store import (
@@ -348,8 +347,7 @@ def create_app(service: Service) -> FastAPI:
     @app.put("/sessions/{session_id}/state", response_model=SessionInfo, tags=["sessions"])
     async def import_state(session_id: str, request: Request, owner: str = owner_dep) -> SessionInfo:
         """Replace (or create) a session from exported bytes; an invalid body changes nothing."""
-        if not re.fullmatch(SESSION_ID_PATTERN, session_id):
-            raise InvalidInputError(f"session id must match {SESSION_ID_PATTERN}")
+        check_session_id(session_id)
         data = await request.body()
         if len(data) > settings.max_body_bytes:
             raise APIError(413, "too_large", f"state over {settings.max_body_bytes} bytes")

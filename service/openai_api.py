@@ -16,7 +16,6 @@ a session it is stateless.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -57,7 +56,7 @@ from service.openai_protocol import (
     Usage,
     openai_error_body,
 )
-from service.protocol import SESSION_ID_PATTERN
+from service.protocol import check_session_id
 from service.store import ChatRecord, Lease
 from service.worker import Job, JobResult
 
@@ -108,9 +107,7 @@ class OpenAIFrontend:
 
     def session_of(self, request: Request, user: str | None) -> str | None:
         session_id = request.headers.get(SESSION_HEADER) or user
-        if session_id is not None and not _valid_id(session_id):
-            raise InvalidInputError(f"session id (X-Session-Id or user) must match {SESSION_ID_PATTERN}")
-        return session_id
+        return None if session_id is None else check_session_id(session_id, "session id (X-Session-Id or user)")
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -309,10 +306,6 @@ class OpenAIFrontend:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **turn.headers()})
-
-
-def _valid_id(session_id: str) -> bool:
-    return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None
 
 
 def _record(raw: bytes) -> Conversation:

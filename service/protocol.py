@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
+from hmt_core import InvalidInputError
+
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+def check_session_id(session_id: str, source: str = "session id") -> str:
+    """For ids that arrive outside a validated body (path, header, OpenAI's `user`)."""
+    if re.fullmatch(SESSION_ID_PATTERN, session_id) is None:
+        raise InvalidInputError(f"{source} must match {SESSION_ID_PATTERN}")
+    return session_id
 
 
 class _Strict(BaseModel):
