@@ -185,7 +185,7 @@ class Service:
         return self.launch(lease, owner, state, tokens, params)
 
     def launch(self, lease: Lease, owner: str, state: SessionState, tokens: list[int], params: SamplingParams | None,
-               chat: Callable[[JobResult, bytes], ChatRecord] | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
+               chat: Callable[[JobResult], ChatRecord] | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
         """Run a job on a state read under `lease`; the lease is released when it is saved (or failed).
         `chat` makes the conversation record saved atomically with the state."""
         try:
@@ -221,14 +221,14 @@ class Service:
         return task
 
     async def _complete(self, lease: Lease, owner: str, job: Job,
-                        chat: Callable[[JobResult, bytes], ChatRecord] | None) -> JobResult:
+                        chat: Callable[[JobResult], ChatRecord] | None) -> JobResult:
         """Wait for the worker, save with compare-and-set, release; runs even if the client left."""
         metrics.ACTIVE_SESSIONS.inc()
         renewer = asyncio.create_task(self._renew(lease))
         try:
             result: JobResult = await job.done
-            data = result.state.to_bytes()
-            await self.store.save(lease, data, result.state.version, owner, chat(result, data) if chat else None)
+            await self.store.save(lease, result.state.to_bytes(), result.state.version, owner,
+                                  chat(result) if chat else None)
             return result
         finally:
             renewer.cancel()

@@ -226,15 +226,14 @@ class OpenAIFrontend:
         turn = Turn(session_id, None, None, len(tokens), continuation)  # type: ignore[arg-type]
         max_snapshots = service.settings.chat_snapshots
 
-        def chat_record(result: JobResult, data: bytes) -> ChatRecord:
+        def chat_record(result: JobResult) -> ChatRecord:
             ended = template.ended_turn(result.tokens, result.finish_reason)
             pending = template.closing(messages, prompt, result.text, ended)
             full_chain = chain + chain_hashes([Message("assistant", result.text)], chain[-1])
             new_record, drop = after_turn(record, plan, full_chain, pending, max_snapshots)
             turn.end_hash = full_chain[-1]
             snapshots = {n: s for n, s in keep.items() if n in new_record.snapshots}
-            snapshots[len(full_chain)] = data
-            return ChatRecord(new_record.to_bytes(), snapshots, drop)
+            return ChatRecord(new_record.to_bytes(), len(full_chain), snapshots, drop)
 
         turn.job, turn.task = service.launch(lease, owner, state, tokens, params, chat_record)
         metrics.CHAT_TURNS.labels(continuation).inc()

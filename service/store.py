@@ -66,7 +66,8 @@ class ChatRecord:
     """What a chat turn writes beside the state, atomically with it."""
 
     conversation: bytes  # the record (JSON); b"" removes it
-    snapshots: dict[int, bytes] = field(default_factory=dict)  # message count -> state bytes
+    state_snapshot: int | None = None  # keep the saved state itself as this snapshot (not sent twice)
+    snapshots: dict[int, bytes] = field(default_factory=dict)  # other snapshots: message count -> state bytes
     drop: list[int] = field(default_factory=list)  # snapshot keys to delete
 
 
@@ -78,8 +79,9 @@ return 1
 """
 
 # KEYS[1] session, KEYS[2] snapshots; ARGV: expected version ('' when it must not exist), state, new version,
-# owner, ttl ms, now, then optionally: conversation ('' deletes it and every snapshot), number of snapshot
-# pairs S, S (key, state) pairs, snapshot keys to delete.
+# owner, ttl ms, now, then optionally: conversation ('' deletes it and every snapshot), the snapshot key
+# under which to keep this state ('' none), number of other snapshot pairs S, S (key, state) pairs,
+# snapshot keys to delete.
 _SAVE = """
 local v = redis.call('HGET', KEYS[1], 'version')
 if ARGV[1] == '' then
@@ -96,8 +98,9 @@ if #ARGV > 6 then
     redis.call('DEL', KEYS[2])
   else
     redis.call('HSET', KEYS[1], 'conversation', ARGV[7])
-    local pairs_end = 8 + 2 * tonumber(ARGV[8])
-    for i = 9, pairs_end, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+    if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], ARGV[8], ARGV[2]) end
+    local pairs_end = 9 + 2 * tonumber(ARGV[9])
+    for i = 10, pairs_end, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
     for i = pairs_end + 1, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
   end
 end
@@ -241,7 +244,8 @@ class SessionStore:
         expected = "" if lease.version < 0 else str(lease.version)
         args: list[bytes | str | int | float] = [expected, data, version, owner, self.ttl_ms, time.time()]
         if chat is not None:
-            args += [chat.conversation, len(chat.snapshots)]
+            kept_as = "" if chat.state_snapshot is None else str(chat.state_snapshot)
+            args += [chat.conversation, kept_as, len(chat.snapshots)]
             for key, snapshot in chat.snapshots.items():
                 args += [str(key), snapshot]
             args += [str(key) for key in chat.drop]
