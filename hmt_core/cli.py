@@ -120,7 +120,8 @@ def _demo(args: argparse.Namespace) -> int:
     from hmt_core.demo import DemoRecipe, build_demo
 
     overrides = {f.name: getattr(args, f.name) for f in fields(DemoRecipe) if getattr(args, f.name, None) is not None}
-    print(json.dumps(build_demo(args.out, DemoRecipe(**overrides), from_stage1=args.from_stage1), indent=2))
+    print(json.dumps(build_demo(args.out, DemoRecipe(**overrides), from_stage1=args.from_stage1,
+                                        parts=tuple(args.only or ("hmt", "rmt"))), indent=2))
     return 0
 
 
@@ -199,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="rebuild the shipped demo model from nothing (needs bible-kjv)")
     demo.add_argument("--out", default="models/hmt-demo", metavar="DIR")
-    demo.add_argument("--from-stage1", metavar="DIR", help="reuse this stage-1 model: run stage 2 only")
+    demo.add_argument("--from-stage1", metavar="DIR", help="reuse this stage-1 model: skip stage 1")
+    demo.add_argument("--only", choices=["hmt", "rmt"], action="append",
+                      help="train only stage 2 (hmt) or only the no-recall baseline (rmt); default both")
     for name in ("stage1_steps", "stage2_steps", "batch_size", "seed", "segment_tokens", "hidden_size", "layers"):
         demo.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
     demo.add_argument("--repeat-weight", dest="repeat_weight", type=float,

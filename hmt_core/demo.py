@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hmt_core.config import HMTConfig
@@ -136,56 +137,73 @@ def _new_model(recipe: DemoRecipe, texts: list[str]) -> HMTModel:
     return HMTModel(backbone, hmt, tokenizer)
 
 
-def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: bool = True,
-               from_stage1: str | Path | None = None) -> dict:
-    """Tokenizer, backbone from scratch, stage 1, stage 2; writes a servable directory.
+Part = str  # "hmt" (stage 2, the served model) or "rmt" (the no-recall baseline)
 
-    from_stage1: reuse a stage-1 model (its tokenizer and weights) and run stage 2 only."""
-    recipe = recipe or DemoRecipe()
-    out_dir = Path(out_dir)
-    work = out_dir.parent / (out_dir.name + ".work")
-    started = time.perf_counter()
-    chapters = kjv_chapters()
-    train_chapters, held_out = chapters[:-recipe.held_out_chapters], chapters[-recipe.held_out_chapters:]
-    model = HMTModel.from_pretrained(from_stage1) if from_stage1 else _new_model(recipe, train_chapters)
-    tokenizer = model.tokenizer
 
+def _stage2_data(model: HMTModel, recipe: DemoRecipe, train_chapters: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """Stage 2's data: KJV samples mixed with pass-key exercises, and per-token loss weights."""
     sample_tokens = recipe.segments_per_sample * recipe.segment_tokens
     text_samples = token_samples(model, iter(train_chapters), sample_tokens)
     stream = text_samples.flatten().tolist()
     rng = random.Random(recipe.seed)
     n_passkey = int(len(text_samples) * recipe.passkey_fraction / (1 - recipe.passkey_fraction))
-    exercises = [passkey_sample(tokenizer, rng, sample_tokens, recipe.segment_tokens, stream)
+    exercises = [passkey_sample(model.tokenizer, rng, sample_tokens, recipe.segment_tokens, stream)
                  for _ in range(n_passkey)]
     mixed = torch.cat([text_samples, torch.tensor([tokens for tokens, _, _ in exercises])])
     weights = torch.ones(mixed.shape)
     for row, (_, answer, repeat) in enumerate(exercises, start=len(text_samples)):
         weights[row, answer] = recipe.answer_weight
         weights[row, repeat] = recipe.repeat_weight
+    return text_samples, mixed, weights
 
+
+def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: bool = True,
+               from_stage1: str | Path | None = None, parts: tuple[Part, ...] = ("hmt", "rmt")) -> dict:
+    """Tokenizer, backbone from scratch, stage 1, then from stage 1 with the same data and steps:
+    stage 2 (HMT, written to out_dir) and the RMT baseline (no recall, written to out_dir/rmt).
+
+    from_stage1: reuse a stage-1 model (its tokenizer and weights). parts: which of the two to
+    train (separate processes can build them side by side; the card collects both)."""
+    recipe = recipe or DemoRecipe()
+    out_dir = Path(out_dir)
+    work = out_dir.parent / (out_dir.name + ".work")
+    chapters = kjv_chapters()
+    train_chapters, held_out = chapters[:-recipe.held_out_chapters], chapters[-recipe.held_out_chapters:]
+    card_path = out_dir / "demo_card.json"
+    card: dict = {"text_source": TEXT_SOURCE, "license": "public domain (text); model weights: same terms as this repo",
+                  "recipe": asdict(recipe)}
     common = {"batch_size": recipe.batch_size, "segments_per_sample": recipe.segments_per_sample,
               "bptt_depth": recipe.bptt_depth, "seed": recipe.seed, "save_every": 100}
     stage1_dir = Path(from_stage1) if from_stage1 else work / "stage1"
     if not from_stage1:
-        train(model, text_samples, TrainConfig(stage=1, steps=recipe.stage1_steps, learning_rate=recipe.stage1_lr,
-                                               backbone_training="full", warmup_steps=30, **common),
+        started = time.perf_counter()
+        model = _new_model(recipe, train_chapters)
+        samples = token_samples(model, iter(train_chapters), recipe.segments_per_sample * recipe.segment_tokens)
+        train(model, samples, TrainConfig(stage=1, steps=recipe.stage1_steps, learning_rate=recipe.stage1_lr,
+                                          backbone_training="full", warmup_steps=30, **common),
               stage1_dir, progress=progress)
-    model.hmt_config = replace(model.hmt_config, recall_dtype=recipe.recall_dtype)  # a reused stage 1
-    reinitialised = reinit_unseen_embeddings(model, text_samples, mixed, recipe.seed) if recipe.reinit_unseen else []
-    stage2 = train(model, mixed, TrainConfig(stage=2, steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
-                                             backbone_training="full", warmup_steps=30, **common),
-                   work / "stage2", progress=progress, weights=weights)
-    model.save_pretrained(out_dir)
-    if stage1_dir.resolve() != (out_dir / "stage1").resolve():
-        shutil.copytree(stage1_dir, out_dir / "stage1", ignore=shutil.ignore_patterns("checkpoint-*"),
-                        dirs_exist_ok=True)
+        card["stage1_seconds"] = round(time.perf_counter() - started)
+    card["stage1_final_loss"] = json.loads((stage1_dir / "train_log.json").read_text())["losses"][-1]
+    text_samples, mixed, weights = _stage2_data(HMTModel.from_pretrained(stage1_dir), recipe, train_chapters)
+    for part in parts:
+        started = time.perf_counter()
+        model = HMTModel.from_pretrained(stage1_dir)
+        model.hmt_config = replace(model.hmt_config, recall_dtype=recipe.recall_dtype)
+        reinitialised = reinit_unseen_embeddings(model, text_samples, mixed, recipe.seed) \
+            if recipe.reinit_unseen else []
+        # the RMT baseline is stage 1 continued: no recall, same data, steps and learning rate
+        config = TrainConfig(stage=2 if part == "hmt" else 1, steps=recipe.stage2_steps,
+                             learning_rate=recipe.stage2_lr, backbone_training="full", warmup_steps=30, **common)
+        result = train(model, mixed, config, work / ("stage2" if part == "hmt" else "rmt"), progress=progress,
+                       weights=weights)
+        model.save_pretrained(out_dir if part == "hmt" else out_dir / "rmt")
+        card[f"{part}_final_loss"] = result.losses[-1]
+        card[f"{part}_seconds"] = round(time.perf_counter() - started)
+        card["reinitialised_tokens"] = [model.tokenizer.decode([i]) for i in reinitialised]
+        if part == "hmt":
+            card["fingerprint"] = model.fingerprint
     (out_dir / "held_out.txt").write_text("\n".join(held_out) + "\n")
-    stage1_losses = json.loads((stage1_dir / "train_log.json").read_text())["losses"]
-    card = {"text_source": TEXT_SOURCE, "license": "public domain (text); model weights: same terms as this repo",
-            "recipe": asdict(recipe), "stage1_final_loss": stage1_losses[-1],
-            "stage2_final_loss": stage2.losses[-1],
-            "reinitialised_tokens": [tokenizer.decode([i]) for i in reinitialised],
-            "build_seconds": round(time.perf_counter() - started),
-            "fingerprint": model.fingerprint}
-    (out_dir / "demo_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    if from_stage1 and card_path.exists():  # a part built beside this one may have written its results
+        card = {**json.loads(card_path.read_text()), **card}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card

@@ -44,6 +44,10 @@ class TrainConfig:
     lora_alpha: float = 32.0
     save_every: int = 50
     seed: int = 3407
+    # a curriculum runs one train() per phase on one learning-rate schedule: this run is steps
+    # [schedule_offset, schedule_offset + steps) of a schedule schedule_steps long (None: steps)
+    schedule_offset: int = 0
+    schedule_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -52,6 +56,10 @@ class TrainConfig:
             raise InvalidInputError(f"backbone_training must be frozen, lora or full, got {self.backbone_training}")
         if min(self.steps, self.batch_size, self.segments_per_sample, self.bptt_depth) < 1:
             raise InvalidInputError("steps, batch_size, segments_per_sample and bptt_depth must be >= 1")
+        if self.schedule_offset < 0 or (self.schedule_steps is not None
+                                        and self.schedule_steps < self.schedule_offset + self.steps):
+            raise InvalidInputError("the schedule must cover this run's steps: "
+                                    "0 <= schedule_offset and schedule_offset + steps <= schedule_steps")
 
     @property
     def mode(self) -> MemoryMode:
@@ -130,9 +138,11 @@ def _finish_backbone(model: HMTModel) -> None:
 
 
 def _lr_at(step: int, config: TrainConfig) -> float:
+    step += config.schedule_offset
+    total = config.schedule_steps or config.steps
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 

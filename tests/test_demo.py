@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import random
 import shutil
 from pathlib import Path
@@ -62,20 +63,30 @@ def test_kjv_chapters_are_plain_text() -> None:
 
 @needs_bible
 def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
-    recipe = DemoRecipe(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, segment_tokens=16,
-                        num_sensory=4, ltm_context=4, recall_dim=16, segments_per_sample=4, stage1_steps=2,
+    recipe = DemoRecipe(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, segment_tokens=32,
+                        num_sensory=4, ltm_context=4, recall_dim=16, segments_per_sample=12, stage1_steps=2,
                         stage2_steps=2, batch_size=2, bptt_depth=2)
     card = build_demo(tmp_path / "demo", recipe, progress=False)
     model = HMTModel.from_pretrained(tmp_path / "demo")
     assert model.fingerprint == card["fingerprint"]
     assert "public domain" in card["text_source"]
-    assert json.loads((tmp_path / "demo" / "demo_card.json").read_text())["recipe"]["segment_tokens"] == 16
-    assert HMTModel.from_pretrained(tmp_path / "demo" / "stage1").hmt_config == model.hmt_config
+    assert json.loads((tmp_path / "demo" / "demo_card.json").read_text())["recipe"]["segment_tokens"] == 32
+    assert HMTModel.from_pretrained(tmp_path / "demo.work" / "stage1").hmt_config == model.hmt_config
+    rmt = HMTModel.from_pretrained(tmp_path / "demo" / "rmt")  # the baseline: same data and steps, no recall
+    assert rmt.tokenizer is not None and rmt.fingerprint != model.fingerprint
+    assert card["hmt_final_loss"] > 0 and card["rmt_final_loss"] > 0
     assert model.hmt_config.recall_dtype == "float32"  # the demo trains its own recall: no bf16 quirk
-    assert isinstance(card["reinitialised_tokens"], list)  # (here the 64-token exercises end before the key)
+    assert set(card["reinitialised_tokens"]) == set("0123456789")  # the pass keys' digits: not in the KJV
     assert (tmp_path / "demo" / "held_out.txt").read_text().strip()
     state = model.append(model.new_session(), model.tokenizer.encode("In the beginning"))
     assert len(model.generate(state, SamplingParams(max_tokens=4, ignore_eos=True)).run().tokens) == 4
+
+    # rebuilding one part from the kept stage 1 replaces that part and keeps the other's results
+    again = build_demo(tmp_path / "demo", replace(recipe, stage2_steps=3), progress=False,
+                       from_stage1=tmp_path / "demo.work" / "stage1", parts=("rmt",))
+    assert again["fingerprint"] == card["fingerprint"] and again["hmt_final_loss"] == card["hmt_final_loss"]
+    assert again["recipe"]["stage2_steps"] == 3
+    assert HMTModel.from_pretrained(tmp_path / "demo" / "rmt").fingerprint != rmt.fingerprint
 
 
 def test_shipped_demo_model_loads_offline_and_generates(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,8 +96,9 @@ def test_shipped_demo_model_loads_offline_and_generates(monkeypatch: pytest.Monk
     card = json.loads((shipped / "demo_card.json").read_text())
     assert model.fingerprint == card["fingerprint"]
     assert model.tokenizer is not None and model.tokenizer.chat_template
-    assert sum((shipped / f).stat().st_size for f in ("model.safetensors", "hmt.safetensors")) < 25_000_000
+    assert sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file()) < 25_000_000
     state = model.append(model.new_session(), model.tokenizer.encode("And God said, Let there be light"))
     reply = model.generate(state, SamplingParams(max_tokens=12, ignore_eos=True)).run()
     assert len(reply.tokens) == 12 and reply.text.strip()
-    assert HMTModel.from_pretrained(shipped / "stage1").tokenizer is not None
+    rmt = HMTModel.from_pretrained(shipped / "rmt")  # the RMT row of the README's table
+    assert rmt.tokenizer is not None and rmt.hmt_config.segment_tokens == model.hmt_config.segment_tokens

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from hmt_core import HMTConfig, HMTModel, InvalidInputError, SamplingParams
 from hmt_core.testing import SAMPLE_TEXTS as CORPUS
 from hmt_core.testing import tiny_hmt_model
-from hmt_core.train import TrainConfig, language_model_loss, read_texts, token_samples, train
+from hmt_core.train import TrainConfig, _lr_at, language_model_loss, read_texts, token_samples, train
 
 HMT_CFG = HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4, recall_dim=16)
 
@@ -132,3 +132,14 @@ def test_bptt_depth_truncates_memory_gradients(mode: str) -> None:
     assert grad_into_initial_memory(1) == 0.0
     assert grad_into_initial_memory(6) > 0.0
     assert grad_into_initial_memory(None) > 0.0
+
+
+def test_curriculum_phases_share_one_learning_rate_schedule() -> None:
+    whole = TrainConfig(steps=90, warmup_steps=10, learning_rate=1e-3)
+    phases = [TrainConfig(steps=30, warmup_steps=10, learning_rate=1e-3, schedule_offset=offset, schedule_steps=90)
+              for offset in (0, 30, 60)]
+    split = [_lr_at(step, phase) for phase in phases for step in range(phase.steps)]
+    assert split == [_lr_at(step, whole) for step in range(90)]
+    assert split[0] < split[10] and split[-1] < split[30]  # warmup once, one cosine decay
+    with pytest.raises(InvalidInputError, match="schedule"):
+        TrainConfig(steps=30, schedule_offset=70, schedule_steps=90)

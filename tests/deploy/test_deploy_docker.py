@@ -90,10 +90,10 @@ def test_copied_files_exist_and_are_in_the_build_context(dockerfile: Path) -> No
 
 
 def test_build_context_is_small() -> None:
-    """The allowlist keeps tests, virtualenvs, runs and the training checkpoint out."""
+    """The allowlist keeps tests, virtualenvs, runs and the RMT baseline model out."""
     patterns = dockerignore_patterns()
     for kept_out in (".git/config", ".venv/bin/python", "tests/conftest.py", "bench/x.py", "docs/x.md",
-                     "models/hmt-demo.work/x", "models/hmt-demo/stage1/model.safetensors",
+                     "models/hmt-demo.work/x", "models/hmt-demo/rmt/model.safetensors",
                      "service/__pycache__/app.cpython-311.pyc", "hmt-data/appendonly.aof"):
         assert dockerignored(kept_out, patterns), kept_out
     total = 0
