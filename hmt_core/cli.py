@@ -99,8 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = HMTModel.from_pretrained(args.model).to(args.device)
     if args.task == "passkey":
         report = evaluate.passkey(model, args.distances, trials=args.trials, seed=args.seed)
-        print(json.dumps({"segment_tokens": report.segment_tokens, "trials": report.trials,
-                          "accuracy": report.accuracy}, indent=2) if args.json else report.table())
+        print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
         return 0
     if not args.data:
         raise HMTError("perplexity needs --data FILE [FILE ...] (held-out text or jsonl)")

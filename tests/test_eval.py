@@ -16,6 +16,7 @@ from hmt_core import HMTModel
 from hmt_core.evaluate import (
     PASSKEY_QUESTION,
     build_passkey_prompt,
+    key_digit_loss,
     passkey,
     passkey_answer_correct,
     passkey_line,
@@ -70,6 +71,21 @@ def test_passkey_report_runs_both_readers(text_model: HMTModel) -> None:
     assert set(report.accuracy) == {"window", "hmt"}
     assert all(0.0 <= a <= 1.0 for by_d in report.accuracy.values() for a in by_d.values())
     assert "1 seg" in report.table() and "2 seg" in report.table()
+    assert set(report.digit_loss) == {"window", "hmt"}
+    assert all(0.0 < loss < 20.0 for by_d in report.digit_loss.values() for loss in by_d.values())
+
+
+def test_key_digit_loss_is_the_teacher_forced_loss_of_the_digits(text_model: HMTModel) -> None:
+    tokenizer = text_model.tokenizer
+    prompt = build_passkey_prompt(tokenizer, 48213, 1, text_model.hmt_config.segment_tokens).tokens
+    answer = tokenizer.encode(" 48213")
+    digits = [i for i, t in enumerate(answer) if tokenizer.decode([t]).strip().isdigit()]
+    assert len(digits) >= 1
+    logits = text_model.score(torch.tensor([prompt + answer])).logits[0].float()
+    nll = -torch.log_softmax(logits, -1)[[len(prompt) + i - 1 for i in digits], [answer[i] for i in digits]]
+    assert key_digit_loss(text_model, prompt, 48213, "hmt") == pytest.approx(float(nll.mean()), rel=1e-4)
+    window = key_digit_loss(text_model, prompt, 48213, "window")
+    assert window > 0 and window != pytest.approx(float(nll.mean()))
 
 
 def test_eval_cli_writes_table_json_and_plot(text_model: HMTModel, tmp_path: Path) -> None:
@@ -85,4 +101,4 @@ def test_eval_cli_writes_table_json_and_plot(text_model: HMTModel, tmp_path: Pat
     keys = subprocess.run([sys.executable, "-m", "hmt_core.cli", "eval", "passkey", "--model", str(tmp_path / "m"),
                            "--distances", "1", "--trials", "1", "--json"], capture_output=True, text=True, timeout=300)
     assert keys.returncode == 0, keys.stderr
-    assert set(json.loads(keys.stdout)["accuracy"]) == {"window", "hmt"}
+    assert set(json.loads(keys.stdout)["accuracy"]) == set(json.loads(keys.stdout)["digit_loss"]) == {"window", "hmt"}
