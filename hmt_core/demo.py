@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hmt_core.config import HMTConfig
-from hmt_core.errors import HMTError
+from hmt_core.errors import HMTError, InvalidInputError
 from hmt_core.evaluate import build_passkey_prompt
 from hmt_core.model import HMTModel
 from hmt_core.tokenizer import train_bpe_tokenizer
@@ -93,6 +93,9 @@ def passkey_sample(tokenizer: object, rng: random.Random, sample_tokens: int, se
     distance = rng.randint(1, max(1, room - (probe.key_end - 1) // segment_tokens))
     built = build_passkey_prompt(tokenizer, key, distance, segment_tokens)
     prompt = built.tokens
+    if len(prompt) + len(answer) > sample_tokens:  # cut short, it would teach the format and never the key
+        raise InvalidInputError(f"a pass-key exercise needs {len(prompt) + len(answer)} tokens "
+                                f"(distance 1), samples have {sample_tokens}")
     digits = encode(str(key))
     found = [i for i in range(built.key_position, built.key_end - len(digits) + 1)
              if prompt[i:i + len(digits)] == digits]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from hmt_core import HMTModel, SamplingParams
+from hmt_core import HMTModel, InvalidInputError, SamplingParams
 from hmt_core.demo import DemoRecipe, build_demo, kjv_chapters, passkey_sample, reinit_unseen_embeddings
 from hmt_core.evaluate import PASSKEY_QUESTION
 from hmt_core.testing import tiny_hmt_model
@@ -35,6 +35,8 @@ def test_passkey_exercise_is_exact_length_and_answers_its_key(tokenizer: PreTrai
         assert tokenizer.decode(tokens[repeat]).strip() == key
         assert answer.start - repeat.stop > len(tokenizer.encode(" " + PASSKEY_QUESTION))
         assert tokenizer.decode(tokens[:repeat.start]).count(key) == 1
+    with pytest.raises(InvalidInputError, match="pass-key exercise needs"):
+        passkey_sample(tokenizer, rng, 128, 32, filler)  # no room for the question and answer after the key
 
 
 def test_tokens_unseen_in_stage1_get_distinct_embeddings_back() -> None:
