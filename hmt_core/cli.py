@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeat-weight", dest="repeat_weight", type=float,
                       help="loss weight of the key's repeat in its own line (0: off)")
     demo.add_argument("--recall-dtype", dest="recall_dtype", choices=["float32", "bfloat16"])
+    demo.add_argument("--stage2-curriculum", dest="stage2_curriculum", metavar="SEGMENTS:STEPS,...",
+                      help="stage 2 in phases of growing samples, e.g. 5:2000,12:1000 (replaces --stage2-steps)")
     demo.add_argument("--no-reinit-unseen", dest="reinit_unseen", action="store_false", default=None,
                       help="keep stage 1's embeddings of tokens it never saw (how models/hmt-demo was built)")
     demo.set_defaults(run=_demo)

@@ -63,6 +63,9 @@ class DemoRecipe:
     segments_per_sample: int = 12
     stage1_steps: int = 600
     stage2_steps: int = 600
+    # stage 2 (and the RMT baseline) in phases of growing samples, "segments:steps,...", on one
+    # learning-rate schedule; empty: one phase of segments_per_sample x stage2_steps
+    stage2_curriculum: str = ""
     batch_size: int = 8
     stage1_lr: float = 2e-3
     stage2_lr: float = 1e-3
@@ -79,6 +82,22 @@ class DemoRecipe:
     reinit_unseen: bool = True
     held_out_chapters: int = 60  # the last chapters are kept out of training, for `hmt eval`
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _ = self.stage2_phases  # refuse a malformed curriculum before anything trains
+
+    @property
+    def stage2_phases(self) -> list[tuple[int, int]]:
+        if not self.stage2_curriculum:
+            return [(self.segments_per_sample, self.stage2_steps)]
+        try:
+            phases = [(int(a), int(b)) for a, b in (phase.split(":") for phase in self.stage2_curriculum.split(","))]
+        except ValueError:
+            raise InvalidInputError(f"stage2_curriculum must be 'segments:steps,...', got {self.stage2_curriculum!r}") \
+                from None
+        if any(segments < 1 or steps < 1 for segments, steps in phases):
+            raise InvalidInputError(f"curriculum phases need >= 1 segment and step: {self.stage2_curriculum!r}")
+        return phases
 
 
 def passkey_sample(tokenizer: object, rng: random.Random, sample_tokens: int, segment_tokens: int,
@@ -187,20 +206,34 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
               stage1_dir, progress=progress)
         card["stage1_seconds"] = round(time.perf_counter() - started)
     card["stage1_final_loss"] = json.loads((stage1_dir / "train_log.json").read_text())["losses"][-1]
-    text_samples, mixed, weights = _stage2_data(HMTModel.from_pretrained(stage1_dir), recipe, train_chapters)
+    phases = recipe.stage2_phases
+    stage1 = HMTModel.from_pretrained(stage1_dir)
+    data = {segments: _stage2_data(stage1, replace(recipe, segments_per_sample=segments), train_chapters)
+            for segments in dict.fromkeys(segments for segments, _ in phases)}
+    seen = torch.cat([text.flatten() for text, _, _ in data.values()])
+    used = torch.cat([mixed.flatten() for _, mixed, _ in data.values()])
+    total_steps = sum(steps for _, steps in phases)
     for part in parts:
         started = time.perf_counter()
         model = HMTModel.from_pretrained(stage1_dir)
         model.hmt_config = replace(model.hmt_config, recall_dtype=recipe.recall_dtype)
-        reinitialised = reinit_unseen_embeddings(model, text_samples, mixed, recipe.seed) \
-            if recipe.reinit_unseen else []
-        # the RMT baseline is stage 1 continued: no recall, same data, steps and learning rate
-        config = TrainConfig(stage=2 if part == "hmt" else 1, steps=recipe.stage2_steps,
-                             learning_rate=recipe.stage2_lr, backbone_training="full", warmup_steps=30, **common)
-        result = train(model, mixed, config, work / ("stage2" if part == "hmt" else "rmt"), progress=progress,
-                       weights=weights)
+        reinitialised = reinit_unseen_embeddings(model, seen, used, recipe.seed) if recipe.reinit_unseen else []
+        losses: list[float] = []
+        for index, (segments, steps) in enumerate(phases):
+            _, mixed, weights = data[segments]
+            name = "stage2" if part == "hmt" else "rmt"
+            run_dir = work / (name if len(phases) == 1 else f"{name}-phase{index + 1}")
+            if (run_dir / "train_log.json").exists():  # a finished phase of an interrupted build
+                model = HMTModel.from_pretrained(run_dir)
+                losses += json.loads((run_dir / "train_log.json").read_text())["losses"]
+                continue
+            # the RMT baseline is stage 1 continued: no recall, same data, steps and learning rates
+            config = TrainConfig(stage=2 if part == "hmt" else 1, steps=steps, learning_rate=recipe.stage2_lr,
+                                 backbone_training="full", warmup_steps=30, schedule_offset=len(losses),
+                                 schedule_steps=total_steps, **{**common, "segments_per_sample": segments})
+            losses += train(model, mixed, config, run_dir, progress=progress, weights=weights).losses
         model.save_pretrained(out_dir if part == "hmt" else out_dir / "rmt")
-        card[f"{part}_final_loss"] = result.losses[-1]
+        card[f"{part}_final_loss"] = losses[-1]
         card[f"{part}_seconds"] = round(time.perf_counter() - started)
         card["reinitialised_tokens"] = [model.tokenizer.decode([i]) for i in reinitialised]
         if part == "hmt":

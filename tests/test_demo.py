@@ -67,7 +67,7 @@ def test_kjv_chapters_are_plain_text() -> None:
 def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
     recipe = DemoRecipe(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, segment_tokens=32,
                         num_sensory=4, ltm_context=4, recall_dim=16, segments_per_sample=12, stage1_steps=2,
-                        stage2_steps=2, batch_size=2, bptt_depth=2)
+                        stage2_curriculum="11:2,12:1", batch_size=2, bptt_depth=2)
     card = build_demo(tmp_path / "demo", recipe, progress=False)
     model = HMTModel.from_pretrained(tmp_path / "demo")
     assert model.fingerprint == card["fingerprint"]
@@ -77,6 +77,9 @@ def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
     rmt = HMTModel.from_pretrained(tmp_path / "demo" / "rmt")  # the baseline: same data and steps, no recall
     assert rmt.tokenizer is not None and rmt.fingerprint != model.fingerprint
     assert card["hmt_final_loss"] > 0 and card["rmt_final_loss"] > 0
+    # the curriculum's phases: 11-segment samples, then 12, on one learning-rate schedule
+    second = json.loads((tmp_path / "demo.work" / "stage2-phase2" / "train_log.json").read_text())["config"]
+    assert (second["segments_per_sample"], second["schedule_offset"], second["schedule_steps"]) == (12, 2, 3)
     assert model.hmt_config.recall_dtype == "float32"  # the demo trains its own recall: no bf16 quirk
     assert set(card["reinitialised_tokens"]) == set("0123456789")  # the pass keys' digits: not in the KJV
     assert (tmp_path / "demo" / "held_out.txt").read_text().strip()
@@ -84,10 +87,10 @@ def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
     assert len(model.generate(state, SamplingParams(max_tokens=4, ignore_eos=True)).run().tokens) == 4
 
     # rebuilding one part from the kept stage 1 replaces that part and keeps the other's results
-    again = build_demo(tmp_path / "demo", replace(recipe, stage2_steps=3), progress=False,
+    again = build_demo(tmp_path / "demo", replace(recipe, stage2_curriculum="12:1"), progress=False,
                        from_stage1=tmp_path / "demo.work" / "stage1", parts=("rmt",))
     assert again["fingerprint"] == card["fingerprint"] and again["hmt_final_loss"] == card["hmt_final_loss"]
-    assert again["recipe"]["stage2_steps"] == 3
+    assert again["recipe"]["stage2_curriculum"] == "12:1"
     assert HMTModel.from_pretrained(tmp_path / "demo" / "rmt").fingerprint != rmt.fingerprint
 
 
@@ -104,3 +107,11 @@ def test_shipped_demo_model_loads_offline_and_generates(monkeypatch: pytest.Monk
     assert len(reply.tokens) == 12 and reply.text.strip()
     rmt = HMTModel.from_pretrained(shipped / "rmt")  # the RMT row of the README's table
     assert rmt.tokenizer is not None and rmt.hmt_config.segment_tokens == model.hmt_config.segment_tokens
+
+
+def test_curriculum_phases_parse_and_default_to_one_phase() -> None:
+    assert DemoRecipe(segments_per_sample=12, stage2_steps=300).stage2_phases == [(12, 300)]
+    assert DemoRecipe(stage2_curriculum="5:2000,12:1000").stage2_phases == [(5, 2000), (12, 1000)]
+    for bad in ("5-2000", "5:x", "0:10", "5:0"):
+        with pytest.raises(InvalidInputError):
+            DemoRecipe(stage2_curriculum=bad)
