@@ -146,6 +146,7 @@ def passkey_answer_correct(key: int, answer: str) -> bool:
     return digits == str(key)
 
 
+@torch.no_grad()
 def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, mode: MemoryMode) -> float:
     """Teacher-forced loss of the key's digits after the prompt, nats per digit (ln 10 is chance).
 
@@ -159,8 +160,8 @@ def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, mode: Memor
     logits = model.backbone(input_ids=ids, use_cache=False).logits if mode == "window" else \
         model.forward_segments(ids, mode=mode).logits
     log_probs = torch.log_softmax(logits[0].float(), dim=-1)
-    start = len(context)  # logits at position t predict token t + 1
-    return float(-sum(log_probs[start + i - 1, answer[i]] for i in digits) / max(1, len(digits)))
+    positions = [len(context) + i - 1 for i in digits]  # logits at position t predict token t + 1
+    return float(-log_probs[positions, [answer[i] for i in digits]].mean())
 
 
 def _greedy_window_reply(model: HMTModel, tokens: Sequence[int], max_tokens: int) -> list[int]:
