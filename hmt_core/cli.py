@@ -72,7 +72,8 @@ def _train(args: argparse.Namespace) -> int:
                          segments_per_sample=args.segments_per_sample, bptt_depth=args.bptt_depth,
                          learning_rate=args.lr, warmup_steps=args.warmup_steps,
                          backbone_training=args.backbone_training, lora_r=args.lora_r,
-                         lora_alpha=args.lora_alpha, save_every=args.save_every, seed=args.seed)
+                         lora_alpha=args.lora_alpha, save_every=args.save_every, seed=args.seed,
+                         memory_bow_weight=args.memory_bow_weight)
     texts = _dataset_texts(args.dataset, args.text_field) if args.dataset else read_texts(args.data, args.text_field)
     samples = token_samples(model, texts, config.segments_per_sample * model.hmt_config.segment_tokens)
     result = train(model, samples, config, args.out, resume=not args.no_resume)
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--segments-per-sample", type=int, default=4)
     train.add_argument("--bptt-depth", type=int, default=2, help="segments of memory gradients flow through")
     train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--memory-bow-weight", type=float, default=0.0,
+                       help="auxiliary loss: each memory predicts its segment's tokens (0: the paper's recipe)")
     train.add_argument("--warmup-steps", type=int, default=10)
     train.add_argument("--backbone-training", choices=("frozen", "lora", "full"), default="frozen")
     train.add_argument("--lora-r", type=int, default=8)
@@ -207,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeat-weight", dest="repeat_weight", type=float,
                       help="loss weight of the key's repeat in its own line (0: off)")
     demo.add_argument("--recall-dtype", dest="recall_dtype", choices=["float32", "bfloat16"])
+    demo.add_argument("--memory-bow-weight", dest="memory_bow_weight", type=float,
+                      help="weight of the auxiliary memory bag-of-words loss in stage 2 and the RMT baseline")
     demo.add_argument("--stage2-curriculum", dest="stage2_curriculum", metavar="SEGMENTS:STEPS,...",
                       help="stage 2 in phases of growing samples, e.g. 5:2000,12:1000 (replaces --stage2-steps)")
     demo.add_argument("--no-reinit-unseen", dest="reinit_unseen", action="store_false", default=None,

@@ -78,6 +78,9 @@ class DemoRecipe:
     # recall in fp32: a key changes its segment's memory by <1% of its norm, about what bf16
     # rounding of the memory adds (the reference's bf16 only matters for its own checkpoints)
     recall_dtype: str = "float32"
+    # stage 2 and the RMT baseline: each memory also predicts its segment's tokens (see
+    # train.memory_bag_of_words_loss); it is what lets the pass-key reader leave chance
+    memory_bow_weight: float = 0.3
     # fresh embeddings before stage 2 for tokens stage 1 never saw (the digits): see reinit_unseen_embeddings
     reinit_unseen: bool = True
     held_out_chapters: int = 60  # the last chapters are kept out of training, for `hmt eval`
@@ -230,6 +233,7 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
             # the RMT baseline is stage 1 continued: no recall, same data, steps and learning rates
             config = TrainConfig(stage=2 if part == "hmt" else 1, steps=steps, learning_rate=recipe.stage2_lr,
                                  backbone_training="full", warmup_steps=30, schedule_offset=len(losses),
+                                 memory_bow_weight=recipe.memory_bow_weight,
                                  schedule_steps=total_steps, **{**common, "segments_per_sample": segments})
             losses += train(model, mixed, config, run_dir, progress=progress, weights=weights).losses
         model.save_pretrained(out_dir if part == "hmt" else out_dir / "rmt")

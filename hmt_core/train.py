@@ -44,6 +44,8 @@ class TrainConfig:
     lora_alpha: float = 32.0
     save_every: int = 50
     seed: int = 3407
+    # weight of memory_bag_of_words_loss: 0 is the paper's recipe
+    memory_bow_weight: float = 0.0
     # a curriculum runs one train() per phase on one learning-rate schedule: this run is steps
     # [schedule_offset, schedule_offset + steps) of a schedule schedule_steps long (None: steps)
     schedule_offset: int = 0
@@ -110,6 +112,23 @@ def language_model_loss(logits: Tensor, ids: Tensor, weights: Tensor | None = No
         return losses.mean()
     w = weights[:, 1:].to(losses.device, losses.dtype)
     return (losses * w).sum() / w.sum()
+
+
+def memory_bag_of_words_loss(model: HMTModel, memories: Tensor, ids: Tensor) -> Tensor:
+    """Each full segment's memory predicts the tokens of its segment as a bag, through the LM head.
+
+    An auxiliary training loss (ours, not the paper's). A memory is a final hidden state, so the
+    LM head reads it as it reads any position. Without this signal, the memory of a pass key's
+    segment held the key at under 1% of its norm, and the reader gave it 0-5% of its attention.
+    Neither side then sends the other a gradient worth following, and the pass-key loss stayed
+    at chance for thousands of steps (README, #4).
+    """
+    segment = model.hmt_config.segment_tokens
+    full = min(memories.shape[1], ids.shape[1] // segment)
+    head = model.backbone.get_output_embeddings()
+    log_probs = torch.log_softmax(head(memories[:, :full]).float(), dim=-1)  # [B, S, V]
+    tokens = ids[:, :full * segment].reshape(ids.shape[0], full, segment).to(log_probs.device)
+    return -log_probs.gather(-1, tokens).mean()
 
 
 def _prepare_parameters(model: HMTModel, config: TrainConfig) -> list[torch.nn.Parameter]:
@@ -211,6 +230,8 @@ def train(model: HMTModel, samples: Tensor, config: TrainConfig, out_dir: str | 
             group["lr"] = _lr_at(step, config)
         out = model.forward_segments(batch, mode=config.mode, bptt_depth=config.bptt_depth)
         loss = language_model_loss(out.logits, batch, None if weights is None else weights[rows])
+        if config.memory_bow_weight:
+            loss = loss + config.memory_bow_weight * memory_bag_of_words_loss(model, out.memories, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
