@@ -15,7 +15,15 @@ from transformers import PreTrainedTokenizerFast
 from hmt_core import HMTConfig, HMTModel, InvalidInputError, SamplingParams
 from hmt_core.testing import SAMPLE_TEXTS as CORPUS
 from hmt_core.testing import tiny_hmt_model
-from hmt_core.train import TrainConfig, _lr_at, language_model_loss, read_texts, token_samples, train
+from hmt_core.train import (
+    TrainConfig,
+    _lr_at,
+    language_model_loss,
+    memory_bag_of_words_loss,
+    read_texts,
+    token_samples,
+    train,
+)
 
 HMT_CFG = HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4, recall_dim=16)
 
@@ -143,3 +151,26 @@ def test_curriculum_phases_share_one_learning_rate_schedule() -> None:
     assert split[0] < split[10] and split[-1] < split[30]  # warmup once, one cosine decay
     with pytest.raises(InvalidInputError, match="schedule"):
         TrainConfig(steps=30, schedule_offset=70, schedule_steps=90)
+
+
+def test_memory_bag_of_words_loss_is_each_memory_predicting_its_segment(tmp_path: Path,
+                                                                        tokenizer: PreTrainedTokenizerFast) -> None:
+    model = fresh_model(tokenizer)
+    samples = token_samples(model, iter(CORPUS), 32)[:4]
+    segment = model.hmt_config.segment_tokens
+    out = model.forward_segments(samples, mode="hmt")
+    log_probs = torch.log_softmax(model.backbone.get_output_embeddings()(out.memories).float(), -1)
+    expected = -torch.stack([log_probs[b, s, samples[b, s * segment + j]] for b in range(4)
+                             for s in range(32 // segment) for j in range(segment)]).mean()
+    assert float(memory_bag_of_words_loss(model, out.memories, samples)) == pytest.approx(float(expected), rel=1e-5)
+
+    # training with it makes memories predict their segments' tokens better
+    def bow() -> float:
+        with torch.no_grad():
+            return float(memory_bag_of_words_loss(model, model.forward_segments(samples, mode="hmt").memories, samples))
+
+    before = bow()
+    config = TrainConfig(stage=2, steps=15, batch_size=4, segments_per_sample=4, learning_rate=3e-3, warmup_steps=2,
+                         backbone_training="full", save_every=100, memory_bow_weight=1.0)
+    train(model, samples, config, tmp_path / "bow", progress=False)
+    assert bow() < before - 0.1
