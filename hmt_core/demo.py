@@ -61,11 +61,11 @@ class DemoRecipe:
     ltm_context: int = 16
     recall_dim: int = 64
     segments_per_sample: int = 12
-    stage1_steps: int = 600
+    stage1_steps: int = 500
     stage2_steps: int = 600
     # stage 2 (and the RMT baseline) in phases of growing samples, "segments:steps,...", on one
     # learning-rate schedule; empty: one phase of segments_per_sample x stage2_steps
-    stage2_curriculum: str = ""
+    stage2_curriculum: str = "5:1500,12:700"
     batch_size: int = 8
     stage1_lr: float = 2e-3
     stage2_lr: float = 1e-3
