@@ -109,8 +109,8 @@ def test_shipped_demo_model_loads_offline_and_generates(monkeypatch: pytest.Monk
     assert rmt.tokenizer is not None and rmt.hmt_config.segment_tokens == model.hmt_config.segment_tokens
 
 
-def test_curriculum_phases_parse_and_default_to_one_phase() -> None:
-    assert DemoRecipe(segments_per_sample=12, stage2_steps=300).stage2_phases == [(12, 300)]
+def test_curriculum_phases_parse_and_empty_is_one_phase() -> None:
+    assert DemoRecipe(segments_per_sample=12, stage2_steps=300, stage2_curriculum="").stage2_phases == [(12, 300)]
     assert DemoRecipe(stage2_curriculum="5:2000,12:1000").stage2_phases == [(5, 2000), (12, 1000)]
     for bad in ("5-2000", "5:x", "0:10", "5:0"):
         with pytest.raises(InvalidInputError):
