@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stage2-curriculum", dest="stage2_curriculum", metavar="SEGMENTS:STEPS,...",
                       help="stage 2 in phases of growing samples, e.g. 5:2000,12:1000 (replaces --stage2-steps)")
     demo.add_argument("--no-reinit-unseen", dest="reinit_unseen", action="store_false", default=None,
-                      help="keep stage 1's embeddings of tokens it never saw (how models/hmt-demo was built)")
+                      help="keep stage 1's embeddings of tokens it never saw (the recipe before the digit fix)")
     demo.set_defaults(run=_demo)
 
     info = commands.add_parser("info", help="describe a model directory")

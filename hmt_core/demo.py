@@ -3,8 +3,10 @@
 Text: the King James Version of the Bible (1611; public domain), from Debian's package
 bible-kjv-text, read with the `bible` program of package bible-kjv (`apt-get install bible-kjv`).
 Recipe: a byte-level BPE trained on that text, a small Llama backbone trained from scratch with
-the memory (stage 1, RMT-style), then recall (stage 2), on KJV chapters mixed with pass-key
-exercises (random keys, random distances; the standard prompt, key-free filler).
+the memory (stage 1, RMT-style), then recall (stage 2: a curriculum of growing samples of KJV
+chapters mixed with pass-key exercises, random keys and distances, the standard prompt and
+key-free filler, plus the auxiliary memory bag-of-words loss). The RMT baseline is stage 1
+continued on stage 2's data and steps without recall.
 """
 
 from __future__ import annotations
