@@ -19,6 +19,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -164,7 +165,7 @@ def _new_model(recipe: DemoRecipe, texts: list[str]) -> HMTModel:
     return HMTModel(backbone, hmt, tokenizer)
 
 
-Part = str  # "hmt" (stage 2, the served model) or "rmt" (the no-recall baseline)
+Part = Literal["hmt", "rmt"]  # stage 2 (the served model), or the no-recall baseline
 
 
 def _stage2_data(model: HMTModel, recipe: DemoRecipe, train_chapters: list[str]) -> tuple[Tensor, Tensor, Tensor]:
@@ -224,9 +225,9 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
         model.hmt_config = replace(model.hmt_config, recall_dtype=recipe.recall_dtype)
         reinitialised = reinit_unseen_embeddings(model, seen, used, recipe.seed) if recipe.reinit_unseen else []
         losses: list[float] = []
+        name = "stage2" if part == "hmt" else "rmt"
         for index, (segments, steps) in enumerate(phases):
             _, mixed, weights = data[segments]
-            name = "stage2" if part == "hmt" else "rmt"
             run_dir = work / (name if len(phases) == 1 else f"{name}-phase{index + 1}")
             if (run_dir / "train_log.json").exists():  # a finished phase of an interrupted build
                 model = HMTModel.from_pretrained(run_dir)

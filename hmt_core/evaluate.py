@@ -146,6 +146,11 @@ def passkey_answer_correct(key: int, answer: str) -> bool:
     return digits == str(key)
 
 
+def _window_context(model: HMTModel, tokens: Sequence[int]) -> list[int]:
+    """What the windowed baseline reads of a prompt: its last L tokens."""
+    return list(tokens)[-model.hmt_config.segment_tokens:]
+
+
 @torch.no_grad()
 def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, mode: MemoryMode) -> float:
     """Teacher-forced loss of the key's digits after the prompt, nats per digit (ln 10 is chance).
@@ -155,7 +160,7 @@ def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, mode: Memor
     tokenizer = model.tokenizer
     answer = tokenizer.encode(f" {key}")  # type: ignore[union-attr]
     digits = [i for i, token in enumerate(answer) if tokenizer.decode([token]).strip().isdigit()]  # type: ignore[union-attr]
-    context = list(prompt)[-model.hmt_config.segment_tokens:] if mode == "window" else list(prompt)
+    context = _window_context(model, prompt) if mode == "window" else list(prompt)
     ids = torch.tensor([context + answer], device=model.device)
     logits = model.backbone(input_ids=ids, use_cache=False).logits if mode == "window" else \
         model.forward_segments(ids, mode=mode).logits
@@ -166,7 +171,7 @@ def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, mode: Memor
 
 def _greedy_window_reply(model: HMTModel, tokens: Sequence[int], max_tokens: int) -> list[int]:
     """The baseline: the backbone alone on the last L tokens (its window), greedy."""
-    window = torch.tensor([list(tokens)[-model.hmt_config.segment_tokens:]], device=model.device)
+    window = torch.tensor([_window_context(model, tokens)], device=model.device)
     out = model.backbone(input_ids=window, use_cache=True, logits_to_keep=1)
     logits, cache, reply = out.logits[0, -1], out.past_key_values, []
     for _ in range(max_tokens):
