@@ -12,14 +12,17 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from hmt_core.errors import InvalidInputError
-from hmt_core.generation import SamplingParams, decode_one_token, sample
+from hmt_core.generation import SamplingParams, continuation_log_probs, decode_one_token, sample
 from hmt_core.model import HMTModel, MemoryMode
+from hmt_core.session import SessionState
 
 READERS: tuple[MemoryMode, ...] = ("window", "rmt", "hmt")
+PasskeyReader = Literal["window", "hmt"]
 READER_LABELS = {"window": "backbone (L-token window)", "rmt": "RMT (memory, no recall)", "hmt": "HMT"}
 
 
@@ -152,18 +155,22 @@ def _window_context(model: HMTModel, tokens: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
-def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, mode: MemoryMode) -> float:
+def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, reader: PasskeyReader,
+                   state: SessionState | None = None) -> float:
     """Teacher-forced loss of the key's digits after the prompt, nats per digit (ln 10 is chance).
 
     Accuracy stays 0% until every digit is right; this shows a reader learning one digit at a time.
-    "window" reads what the greedy baseline does: the prompt's last L tokens, then the answer."""
+    "hmt" scores the answer after the session that read the prompt (`state`, read here when not
+    given); "window" reads what the greedy baseline does: the prompt's last L tokens, then the answer."""
     tokenizer = model.tokenizer
     answer = tokenizer.encode(f" {key}")  # type: ignore[union-attr]
     digits = [i for i, token in enumerate(answer) if tokenizer.decode([token]).strip().isdigit()]  # type: ignore[union-attr]
-    context = _window_context(model, prompt) if mode == "window" else list(prompt)
-    ids = torch.tensor([context + answer], device=model.device)
-    logits = model.backbone(input_ids=ids, use_cache=False).logits if mode == "window" else \
-        model.forward_segments(ids, mode=mode).logits
+    if reader == "hmt":
+        state = state if state is not None else model.append(model.new_session(), prompt)
+        log_probs = continuation_log_probs(model, state, answer)
+        return -sum(log_probs[i] for i in digits) / len(digits)
+    context = _window_context(model, prompt)
+    logits = model.backbone(input_ids=torch.tensor([context + answer], device=model.device), use_cache=False).logits
     log_probs = torch.log_softmax(logits[0].float(), dim=-1)
     positions = [len(context) + i - 1 for i in digits]  # logits at position t predict token t + 1
     return float(-log_probs[positions, [answer[i] for i in digits]].mean())
@@ -224,8 +231,8 @@ def passkey(model: HMTModel, distances: Sequence[int], trials: int = 50, seed: i
             hits["hmt"] += passkey_answer_correct(key, model.tokenizer.decode(hmt_reply.tokens))
             window_reply = _greedy_window_reply(model, prompt.tokens, answer_tokens)
             hits["window"] += passkey_answer_correct(key, model.tokenizer.decode(window_reply))
-            for reader in losses:
-                losses[reader] += key_digit_loss(model, prompt.tokens, key, reader)  # type: ignore[arg-type]
+            losses["hmt"] += key_digit_loss(model, prompt.tokens, key, "hmt", state)  # the same read
+            losses["window"] += key_digit_loss(model, prompt.tokens, key, "window")
         for reader, count in hits.items():
             report.accuracy[reader][distance] = count / trials
             report.digit_loss[reader][distance] = losses[reader] / trials

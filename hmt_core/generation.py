@@ -196,7 +196,18 @@ class Generation(Iterator[GeneratedToken]):
     def __next__(self) -> GeneratedToken:
         if self.finished:
             raise StopIteration
-        token = sample(self._logits, self.params, self._generator)
+        return self._emit(sample(self._logits, self.params, self._generator))
+
+    def force(self, token: int) -> float:
+        """Advance with the given token instead of a sampled one (teacher forcing): its log-probability."""
+        if self.finished:
+            raise InvalidInputError(f"the generation has finished ({self.finish_reason})")
+        self.model.check_tokens([token])
+        log_prob = float(torch.log_softmax(self._logits.float(), dim=-1)[token])
+        self._emit(token)
+        return log_prob
+
+    def _emit(self, token: int) -> GeneratedToken:
         self.tokens.append(token)
         text, hit_stop = self._text.push(token)
         if hit_stop or token in self._stop_ids:
@@ -229,3 +240,12 @@ class Generation(Iterator[GeneratedToken]):
         for _ in self:
             pass
         return self
+
+
+def continuation_log_probs(model: HMTModel, state: SessionState, tokens: Sequence[int]) -> list[float]:
+    """Log-probability of each token read after a session, as generation would see it (the open
+    window commits when it fills). The session is unchanged: score several continuations of one read."""
+    if not tokens:
+        return []
+    generation = Generation(model, state, SamplingParams(max_tokens=len(tokens), ignore_eos=True))
+    return [generation.force(token) for token in tokens]

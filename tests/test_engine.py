@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from hmt_core import HMTConfig, HMTModel, SamplingParams, SessionState
+from hmt_core.errors import InvalidInputError
+from hmt_core.generation import continuation_log_probs
 from hmt_core.testing import FAMILIES, assert_states_equal, tiny_hmt_model
 
 
@@ -59,6 +61,34 @@ def test_generation_from_a_full_window_commits_first(model: HMTModel) -> None:
     assert generation.state.window == tuple(reply)
     expected_first = model.score(torch.tensor([prompt])).logits[0, -1].argmax().item()
     assert reply[0] == expected_first
+
+
+def test_continuation_log_probs_are_teacher_forced_and_leave_the_session(model: HMTModel) -> None:
+    seg = model.hmt_config.segment_tokens
+    prompt = list(range(10, 10 + seg + 3))  # one committed segment, an open window of 3
+    continuation = [7, 99, 5, 42]  # stays inside the open window
+    state = model.append(model.new_session(), prompt)
+    before = SessionState.from_bytes(state.to_bytes())
+    log_probs = continuation_log_probs(model, state, continuation)
+    reference = torch.log_softmax(model.score(torch.tensor([prompt + continuation])).logits[0].float(), -1)
+    expected = [float(reference[len(prompt) + i - 1, token]) for i, token in enumerate(continuation)]
+    assert log_probs == pytest.approx(expected, abs=1e-4)
+    assert_states_equal(state, before)
+    assert continuation_log_probs(model, state, []) == []
+
+
+def test_forced_tokens_cross_a_boundary_like_appended_ones(model: HMTModel) -> None:
+    seg = model.hmt_config.segment_tokens
+    state = model.append(model.new_session(), list(range(3, 3 + seg - 1)))
+    forced = list(range(50, 50 + 4))  # fills the window, then commits it
+    generation = model.generate(state, SamplingParams(max_tokens=len(forced), ignore_eos=True))
+    assert all(lp <= 0.0 for lp in (generation.force(t) for t in forced))
+    assert generation.finish_reason == "length"
+    assert_states_equal(generation.state, model.append(state, forced))
+    with pytest.raises(InvalidInputError, match="finished"):
+        generation.force(1)
+    with pytest.raises(InvalidInputError, match="outside the vocabulary"):
+        model.generate(state).force(model.vocab_size)
 
 
 def test_greedy_is_deterministic_and_sampling_follows_seed(model: HMTModel) -> None:
