@@ -68,7 +68,7 @@ class DemoRecipe:
     stage2_steps: int = 600
     # stage 2 (and the RMT baseline) in phases of growing samples, "segments:steps,...", on one
     # learning-rate schedule; empty: one phase of segments_per_sample x stage2_steps
-    stage2_curriculum: str = "5:1500,12:700"
+    stage2_curriculum: str = "5:1500,12:3000"
     batch_size: int = 8
     stage1_lr: float = 2e-3
     stage2_lr: float = 1e-3
