@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from dataclasses import replace
@@ -14,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from hmt_core import HMTModel, InvalidInputError, SamplingParams
 from hmt_core.demo import DemoRecipe, build_demo, kjv_chapters, passkey_sample, reinit_unseen_embeddings
-from hmt_core.evaluate import PASSKEY_QUESTION
+from hmt_core.evaluate import PASSKEY_QUESTION, passkey
 from hmt_core.testing import tiny_hmt_model
 
 needs_bible = pytest.mark.skipif(shutil.which("bible") is None, reason="apt-get install bible-kjv")
@@ -107,6 +108,16 @@ def test_shipped_demo_model_loads_offline_and_generates(monkeypatch: pytest.Monk
     assert len(reply.tokens) == 12 and reply.text.strip()
     rmt = HMTModel.from_pretrained(shipped / "rmt")  # the RMT row of the README's table
     assert rmt.tokenizer is not None and rmt.hmt_config.segment_tokens == model.hmt_config.segment_tokens
+
+
+def test_shipped_demo_remembers_a_pass_key_8_segments_back() -> None:
+    """The README's claim, on keys the README's tables did not use: HMT reads most of them from
+    memory; the windowed backbone, which cannot see them, none."""
+    model = HMTModel.from_pretrained(Path(__file__).resolve().parents[1] / "models" / "hmt-demo")
+    report = passkey(model, distances=[8], trials=10, seed=2)
+    assert report.accuracy["hmt"][8] >= 0.5
+    assert report.accuracy["window"][8] == 0.0
+    assert report.digit_loss["hmt"][8] < 1.0 < math.log(10) < report.digit_loss["window"][8]
 
 
 def test_curriculum_phases_parse_and_empty_is_one_phase() -> None:
