@@ -98,6 +98,10 @@ def _eval(args: argparse.Namespace) -> int:
     from hmt_core.train import read_texts, token_samples
 
     model = HMTModel.from_pretrained(args.model).to(args.device)
+    if args.checkpoint:
+        from hmt_core.train import load_checkpoint_weights
+
+        model = load_checkpoint_weights(model, args.checkpoint)
     if args.task == "passkey":
         report = evaluate.passkey(model, args.distances, trials=args.trials, seed=args.seed)
         print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
@@ -184,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("eval", help="perplexity by position (3 readers) or pass-key retrieval")
     evaluation.add_argument("task", nargs="?", choices=("perplexity", "passkey"), default="perplexity")
     evaluation.add_argument("--model", required=True, metavar="DIR_OR_NAME", help="the HMT model (stage 2)")
+    evaluation.add_argument("--checkpoint", metavar="DIR", help="evaluate this training checkpoint "
+                            "(checkpoint-<step>/) of a run that started from --model")
     evaluation.add_argument("--rmt-model", metavar="DIR", help="the stage-1 model for the RMT row "
                                                                "(default: --model read without recall)")
     evaluation.add_argument("--data", nargs="*", default=[], metavar="FILE", help="held-out text or jsonl")

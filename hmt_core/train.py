@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from hmt_core.errors import InvalidInputError
+from hmt_core.errors import CheckpointError, InvalidInputError
 from hmt_core.model import HMTModel, MemoryMode
 
 BackboneTraining = Literal["frozen", "lora", "full"]
@@ -210,8 +210,7 @@ def train(model: HMTModel, samples: Tensor, config: TrainConfig, out_dir: str | 
     start_step, losses = 0, []
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
-        saved = torch.load(checkpoint / TRAINER_STATE, map_location=model.device, weights_only=True)
-        model.load_state_dict(saved["trainable"], strict=False)
+        saved = _load_trainable(model, checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"].cpu())
         meta = json.loads((checkpoint / TRAINER_META).read_text())
@@ -247,6 +246,38 @@ def train(model: HMTModel, samples: Tensor, config: TrainConfig, out_dir: str | 
     model.save_pretrained(out_dir)
     (out_dir / "train_log.json").write_text(json.dumps({"config": asdict(config), "losses": losses}, indent=1))
     return TrainResult(config.steps, losses, tokens_done / max(1e-9, time.perf_counter() - started), out_dir)
+
+
+def _load_trainable(model: HMTModel, checkpoint: Path) -> dict[str, Any]:
+    """Put a checkpoint's trained parameters into the model; returns the whole trainer state."""
+    try:
+        saved = torch.load(checkpoint / TRAINER_STATE, map_location=model.device, weights_only=True)
+    except Exception as error:  # a damaged file fails in many ways inside the unpickler
+        raise CheckpointError(f"cannot load the training checkpoint {checkpoint}: {error!r}") from None
+    try:
+        unexpected = model.load_state_dict(saved["trainable"], strict=False).unexpected_keys
+    except (RuntimeError, KeyError, TypeError) as error:  # misshapen tensors, or not our trainer state
+        raise CheckpointError(f"cannot load the training checkpoint {checkpoint}: {error}") from None
+    if unexpected:
+        raise CheckpointError(f"the training checkpoint {checkpoint} has parameters this model lacks "
+                              f"({', '.join(unexpected[:3])}, ...): give the model its run started from")
+    return saved
+
+
+def load_checkpoint_weights(model: HMTModel, checkpoint: str | Path) -> HMTModel:
+    """A training checkpoint (checkpoint-<step>/) as an ordinary model, to evaluate a run midway.
+
+    A checkpoint holds only what its run trained, so `model` must be the model the run started
+    from (for `hmt demo`'s phases: the previous phase's directory). LoRA adapters are merged."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / TRAINER_META).is_file():
+        raise CheckpointError(f"{checkpoint} is not a training checkpoint: it has no {TRAINER_META}")
+    config = TrainConfig(**json.loads((checkpoint / TRAINER_META).read_text())["config"])
+    _prepare_parameters(model, config)
+    _load_trainable(model, checkpoint)
+    model.eval()
+    _finish_backbone(model)
+    return model
 
 
 def _save_checkpoint(model: HMTModel, optimizer: torch.optim.Optimizer, config: TrainConfig, path: Path,

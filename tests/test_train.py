@@ -6,19 +6,21 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from hmt_core import HMTConfig, HMTModel, InvalidInputError, SamplingParams
+from hmt_core import CheckpointError, HMTConfig, HMTModel, InvalidInputError, SamplingParams
 from hmt_core.testing import SAMPLE_TEXTS as CORPUS
 from hmt_core.testing import tiny_hmt_model
 from hmt_core.train import (
     TrainConfig,
     _lr_at,
     language_model_loss,
+    load_checkpoint_weights,
     memory_bag_of_words_loss,
     read_texts,
     token_samples,
@@ -71,6 +73,44 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path: Path, tokenize
     resumed = train(resumed_model, samples, config, tmp_path / "cut", progress=False)
     assert resumed.losses == pytest.approx(uninterrupted.losses, rel=1e-5)
     assert resumed_model.fingerprint == whole.fingerprint
+
+
+@pytest.mark.parametrize("backbone_training", ["full", "lora"])
+def test_a_checkpoint_loads_as_the_model_of_its_step(tmp_path: Path, tokenizer: PreTrainedTokenizerFast,
+                                                     backbone_training: str) -> None:
+    config = TrainConfig(stage=2, steps=6, batch_size=2, segments_per_sample=4, learning_rate=3e-3,
+                         warmup_steps=2, backbone_training=backbone_training, save_every=3)  # type: ignore[arg-type]
+    samples = token_samples(fresh_model(tokenizer), iter(CORPUS), 32)
+    train(fresh_model(tokenizer), samples, config, tmp_path / "run", progress=False)
+    # the first 3 steps of the same run, stopped there: same batches, same learning rates
+    first_half = fresh_model(tokenizer)
+    train(first_half, samples, replace(config, steps=3, schedule_steps=6), tmp_path / "half", progress=False)
+    at_step_3 = load_checkpoint_weights(fresh_model(tokenizer), tmp_path / "run" / "checkpoint-3")
+    assert eval_loss(at_step_3, samples, "hmt") == pytest.approx(eval_loss(first_half, samples, "hmt"), rel=1e-5)
+    assert eval_loss(at_step_3, samples, "hmt") != pytest.approx(eval_loss(fresh_model(tokenizer), samples, "hmt"))
+    assert not hasattr(at_step_3.backbone, "merge_and_unload")  # an ordinary model: adapters merged
+
+    fresh_model(tokenizer).save_pretrained(tmp_path / "base")
+    cli = subprocess.run([sys.executable, "-m", "hmt_core.cli", "eval", "passkey", "--model", str(tmp_path / "base"),
+                          "--checkpoint", str(tmp_path / "run" / "checkpoint-3"), "--distances", "1", "--trials",
+                          "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert set(json.loads(cli.stdout)["accuracy"]) == {"window", "hmt"}
+
+
+def test_a_checkpoint_on_the_wrong_model_or_path_is_refused(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    config = TrainConfig(stage=2, steps=3, batch_size=2, segments_per_sample=4, backbone_training="lora",
+                         save_every=2)
+    train(fresh_model(tokenizer), token_samples(fresh_model(tokenizer), iter(CORPUS), 32), config, tmp_path,
+          progress=False)
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load_checkpoint_weights(fresh_model(tokenizer), tmp_path)
+    other = tiny_hmt_model("llama", replace(HMT_CFG, recall_dim=8), vocab_size=len(tokenizer), seed=4)
+    with pytest.raises(CheckpointError, match="cannot load the training checkpoint"):
+        load_checkpoint_weights(other, tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2" / "trainer_state.pt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="cannot load the training checkpoint"):
+        load_checkpoint_weights(fresh_model(tokenizer), tmp_path / "checkpoint-2")
 
 
 def test_text_and_jsonl_inputs(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
