@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weight of the auxiliary memory bag-of-words loss in stage 2 and the RMT baseline")
     demo.add_argument("--stage2-curriculum", dest="stage2_curriculum", metavar="SEGMENTS:STEPS,...",
                       help="stage 2 in phases of growing samples, e.g. 5:2000,12:1000 (replaces --stage2-steps)")
+    demo.add_argument("--stage2-extension", dest="stage2_extension", metavar="SEGMENTS:STEPS,...",
+                      help="then phases on longer samples on a schedule of their own ('' for none)")
+    demo.add_argument("--extension-lr", dest="extension_lr", type=float)
     demo.add_argument("--no-reinit-unseen", dest="reinit_unseen", action="store_false", default=None,
                       help="keep stage 1's embeddings of tokens it never saw (the recipe before the digit fix)")
     demo.set_defaults(run=_demo)

@@ -69,6 +69,11 @@ class DemoRecipe:
     # stage 2 (and the RMT baseline) in phases of growing samples, "segments:steps,...", on one
     # learning-rate schedule; empty: one phase of segments_per_sample x stage2_steps
     stage2_curriculum: str = "5:1500,12:3000"
+    # then phases on longer samples (16 segments put keys up to 12 back, where 12 reach 8) on a
+    # schedule of their own, at a lower rate; empty: none
+    stage2_extension: str = ""
+    extension_lr: float = 3e-4
+    extension_seed: int = 11
     batch_size: int = 8
     stage1_lr: float = 2e-3
     stage2_lr: float = 1e-3
@@ -90,20 +95,28 @@ class DemoRecipe:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        _ = self.stage2_phases  # refuse a malformed curriculum before anything trains
+        _ = self.stage2_phases, self.extension_phases  # refuse a malformed curriculum before anything trains
 
     @property
     def stage2_phases(self) -> list[tuple[int, int]]:
         if not self.stage2_curriculum:
             return [(self.segments_per_sample, self.stage2_steps)]
-        try:
-            phases = [(int(a), int(b)) for a, b in (phase.split(":") for phase in self.stage2_curriculum.split(","))]
-        except ValueError:
-            raise InvalidInputError(f"stage2_curriculum must be 'segments:steps,...', got {self.stage2_curriculum!r}") \
-                from None
-        if any(segments < 1 or steps < 1 for segments, steps in phases):
-            raise InvalidInputError(f"curriculum phases need >= 1 segment and step: {self.stage2_curriculum!r}")
-        return phases
+        return _parse_phases(self.stage2_curriculum, "stage2_curriculum")
+
+    @property
+    def extension_phases(self) -> list[tuple[int, int]]:
+        return _parse_phases(self.stage2_extension, "stage2_extension") if self.stage2_extension else []
+
+
+def _parse_phases(text: str, name: str) -> list[tuple[int, int]]:
+    """"segments:steps,..." -> [(segments, steps), ...]"""
+    try:
+        phases = [(int(a), int(b)) for a, b in (phase.split(":") for phase in text.split(","))]
+    except ValueError:
+        raise InvalidInputError(f"{name} must be 'segments:steps,...', got {text!r}") from None
+    if any(segments < 1 or steps < 1 for segments, steps in phases):
+        raise InvalidInputError(f"{name} phases need >= 1 segment and step: {text!r}")
+    return phases
 
 
 def passkey_sample(tokenizer: object, rng: random.Random, sample_tokens: int, segment_tokens: int,
@@ -213,12 +226,14 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
         card["stage1_seconds"] = round(time.perf_counter() - started)
     card["stage1_final_loss"] = json.loads((stage1_dir / "train_log.json").read_text())["losses"][-1]
     phases = recipe.stage2_phases
+    extension = recipe.extension_phases
     stage1 = HMTModel.from_pretrained(stage1_dir)
     data = {segments: _stage2_data(stage1, replace(recipe, segments_per_sample=segments), train_chapters)
-            for segments in dict.fromkeys(segments for segments, _ in phases)}
+            for segments in dict.fromkeys(segments for segments, _ in phases + extension)}
     seen = torch.cat([text.flatten() for text, _, _ in data.values()])
     used = torch.cat([mixed.flatten() for _, mixed, _ in data.values()])
     total_steps = sum(steps for _, steps in phases)
+    extension_steps = sum(steps for _, steps in extension)
     for part in parts:
         started = time.perf_counter()
         model = HMTModel.from_pretrained(stage1_dir)
@@ -226,18 +241,25 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
         reinitialised = reinit_unseen_embeddings(model, seen, used, recipe.seed) if recipe.reinit_unseen else []
         losses: list[float] = []
         name = "stage2" if part == "hmt" else "rmt"
-        for index, (segments, steps) in enumerate(phases):
+        for index, (segments, steps) in enumerate(phases + extension):
             _, mixed, weights = data[segments]
-            run_dir = work / (name if len(phases) == 1 else f"{name}-phase{index + 1}")
-            if (run_dir / "train_log.json").exists():  # a finished phase of an interrupted build
-                model = HMTModel.from_pretrained(run_dir)
-                losses += json.loads((run_dir / "train_log.json").read_text())["losses"]
-                continue
+            run_dir = work / (name if len(phases + extension) == 1 else f"{name}-phase{index + 1}")
             # the RMT baseline is stage 1 continued: no recall, same data, steps and learning rates
-            config = TrainConfig(stage=2 if part == "hmt" else 1, steps=steps, learning_rate=recipe.stage2_lr,
-                                 backbone_training="full", warmup_steps=30, schedule_offset=len(losses),
+            schedule = {"learning_rate": recipe.stage2_lr, "warmup_steps": 30, "schedule_offset": len(losses),
+                        "schedule_steps": total_steps}
+            if index >= len(phases):  # the extension: a schedule of its own
+                schedule = {"learning_rate": recipe.extension_lr, "warmup_steps": 10, "seed": recipe.extension_seed,
+                            "schedule_offset": len(losses) - total_steps, "schedule_steps": extension_steps}
+            config = TrainConfig(stage=2 if part == "hmt" else 1, steps=steps, backbone_training="full",
                                  memory_bow_weight=recipe.memory_bow_weight,
-                                 schedule_steps=total_steps, **{**common, "segments_per_sample": segments})
+                                 **{**common, "segments_per_sample": segments, **schedule})
+            if (run_dir / "train_log.json").exists():  # a finished phase of an interrupted build
+                finished = json.loads((run_dir / "train_log.json").read_text())
+                if TrainConfig(**finished["config"]).outcome_fields() != config.outcome_fields():
+                    raise InvalidInputError(f"{run_dir} was trained with another recipe: remove it to retrain")
+                model = HMTModel.from_pretrained(run_dir)
+                losses += finished["losses"]
+                continue
             losses += train(model, mixed, config, run_dir, progress=progress, weights=weights).losses
         model.save_pretrained(out_dir if part == "hmt" else out_dir / "rmt")
         card[f"{part}_final_loss"] = losses[-1]

@@ -67,6 +67,13 @@ class TrainConfig:
     def mode(self) -> MemoryMode:
         return "rmt" if self.stage == 1 else "hmt"
 
+    def outcome_fields(self) -> dict[str, Any]:
+        """The settings that decide the trained weights (not how often checkpoints are written)."""
+        fields = asdict(self)
+        del fields["save_every"]
+        fields["schedule_steps"] = self.schedule_steps or self.steps
+        return fields
+
 
 def read_texts(paths: Sequence[str | Path], text_field: str = "text") -> Iterator[str]:
     """Plain text files (one document each) or jsonl (one document per line, in `text_field`)."""

@@ -68,7 +68,7 @@ def test_kjv_chapters_are_plain_text() -> None:
 def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
     recipe = DemoRecipe(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, segment_tokens=32,
                         num_sensory=4, ltm_context=4, recall_dim=16, segments_per_sample=12, stage1_steps=2,
-                        stage2_curriculum="11:2,12:1", batch_size=2, bptt_depth=2)
+                        stage2_curriculum="11:2,12:1", stage2_extension="13:2", batch_size=2, bptt_depth=2)
     card = build_demo(tmp_path / "demo", recipe, progress=False)
     model = HMTModel.from_pretrained(tmp_path / "demo")
     assert model.fingerprint == card["fingerprint"]
@@ -81,6 +81,10 @@ def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
     # the curriculum's phases: 11-segment samples, then 12, on one learning-rate schedule
     second = json.loads((tmp_path / "demo.work" / "stage2-phase2" / "train_log.json").read_text())["config"]
     assert (second["segments_per_sample"], second["schedule_offset"], second["schedule_steps"]) == (12, 2, 3)
+    # then the extension on longer samples, on a schedule of its own
+    third = json.loads((tmp_path / "demo.work" / "stage2-phase3" / "train_log.json").read_text())["config"]
+    assert (third["segments_per_sample"], third["schedule_offset"], third["schedule_steps"]) == (13, 0, 2)
+    assert (third["learning_rate"], third["seed"]) == (recipe.extension_lr, recipe.extension_seed)
     assert model.hmt_config.recall_dtype == "float32"  # the demo trains its own recall: no bf16 quirk
     assert set(card["reinitialised_tokens"]) == set("0123456789")  # the pass keys' digits: not in the KJV
     assert (tmp_path / "demo" / "held_out.txt").read_text().strip()
@@ -88,11 +92,15 @@ def test_miniature_demo_build_is_servable(tmp_path: Path) -> None:
     assert len(model.generate(state, SamplingParams(max_tokens=4, ignore_eos=True)).run().tokens) == 4
 
     # rebuilding one part from the kept stage 1 replaces that part and keeps the other's results
-    again = build_demo(tmp_path / "demo", replace(recipe, stage2_curriculum="12:1"), progress=False,
-                       from_stage1=tmp_path / "demo.work" / "stage1", parts=("rmt",))
+    again = build_demo(tmp_path / "demo", replace(recipe, stage2_curriculum="12:1", stage2_extension=""),
+                       progress=False, from_stage1=tmp_path / "demo.work" / "stage1", parts=("rmt",))
     assert again["fingerprint"] == card["fingerprint"] and again["hmt_final_loss"] == card["hmt_final_loss"]
     assert again["recipe"]["stage2_curriculum"] == "12:1"
     assert HMTModel.from_pretrained(tmp_path / "demo" / "rmt").fingerprint != rmt.fingerprint
+    # a kept phase must come from the same recipe: a changed one is refused, not silently reused
+    with pytest.raises(InvalidInputError, match="stage2-phase1 was trained with another recipe"):
+        build_demo(tmp_path / "demo", replace(recipe, stage2_lr=5e-4), progress=False,
+                   from_stage1=tmp_path / "demo.work" / "stage1", parts=("hmt",))
 
 
 def test_shipped_demo_model_loads_offline_and_generates(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,5 +132,9 @@ def test_curriculum_phases_parse_and_empty_is_one_phase() -> None:
     assert DemoRecipe(segments_per_sample=12, stage2_steps=300, stage2_curriculum="").stage2_phases == [(12, 300)]
     assert DemoRecipe(stage2_curriculum="5:2000,12:1000").stage2_phases == [(5, 2000), (12, 1000)]
     for bad in ("5-2000", "5:x", "0:10", "5:0"):
-        with pytest.raises(InvalidInputError):
+        with pytest.raises(InvalidInputError, match="stage2_curriculum"):
             DemoRecipe(stage2_curriculum=bad)
+        with pytest.raises(InvalidInputError, match="stage2_extension"):
+            DemoRecipe(stage2_extension=bad)
+    assert DemoRecipe(stage2_extension="").extension_phases == []
+    assert DemoRecipe(stage2_extension="16:1200,20:5").extension_phases == [(16, 1200), (20, 5)]
