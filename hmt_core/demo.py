@@ -71,7 +71,7 @@ class DemoRecipe:
     stage2_curriculum: str = "5:1500,12:3000"
     # then phases on longer samples (16 segments put keys up to 12 back, where 12 reach 8) on a
     # schedule of their own, at a lower rate; empty: none
-    stage2_extension: str = ""
+    stage2_extension: str = "16:1200"
     extension_lr: float = 3e-4
     extension_seed: int = 11
     batch_size: int = 8
