@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stage 2 in phases of growing samples, e.g. 5:2000,12:1000 (replaces --stage2-steps)")
     demo.add_argument("--stage2-extension", dest="stage2_extension", metavar="SEGMENTS:STEPS,...",
                       help="then phases on longer samples on a schedule of their own ('' for none)")
-    demo.add_argument("--extension-lr", dest="extension_lr", type=float)
+    demo.add_argument("--extension-lr", dest="extension_lr", type=float,
+                      help="peak learning rate of the extension's schedule")
     demo.add_argument("--no-reinit-unseen", dest="reinit_unseen", action="store_false", default=None,
                       help="keep stage 1's embeddings of tokens it never saw (the recipe before the digit fix)")
     demo.set_defaults(run=_demo)

@@ -227,9 +227,10 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
     card["stage1_final_loss"] = json.loads((stage1_dir / "train_log.json").read_text())["losses"][-1]
     phases = recipe.stage2_phases
     extension = recipe.extension_phases
+    all_phases = phases + extension
     stage1 = HMTModel.from_pretrained(stage1_dir)
     data = {segments: _stage2_data(stage1, replace(recipe, segments_per_sample=segments), train_chapters)
-            for segments in dict.fromkeys(segments for segments, _ in phases + extension)}
+            for segments in dict.fromkeys(segments for segments, _ in all_phases)}
     seen = torch.cat([text.flatten() for text, _, _ in data.values()])
     used = torch.cat([mixed.flatten() for _, mixed, _ in data.values()])
     total_steps = sum(steps for _, steps in phases)
@@ -241,15 +242,15 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
         reinitialised = reinit_unseen_embeddings(model, seen, used, recipe.seed) if recipe.reinit_unseen else []
         losses: list[float] = []
         name = "stage2" if part == "hmt" else "rmt"
-        for index, (segments, steps) in enumerate(phases + extension):
+        for index, (segments, steps) in enumerate(all_phases):
             _, mixed, weights = data[segments]
-            run_dir = work / (name if len(phases + extension) == 1 else f"{name}-phase{index + 1}")
-            # the RMT baseline is stage 1 continued: no recall, same data, steps and learning rates
+            run_dir = work / (name if len(all_phases) == 1 else f"{name}-phase{index + 1}")
             schedule = {"learning_rate": recipe.stage2_lr, "warmup_steps": 30, "schedule_offset": len(losses),
                         "schedule_steps": total_steps}
             if index >= len(phases):  # the extension: a schedule of its own
                 schedule = {"learning_rate": recipe.extension_lr, "warmup_steps": 10, "seed": recipe.extension_seed,
                             "schedule_offset": len(losses) - total_steps, "schedule_steps": extension_steps}
+            # the RMT baseline is stage 1 continued: no recall, same data, steps and learning rates
             config = TrainConfig(stage=2 if part == "hmt" else 1, steps=steps, backbone_training="full",
                                  memory_bow_weight=recipe.memory_bow_weight,
                                  **{**common, "segments_per_sample": segments, **schedule})
