@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from hmt_core.errors import InvalidInputError
-from hmt_core.generation import SamplingParams, continuation_log_probs, decode_one_token, sample
+from hmt_core.generation import SamplingParams, continuation_log_probs, decode_one_token
 from hmt_core.model import HMTModel, MemoryMode
 from hmt_core.session import SessionState
 
@@ -182,7 +182,7 @@ def _greedy_window_reply(model: HMTModel, tokens: Sequence[int], max_tokens: int
     out = model.backbone(input_ids=window, use_cache=True, logits_to_keep=1)
     logits, cache, reply = out.logits[0, -1], out.past_key_values, []
     for _ in range(max_tokens):
-        reply.append(sample(logits, SamplingParams(), None))
+        reply.append(int(logits.argmax()))
         logits = decode_one_token(model, reply[-1], cache)
     return reply
 

@@ -23,7 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from hmt_core.config import HMTConfig
 from hmt_core.errors import InvalidInputError
-from hmt_core.session import SessionState, fill_window
+from hmt_core.session import SessionState
 
 MemoryMode = Literal["hmt", "rmt", "window"]
 
@@ -138,13 +138,25 @@ class HMTModel(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         return self.backbone.get_input_embeddings()(ids.to(self.device))
 
+    @property
+    def base_model(self) -> nn.Module:
+        """The backbone without its LM head (inside a peft wrapper during LoRA training)."""
+        backbone = self.backbone
+        if hasattr(backbone, "get_base_model"):
+            backbone = backbone.get_base_model()
+        return backbone.base_model
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        """The backbone's LM head on final hidden states [..., d], as its own forward computes logits."""
+        logits = self.backbone.get_output_embeddings()(hidden)
+        softcap = getattr(self.backbone.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
     def _last_hidden(self, inputs_embeds: Tensor) -> Tensor:
         """Final (post-norm) hidden state at the last position, without computing logits."""
-        backbone = self.backbone
-        if hasattr(backbone, "get_base_model"):  # a peft wrapper during LoRA training
-            backbone = backbone.get_base_model()
-        out = backbone.base_model(inputs_embeds=inputs_embeds, use_cache=False)
-        return out.last_hidden_state[:, -1]
+        return self.base_model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state[:, -1]
 
     def summary_queries(self, tokens: Tensor) -> Tensor:
         """Step 1 for a batch of token rows [B, t] (already cut to at most summary_tokens)."""
@@ -189,9 +201,25 @@ class HMTModel(nn.Module):
                        tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Step 3 with logits at the token positions: returns (logits [B, t, V], memory [B, d])."""
         t = tokens.shape[1]
-        out = self.backbone(inputs_embeds=self._segment_embeds(prompts, sensory, tokens),
-                            output_hidden_states=True, use_cache=False, logits_to_keep=t + 1)
-        return out.logits[:, :t], out.hidden_states[-1][:, -1]
+        hidden = self.base_model(inputs_embeds=self._segment_embeds(prompts, sensory, tokens),
+                                 use_cache=False).last_hidden_state
+        return self.lm_logits(hidden[:, -t - 1:-1]), hidden[:, -1]
+
+    def recall_for(self, ltms: Sequence[Tensor], query_tokens: Sequence[Sequence[int]]) -> Recall:
+        """Steps 1-2 for several sessions: summary queries from query_tokens[:s] (rows of equal
+        length share a forward, never padded), then recall over each session's long-term memory."""
+        summary = self.hmt_config.summary_tokens
+        heads = [list(tokens)[:summary] for tokens in query_tokens]
+        queries = torch.empty(len(heads), self.dim, dtype=self.dtype, device=self.device)
+        for length in sorted({len(head) for head in heads}):
+            rows = [i for i, head in enumerate(heads) if len(head) == length]
+            ids = torch.tensor([heads[i] for i in rows], dtype=torch.long, device=self.device)
+            queries[torch.tensor(rows, device=self.device)] = self.summary_queries(ids)
+        lengths = torch.tensor([ltm.shape[0] for ltm in ltms], device=self.device)
+        memories = torch.zeros(len(ltms), int(lengths.max()), self.dim, dtype=self.dtype, device=self.device)
+        for row, ltm in enumerate(ltms):
+            memories[row, :ltm.shape[0]] = ltm.to(self.device, self.dtype)
+        return self.recall(queries, memories, lengths)
 
     # ----- whole-sequence scoring (teacher-forced, as the reference evaluates) ------------
 
@@ -292,12 +320,7 @@ class HMTModel(nn.Module):
                 raise InvalidInputError(
                     f"only a full window can be committed ({len(state.window)} of {cfg.segment_tokens} tokens)")
         windows = torch.tensor([s.window for s in states], dtype=torch.long, device=self.device)
-        queries = self.summary_queries(windows[:, :cfg.summary_tokens])
-        lengths = torch.tensor([s.ltm.shape[0] for s in states], device=self.device)
-        ltm = torch.zeros(len(states), int(lengths.max()), self.dim, dtype=self.dtype, device=self.device)
-        for row, state in enumerate(states):
-            ltm[row, :state.ltm.shape[0]] = state.ltm.to(self.device, self.dtype)
-        recalled = self.recall(queries, ltm, lengths)
+        recalled = self.recall_for([s.ltm for s in states], [s.window for s in states])
         new_memories = torch.empty(len(states), self.dim, dtype=self.dtype, device=self.device)
         for sensory_len in sorted({len(s.sensory) for s in states}):
             rows = [i for i, s in enumerate(states) if len(s.sensory) == sensory_len]
@@ -310,13 +333,14 @@ class HMTModel(nn.Module):
 
     def append(self, state: SessionState, tokens: Sequence[int] | Tensor) -> SessionState:
         """Append tokens to a session, committing full windows lazily. Returns a new state."""
-        self.check_session(state)
-        rest = self.check_tokens(tokens).reshape(-1).tolist()
-        state, rest = fill_window(state.bumped(), rest, self.hmt_config)
-        while rest:
-            (state,), _ = self.commit_windows([state])
-            state, rest = fill_window(state, rest, self.hmt_config)
-        return state
+        from hmt_core.engine import advance_appends, begin_append
+
+        task = begin_append(self, state, self.check_tokens(tokens))
+        while not task.done:
+            advance_appends(self, [task])
+        if task.error is not None:
+            raise task.error
+        return task.state
 
     def generate(self, state: SessionState, params: SamplingParams | None = None) -> Generation:
         """Stream tokens from a session's open window; see hmt_core.generation."""

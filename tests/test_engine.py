@@ -107,14 +107,14 @@ def test_greedy_is_deterministic_and_sampling_follows_seed(model: HMTModel) -> N
 
 
 def test_top_p_keeps_sampling_within_the_nucleus() -> None:
-    from hmt_core.generation import sample
+    from hmt_core.sampling import sample_tokens, seed_key
 
     logits = torch.tensor([5.0, 4.9, -10.0, -10.0, -10.0])
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=0)
-    generator = torch.Generator().manual_seed(0)
-    drawn = {sample(logits, params, generator) for _ in range(200)}
+    drawn = {int(sample_tokens(logits[None], [params], [seed_key(0)], [step])) for step in range(200)}
     assert drawn == {0, 1}
-    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.1), generator) for _ in range(50)} == {0}
+    narrow = SamplingParams(temperature=1.0, top_p=0.1)
+    assert {int(sample_tokens(logits[None], [narrow], [seed_key(0)], [step])) for step in range(50)} == {0}
 
 
 def test_stop_at_eos_and_max_tokens(model: HMTModel) -> None:

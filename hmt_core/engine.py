@@ -1,0 +1,410 @@
+"""Continuous batching: the engine's unit of work is a batch of sessions, not one session.
+
+Two kinds of work, each one batched forward per step:
+- appends (`AppendTask`, `advance_appends`): every session with input to read commits one full
+  window, all of them in one `HMTModel.commit_windows` call;
+- decoding (`DecodeEngine`): every generating session is a row with its own window, cache slot,
+  sampling parameters, seed, stop strings and detokenizer; one `step()` samples a token for every
+  row at once and advances them all with one backbone forward. Rows join and leave between steps.
+
+HMT bounds a session's open window to `[p, E(sensory), E(W)]`, at most 1 + k + L positions, so the
+KV cache is static: one preallocated slot per row (`SlotCache`), no paging. A row whose window is
+full commits (batched with the others that filled on the same step) and re-prefills its slot
+(batched too). Rows stay packed in slots 0..n-1, so a decode forward reads contiguous views.
+Per token there is one host synchronisation for the whole batch: reading the sampled ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from hmt_core.errors import InvalidInputError
+from hmt_core.model import HMTModel
+from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, TextStream, sample_tokens, seed_key
+from hmt_core.session import SessionState, fill_window
+
+# ----- appends -------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)  # identity matters: tasks are kept in lists by the scheduler
+class AppendTask:
+    """A session reading its input: the window is filled, `rest` waits for the next commits."""
+
+    state: SessionState
+    rest: list[int]
+    segments: int = 0  # committed by this task so far
+    distances: list[int] = field(default_factory=list)  # recall distance of each of those commits
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return not self.rest or self.error is not None
+
+
+def check_state(model: HMTModel, state: SessionState) -> None:
+    """A state must fit the model before it joins a batch: a bad row is refused alone."""
+    model.check_session(state)
+    for tokens in (state.window, state.sensory):
+        if tokens:
+            model.check_tokens(tokens)
+    if not bool(torch.isfinite(state.ltm).all()):
+        raise InvalidInputError("the session's memory holds non-finite values")
+
+
+def begin_append(model: HMTModel, state: SessionState, tokens: Sequence[int] | Tensor) -> AppendTask:
+    """Validate, bump the version and fill the open window; commits come with `advance_appends`."""
+    check_state(model, state)
+    ids = model.check_tokens(tokens).reshape(-1).tolist() if len(tokens) else []
+    state, rest = fill_window(state.bumped(), ids, model.hmt_config)
+    return AppendTask(state, rest)
+
+
+def advance_appends(model: HMTModel, tasks: Sequence[AppendTask]) -> list[AppendTask]:
+    """Commit one window for each task with input left, in one batched forward, and refill.
+
+    If the batch fails, each task is retried alone, so one bad session fails only itself.
+    Returns the tasks that advanced (a failed one has `.error` set instead)."""
+    pending = [t for t in tasks if not t.done]
+    if not pending:
+        return []
+    try:
+        results = list(zip(pending, *model.commit_windows([t.state for t in pending]), strict=True))
+    except Exception as exc:
+        if len(pending) == 1:
+            pending[0].error = exc
+            return []
+        return [t for task in pending for t in advance_appends(model, [task])]
+    for task, state, distance in results:
+        task.state, task.rest = fill_window(state, task.rest, model.hmt_config)
+        task.segments += 1
+        task.distances.append(int(distance))
+    return pending
+
+
+# ----- the static slot cache ----------------------------------------------------------------------
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's keys and values for every slot: [slots, heads, columns, head_dim], allocated once."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, owner: SlotCache) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        shape = (self.owner.capacity, key_states.shape[1], self.owner.columns)
+        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
+        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object,
+               **kwargs: object) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        if owner.prefill_slots is not None:  # rows start from empty: attend to the new positions only
+            length = key_states.shape[2]
+            self.keys[owner.prefill_slots, :, :length] = key_states
+            self.values[owner.prefill_slots, :, :length] = value_states
+            return key_states, value_states
+        rows = owner.decode_rows
+        self.keys[rows, :, owner.decode_positions] = key_states[:, :, 0]
+        self.values[rows, :, owner.decode_positions] = value_states[:, :, 0]
+        return self.keys[:len(rows)], self.values[:len(rows)]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0  # prefill only: decode passes its own 4D mask
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.owner.columns
+
+    def move(self, source: int, target: int) -> None:
+        if self.is_initialized:
+            self.keys[target] = self.keys[source]
+            self.values[target] = self.values[source]
+
+
+class SlotCache(Cache):
+    """A transformers Cache with one slot per row, written at each row's own position.
+
+    Prefill (`prefill_slots` set): the rows' sequences start at position 0 of their slots.
+    Decode (`decode_positions` set): row i writes its one new token at its own position; the
+    caller's 4D mask says which columns each row sees."""
+
+    def __init__(self, num_layers: int, capacity: int, columns: int) -> None:
+        self.capacity, self.columns = capacity, columns
+        self.prefill_slots: Tensor | None = None
+        self.decode_rows = torch.zeros(0, dtype=torch.long)
+        self.decode_positions = torch.zeros(0, dtype=torch.long)
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def move(self, source: int, target: int) -> None:
+        for layer in self.layers:
+            layer.move(source, target)  # type: ignore[attr-defined]
+
+
+# ----- decoding ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class DecodeRow:
+    """One generating session. `state` always equals the session with `tokens` appended."""
+
+    state: SessionState
+    params: SamplingParams
+    key: int  # the row's random-number key (from its seed)
+    text: TextStream
+    stop_ids: frozenset[int]
+    query: tuple[int, ...] = ()  # tokens whose summary recalled the current window's memory prompt
+    tokens: list[int] = field(default_factory=list)
+    commit_distances: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: BaseException | None = None
+    slot: int = -1
+    length: int = 0  # cache positions in use: [p, sensory, window]
+    log_prob: float | None = None  # of the last forced token
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass
+class StepOutput:
+    tokens: list[tuple[DecodeRow, GeneratedToken]]  # one per row that took part
+    failed: list[DecodeRow]  # rows that left with `.error` set
+    commits: int = 0  # windows committed during the step
+
+
+class DecodeEngine:
+    """A decode batch of up to `max_rows` sessions over one static slot cache."""
+
+    def __init__(self, model: HMTModel, max_rows: int = 16) -> None:
+        if max_rows < 1:
+            raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
+        self.model = model
+        self.max_rows = max_rows
+        cfg = model.hmt_config
+        self.columns = 1 + cfg.num_sensory + cfg.segment_tokens + 1  # last column: scratch for idle rows
+        self.scratch = self.columns - 1
+        self.rows: list[DecodeRow] = []  # rows[i].slot == i, logits ready
+        self.joining: list[DecodeRow] = []  # added, prefilled at the next step
+        self._cache: SlotCache | None = None
+        self._logits: Tensor | None = None  # [max_rows, V] float32, next-token logits per slot
+
+    # ----- membership ---------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) + len(self.joining)
+
+    @property
+    def has_room(self) -> bool:
+        return self.size < self.max_rows
+
+    def add(self, state: SessionState, params: SamplingParams) -> DecodeRow:
+        """A session joins (prefilled at the next step). Raises InvalidInputError for a bad request."""
+        model = self.model
+        check_state(model, state)
+        if not state.window:
+            raise InvalidInputError("the session has no tokens yet: append a prompt before generating")
+        if params.stop and model.tokenizer is None:
+            raise InvalidInputError("stop strings need a model with a tokenizer")
+        for token in params.stop_token_ids:
+            model.check_tokens([token])
+        if not self.has_room:
+            raise RuntimeError(f"the decode batch is full ({self.max_rows} rows)")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else model.eos_token_ids)
+        row = DecodeRow(state.bumped(), params, seed_key(params.seed), TextStream(model.tokenizer, params.stop),
+                        frozenset(stop_ids), query=state.window)
+        self.joining.append(row)
+        return row
+
+    def remove(self, row: DecodeRow) -> None:
+        """A row leaves between steps (cancelled, or finished by its owner)."""
+        if row in self.joining:
+            self.joining.remove(row)
+        elif row.slot >= 0:
+            self._release(row)
+
+    def logits_of(self, row: DecodeRow) -> Tensor:
+        """The row's next-token logits [V] (after it was prefilled)."""
+        if row.slot < 0 or self._logits is None:
+            raise InvalidInputError("the row has no logits: it has not been prefilled or has left")
+        return self._logits[row.slot]
+
+    # ----- one step ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def admit(self) -> list[DecodeRow]:
+        """Prefill the joining rows (one batched forward); returns those that failed."""
+        joining, self.joining = self.joining, []
+        for row in joining:
+            row.slot = len(self.rows)
+            self.rows.append(row)
+        return self._prefill(joining)
+
+    @torch.no_grad()
+    def step(self, forced: dict[DecodeRow, int] | None = None) -> StepOutput:
+        """One token for every row: sample (or take `forced`), append, commit full windows, and
+        compute every row's next logits with one decode forward. Finished rows leave."""
+        failed = self.admit()
+        if not self.rows:
+            return StepOutput([], failed)
+        rows, cfg = list(self.rows), self.model.hmt_config
+        logits = self._logits[:len(rows)]  # type: ignore[index]
+        ids = sample_tokens(logits, [r.params for r in rows], [r.key for r in rows], [len(r.tokens) for r in rows])
+        for row, token in (forced or {}).items():
+            self.model.check_tokens([token])
+            row.log_prob = float(torch.log_softmax(logits[row.slot].float(), dim=-1)[token])
+            ids[row.slot] = token
+        emitted = []
+        full: list[DecodeRow] = []
+        decoding: list[DecodeRow] = []
+        for row, token in zip(rows, ids.tolist(), strict=True):  # the step's one host synchronisation
+            emitted.append((row, self._emit(row, token)))
+            if len(row.state.window) == cfg.segment_tokens:
+                full.append(row)
+            else:
+                row.state, _ = fill_window(row.state, [token], cfg)
+                if not row.finished:
+                    decoding.append(row)
+        committed = self._commit(full)
+        refill = [r for r in committed if not r.finished]
+        for row in refill:
+            row.query = row.state.sensory or row.state.window  # the newest text there is
+        failed += self._decode(decoding)
+        failed += self._prefill(refill)
+        for row in rows:
+            if row.finished and row.slot >= 0:
+                self._release(row)
+        failed += [r for r in full if r.error is not None and r not in failed]
+        return StepOutput(emitted, failed, len(committed))
+
+    def _emit(self, row: DecodeRow, token: int) -> GeneratedToken:
+        row.tokens.append(token)
+        text, hit_stop = row.text.push(token)
+        if hit_stop or token in row.stop_ids:
+            row.finish_reason = "stop"
+        elif len(row.tokens) >= row.params.max_tokens:
+            row.finish_reason = "length"
+        if row.finish_reason is not None and not hit_stop:
+            text += row.text.flush()
+        return GeneratedToken(token, text)
+
+    def _commit(self, rows: list[DecodeRow]) -> list[DecodeRow]:
+        """Rows whose window was full before their new token: commit (batched), then take the token."""
+        tasks = [AppendTask(row.state, [row.tokens[-1]]) for row in rows]
+        advance_appends(self.model, tasks)
+        ok = []
+        for row, task in zip(rows, tasks, strict=True):
+            if task.error is not None:
+                row.error = task.error
+                continue
+            row.state = task.state
+            row.commit_distances += task.distances
+            ok.append(row)
+        return ok
+
+    # ----- forwards --------------------------------------------------------------------------------
+
+    def _ensure_buffers(self) -> SlotCache:
+        if self._cache is None:
+            model = self.model
+            layers = model.backbone.config.get_text_config().num_hidden_layers
+            self._cache = SlotCache(layers, self.max_rows, self.columns)
+            self._logits = torch.zeros(self.max_rows, model.vocab_size, dtype=torch.float32, device=model.device)
+        return self._cache
+
+    def _prefill(self, rows: list[DecodeRow]) -> list[DecodeRow]:
+        """[p, E(sensory), E(W)] into each row's slot from position 0, right-padded into one forward
+        (causal attention: padding after a row's end never reaches its positions). On failure each
+        row is retried alone, so a bad row fails only itself."""
+        if not rows:
+            return []
+        try:
+            self._prefill_batch(rows)
+            return []
+        except Exception as exc:
+            if len(rows) == 1:
+                rows[0].error = exc
+                self._release(rows[0])
+                return rows
+            return [r for row in rows for r in self._prefill([row])]
+
+    def _prefill_batch(self, rows: list[DecodeRow]) -> None:
+        model, cache = self.model, self._ensure_buffers()
+        prompts = model.recall_for([r.state.ltm for r in rows], [r.query for r in rows]).prompts
+        sequences = [list(r.state.sensory) + list(r.state.window) for r in rows]
+        width = max(len(s) for s in sequences)
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], dtype=torch.long, device=model.device)
+        embeds = torch.cat([prompts[:, None, :].to(model.dtype), model.embed(ids)], dim=1)
+        positions = torch.arange(width + 1, device=model.device).expand(len(rows), -1)
+        slots = torch.tensor([r.slot for r in rows], device=model.device)
+        cache.prefill_slots = slots
+        try:
+            hidden = model.base_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
+                                      use_cache=True).last_hidden_state
+        finally:
+            cache.prefill_slots = None
+        ends = torch.tensor([len(s) for s in sequences], device=model.device)  # index of each row's last position
+        last = hidden[torch.arange(len(rows), device=model.device), ends]
+        self._logits[slots] = model.lm_logits(last).float()  # type: ignore[index]
+        for row, sequence in zip(rows, sequences, strict=True):
+            row.length = 1 + len(sequence)
+
+    def _decode(self, rows: list[DecodeRow]) -> list[DecodeRow]:
+        """Every row in `rows` reads its newest token, all in one forward over slots 0..n-1; the
+        other rows ride along on the scratch column and their outputs are dropped. If the forward
+        fails, the rows re-prefill from their states (the same function of the state), alone if needed."""
+        if not rows:
+            return []
+        try:
+            self._decode_batch(rows)
+            return []
+        except Exception:
+            return self._prefill(rows)
+
+    def _decode_batch(self, rows: list[DecodeRow]) -> None:
+        model, cache = self.model, self._ensure_buffers()
+        device, count = model.device, len(self.rows)
+        tokens = [0] * count
+        positions = [self.scratch] * count
+        for row in rows:
+            tokens[row.slot], positions[row.slot] = row.tokens[-1], row.length
+        position_ids = torch.tensor(positions, device=device)
+        visible = torch.arange(self.columns, device=device)[None, :] <= position_ids[:, None]
+        mask = torch.zeros(visible.shape, dtype=model.dtype, device=device)
+        mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)[:, None, None, :]
+        cache.decode_rows = torch.arange(count, device=device)
+        cache.decode_positions = position_ids
+        hidden = model.base_model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
+                                  position_ids=position_ids[:, None], past_key_values=cache,
+                                  use_cache=True).last_hidden_state[:, -1]
+        slots = torch.tensor([row.slot for row in rows], device=device)
+        self._logits[slots] = model.lm_logits(hidden[slots]).float()  # type: ignore[index]
+        for row in rows:
+            row.length += 1
+
+    def _release(self, row: DecodeRow) -> None:
+        """Free the row's slot; the last row moves into it so slots stay packed."""
+        slot, last = row.slot, self.rows[-1]
+        if last is not row:
+            if self._cache is not None:
+                self._cache.move(last.slot, slot)
+                self._logits[slot] = self._logits[last.slot]  # type: ignore[index]
+            last.slot = slot
+            self.rows[slot] = last
+        self.rows.pop()
+        row.slot = -1
