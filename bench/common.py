@@ -51,6 +51,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         cores = os.cpu_count() or 1
         threads = max(1, min(cores, cores - round(os.getloadavg()[0])))
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # as hmt-serve does: subnormal floats slow CPU matmuls
     torch.manual_seed(args.seed)
     return torch.device(args.device), DTYPES[args.dtype]
 

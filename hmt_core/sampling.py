@@ -22,6 +22,8 @@ from hmt_core.errors import InvalidInputError
 FinishReason = Literal["stop", "length"]
 
 _MASK32 = 0xFFFFFFFF
+# below this a temperature is greedy: a float32 temperature near 1e-38 is subnormal (flushed to 0 on CPU)
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,11 @@ def uniform_noise(keys: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
 
 def sample_tokens(logits: Tensor, params: Sequence[SamplingParams], keys: Sequence[int],
                   steps: Sequence[int]) -> Tensor:
-    """Next tokens [n] from logits [n, V]: greedy rows take the argmax; the others draw from their
-    own top-k / top-p filtered distribution at their own temperature, with their own random numbers."""
+    """Next tokens [n] from logits [n, V]: greedy rows (temperature under 1e-5) take the argmax; the
+    others draw from their own top-k / top-p filtered distribution at their own temperature, with
+    their own random numbers."""
     tokens = logits.argmax(dim=-1)
-    drawn = [i for i, p in enumerate(params) if p.temperature > 0]
+    drawn = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW_TEMPERATURE]
     if not drawn:
         return tokens
     device = logits.device

@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    torch.set_flush_denormal(True)  # CPU: subnormal activations make matmuls up to 10x slower (measured)
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
     if url is None:

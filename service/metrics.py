@@ -22,6 +22,10 @@ SEGMENT_SECONDS = Histogram("hmt_segment_seconds", "Latency of one batched segme
                             buckets=_LATENCY, registry=REGISTRY)
 BATCH_SIZE = Histogram("hmt_batch_size", "Sessions per batched segment commit",
                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
+DECODE_BATCH_SIZE = Histogram("hmt_decode_batch_size", "Generating sessions advanced by one decode step",
+                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY)
+DECODE_STEP_SECONDS = Histogram("hmt_decode_step_seconds", "Latency of one decode step (a token for every row)",
+                                buckets=_LATENCY, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("hmt_queue_depth", "Jobs waiting for or running in the model worker", registry=REGISTRY)
 STORE_SECONDS = Histogram("hmt_store_seconds", "Redis operation latency", ["op"], buckets=_LATENCY,
                           registry=REGISTRY)

@@ -32,7 +32,10 @@ class Settings(BaseSettings):
     max_append_tokens: int = Field(65536, ge=1, description="tokens per append or prompt; more is 413")
     max_generate_tokens: int = Field(4096, ge=1, description="largest max_tokens; more is 413")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body; more is 413")
-    max_batch: int = Field(16, ge=1, description="sessions per batched segment commit")
+    max_batch: int = Field(32, ge=1, description="sessions per batched segment commit and rows of the decode "
+                                                 "batch (each row holds a static KV slot)")
+    round_token_budget: int = Field(2048, ge=1, description="while sessions generate, tokens of appends read "
+                                                            "per scheduler round (fairness to running streams)")
     api_keys: str = Field("", description="comma-separated API keys; empty: no authentication")
     served_model_name: str | None = Field(None, description="model id on /v1/models; default: the model "
                                                             "directory's name")

@@ -1,8 +1,11 @@
-"""The model worker: one thread owns the model; a round-robin scheduler interleaves sessions.
+"""The model worker: one thread owns the model and schedules the engine's work in rounds.
 
-Each round commits at most one segment per appending session, all of them batched into one
-`HMTModel.commit_windows` forward, and then produces one token per generating session. So a
-huge append advances one segment per round and never freezes another session's token stream.
+A round is: admit new jobs; one batched commit for the sessions still reading input (a 100k-token
+append advances a bounded number of segments per round, so it never freezes the streams); move
+generating sessions whose input is in into the decode batch while it has room (`max_batch` rows);
+one `DecodeEngine.step()` that gives every generating session its next token. The HMT arithmetic
+is all in `hmt_core.engine`; this module only decides what runs when. A bad session fails only
+its own request: the engine isolates rows, and a cancelled stream leaves at the next round.
 Results go back to the event loop through `loop.call_soon_threadsafe`.
 """
 
@@ -16,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hmt_core import Generation, HMTModel, SamplingParams, SessionState
-from hmt_core.session import fill_window
+from hmt_core import HMTModel, SamplingParams, SessionState
+from hmt_core.engine import AppendTask, DecodeEngine, DecodeRow, advance_appends, begin_append
 from service import metrics
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ class JobResult:
     finish_reason: str | None = None  # generate: "stop", "length" or "cancelled" (client went away)
 
 
-@dataclass(eq=False)  # identity matters: jobs are removed from lists; states hold tensors
+@dataclass(eq=False)  # identity matters: jobs are kept in lists and dicts
 class Job:
     """An append (params None) or a generate (prompt tokens first, then sampling).
 
@@ -62,9 +65,8 @@ class Job:
     events: asyncio.Queue[Any]
     done: asyncio.Future[JobResult]
     cancelled: bool = False
-    segments: int = 0
-    generation: Generation | None = None
-    started: bool = False
+    task: AppendTask | None = None  # reading its input
+    row: DecodeRow | None = None  # generating
     last_token_at: float = 0.0
 
     def emit(self, event: Any) -> None:
@@ -83,13 +85,22 @@ class Job:
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(settle)
 
+    @property
+    def segments(self) -> int:
+        return self.task.segments if self.task is not None else 0
+
 
 class ModelWorker:
-    def __init__(self, model: HMTModel, max_batch: int = 16) -> None:
+    def __init__(self, model: HMTModel, max_batch: int = 16, round_token_budget: int = 2048) -> None:
         self.model = model
         self.max_batch = max_batch
+        # while sessions are generating, appends read at most this many tokens per round
+        self.commits_per_round = max(1, round_token_budget // model.hmt_config.segment_tokens)
+        self.engine = DecodeEngine(model, max_rows=max_batch)
         self._inbox: list[Job] = []
-        self._active: list[Job] = []
+        self._reading: list[Job] = []  # input still to commit
+        self._waiting: list[Job] = []  # input in, waiting for a decode row
+        self._decoding: dict[DecodeRow, Job] = {}
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="hmt-model-worker", daemon=True)
@@ -109,99 +120,126 @@ class ModelWorker:
         job = Job(state, list(tokens), params, loop, asyncio.Queue(), loop.create_future())
         with self._wake:
             self._inbox.append(job)
-            metrics.QUEUE_DEPTH.set(len(self._inbox) + len(self._active))
+            metrics.QUEUE_DEPTH.set(self.pending)
             self._wake.notify()
         return job
+
+    @property
+    def pending(self) -> int:
+        return len(self._inbox) + len(self._reading) + len(self._waiting) + len(self._decoding)
 
     # ----- worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._inbox and not self._active and not self._stopping:
+                while not self._inbox and self.pending == 0 and not self._stopping:
                     self._wake.wait()
                 if self._stopping:
-                    for job in self._inbox + self._active:
+                    for job in self._all_jobs():
                         job.finish(RuntimeError("the model worker stopped"))
                     return
-                self._active += self._inbox
-                self._inbox.clear()
+                inbox, self._inbox = self._inbox, []
             try:
-                self._round()
-            except Exception:  # never let the thread die: fail the active jobs instead
+                self._round(inbox)
+            except Exception:  # never let the thread die: fail what is in flight instead
                 log.exception("model worker round failed")
-                for job in self._active:
+                for job in self._all_jobs():
                     job.finish(RuntimeError("internal model error"))
-                self._active.clear()
-            metrics.QUEUE_DEPTH.set(len(self._inbox) + len(self._active))
+                self._reading, self._waiting, self._decoding = [], [], {}
+                self.engine = DecodeEngine(self.model, max_rows=self.max_batch)
+            metrics.QUEUE_DEPTH.set(self.pending)
 
-    def _round(self) -> None:
-        for job in self._active:
-            if not job.started:  # admission: fill the open window, as HMTModel.append does
-                job.started = True
-                job.state, job.tokens = fill_window(job.state.bumped(), job.tokens, self.model.hmt_config) \
-                    if job.tokens else (job.state, [])
-        batch = [j for j in self._active if j.tokens][:self.max_batch]
-        self._commit_round(batch)
-        if len(batch) == self.max_batch:  # round-robin: others go first next time
-            self._active = [j for j in self._active if j not in batch] + [j for j in batch if j in self._active]
-        finished: list[Job] = []
-        for job in self._active:
-            if job.tokens:
+    def _all_jobs(self) -> list[Job]:
+        return self._inbox + self._reading + self._waiting + list(self._decoding.values())
+
+    def _round(self, inbox: list[Job]) -> None:
+        for job in inbox:
+            try:
+                job.task = begin_append(self.model, job.state, job.tokens)
+            except Exception as exc:  # a bad request or state fails alone, before it joins a batch
+                job.finish(exc)
+                continue
+            self._reading.append(job)
+        self._read_input()
+        self._join_decode()
+        if self.engine.size:
+            self._decode_step()
+
+    def _read_input(self) -> None:
+        """One segment for each of (a bounded number of) the sessions still reading input."""
+        if not self._reading:
+            return
+        limit = self.max_batch if not self.engine.size else min(self.max_batch, self.commits_per_round)
+        batch = [j for j in self._reading if not j.task.done][:limit]  # type: ignore[union-attr]
+        if batch:
+            start = time.perf_counter()
+            advanced = advance_appends(self.model, [j.task for j in batch])  # type: ignore[misc]
+            metrics.SEGMENT_SECONDS.observe(time.perf_counter() - start)
+            metrics.BATCH_SIZE.observe(len(batch))
+            metrics.SEGMENTS.inc(len(advanced))
+            by_task = {id(j.task): j for j in batch}
+            for task in advanced:
+                metrics.RECALL_DISTANCE.observe(task.distances[-1])
+                by_task[id(task)].emit(SegmentEvent(task.segments, task.state.segments_committed,
+                                                   task.state.tokens_seen, task.distances[-1]))
+            # round-robin: the sessions served this round go to the back
+            self._reading = [j for j in self._reading if j not in batch] + batch
+        for job in list(self._reading):
+            task = job.task
+            assert task is not None
+            if task.error is not None:
+                job.finish(task.error)
+            elif not task.done:
+                continue
+            elif job.params is None:
+                job.finish(JobResult(task.state, task.segments))
+            elif job.cancelled:  # the client left during its prompt: the prompt is applied, no reply
+                job.finish(JobResult(task.state, task.segments, finish_reason="cancelled"))
+            else:
+                self._waiting.append(job)
+            self._reading.remove(job)
+
+    def _join_decode(self) -> None:
+        for row, job in list(self._decoding.items()):
+            if job.cancelled:
+                self.engine.remove(row)
+                self._finish_row(job, row, "cancelled")
+        while self._waiting and self.engine.has_room:
+            job = self._waiting.pop(0)
+            if job.cancelled:
+                job.finish(JobResult(job.task.state, job.segments, finish_reason="cancelled"))  # type: ignore[union-attr]
                 continue
             try:
-                if self._advance(job):
-                    finished.append(job)
+                job.row = self.engine.add(job.task.state, job.params)  # type: ignore[union-attr,arg-type]
             except Exception as exc:
                 job.finish(exc)
-                finished.append(job)
-        for job in finished:
-            self._active.remove(job)
+                continue
+            self._decoding[job.row] = job
 
-    def _commit_round(self, jobs: list[Job]) -> None:
-        """One segment for each appending session, in one batched forward."""
-        if not jobs:
-            return
+    def _decode_step(self) -> None:
         start = time.perf_counter()
-        try:
-            states, distances = self.model.commit_windows([j.state for j in jobs])
-        except Exception as exc:
-            for job in jobs:
-                job.finish(exc)
-                self._active.remove(job)
-            return
-        metrics.SEGMENT_SECONDS.observe(time.perf_counter() - start)
-        metrics.BATCH_SIZE.observe(len(jobs))
-        metrics.SEGMENTS.inc(len(jobs))
-        for job, state, distance in zip(jobs, states, distances.tolist(), strict=True):
-            metrics.RECALL_DISTANCE.observe(distance)
-            job.segments += 1
-            job.state, job.tokens = fill_window(state, job.tokens, self.model.hmt_config)
-            job.emit(SegmentEvent(job.segments, state.segments_committed, state.tokens_seen, int(distance)))
-
-    def _advance(self, job: Job) -> bool:
-        """A job whose input is all in: finish an append, or produce one token. True when done."""
-        if job.params is None:
-            job.finish(JobResult(job.state, job.segments))
-            return True
-        if job.generation is None:
-            job.generation = self.model.generate(job.state, job.params)
-        gen = job.generation
-        if job.cancelled:
-            job.finish(JobResult(gen.state, job.segments, list(gen.tokens), gen.text, "cancelled"))
-            return True
-        commits_before = len(gen.commit_distances)
-        token = next(gen)
-        for distance in gen.commit_distances[commits_before:]:  # a window filled up mid-reply
-            metrics.RECALL_DISTANCE.observe(distance)
-            metrics.SEGMENTS.inc()
+        rows = self.engine.size
+        out = self.engine.step()
+        metrics.DECODE_STEP_SECONDS.observe(time.perf_counter() - start)
+        metrics.DECODE_BATCH_SIZE.observe(rows)
+        metrics.SEGMENTS.inc(out.commits)
         now = time.perf_counter()
-        if job.last_token_at:
-            metrics.INTER_TOKEN_SECONDS.observe(now - job.last_token_at)
-        job.last_token_at = now
-        metrics.TOKENS_OUT.inc()
-        job.emit(TokenEvent(token.token_id, token.text))
-        if gen.finished:
-            job.finish(JobResult(gen.state, job.segments, list(gen.tokens), gen.text, gen.finish_reason))
-            return True
-        return False
+        for row, token in out.tokens:
+            job = self._decoding[row]
+            if job.last_token_at:
+                metrics.INTER_TOKEN_SECONDS.observe(now - job.last_token_at)
+            job.last_token_at = now
+            metrics.TOKENS_OUT.inc()
+            job.emit(TokenEvent(token.token_id, token.text))
+            if row.finish_reason is not None:
+                self._finish_row(job, row, row.finish_reason)
+        for row in out.failed:
+            job = self._decoding.pop(row)
+            job.finish(row.error)  # type: ignore[arg-type]
+
+    def _finish_row(self, job: Job, row: DecodeRow, reason: str) -> None:
+        for distance in row.commit_distances:  # windows that filled up mid-reply
+            metrics.RECALL_DISTANCE.observe(distance)
+        self._decoding.pop(row, None)
+        job.finish(JobResult(row.state, job.segments, list(row.tokens), row.text.released, reason))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast
 
 from hmt_core import HMTConfig, HMTModel
 from hmt_core.testing import SAMPLE_TEXTS, tiny_hmt_model
 from hmt_core.tokenizer import train_bpe_tokenizer
+
+# as hmt-serve does: tiny random models produce subnormal activations that make CPU matmuls ~10x slower
+torch.set_flush_denormal(True)
 
 
 @pytest.fixture(scope="session")

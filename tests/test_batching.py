@@ -1,0 +1,170 @@
+"""Continuous batching in the engine: a row's tokens do not depend on who shares its batch."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from hmt_core import HMTModel, InvalidInputError, SamplingParams, SessionState
+from hmt_core.engine import DecodeEngine, DecodeRow, advance_appends, begin_append
+from hmt_core.sampling import sample_tokens, seed_key
+from hmt_core.testing import assert_states_equal, tiny_hmt_model
+
+
+def _sessions(model: HMTModel, count: int, seed: int = 0) -> list[SessionState]:
+    """Sessions of varied history: empty-memory ones, many segments, windows near full and full."""
+    rng = random.Random(seed)
+    seg = model.hmt_config.segment_tokens
+    lengths = [1, seg - 1, seg, seg + 1, 2 * seg, 3 * seg - 1, 5 * seg + 3, 7 * seg]
+    states = []
+    for i in range(count):
+        length = lengths[i % len(lengths)] + (i // len(lengths))
+        states.append(model.append(model.new_session(), [rng.randrange(model.vocab_size) for _ in range(length)]))
+    return states
+
+
+def _alone(model: HMTModel, state: SessionState, params: SamplingParams) -> list[int]:
+    return model.generate(state, params).run().tokens
+
+
+def _batched(model: HMTModel, states: list[SessionState], params: list[SamplingParams],
+             max_rows: int | None = None) -> list[DecodeRow]:
+    engine = DecodeEngine(model, max_rows=max_rows or len(states))
+    rows = [engine.add(s, p) for s, p in zip(states, params, strict=True)]
+    while engine.size:
+        engine.step()
+    return rows
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("batch", [2, 9, 64])
+def test_greedy_rows_equal_their_solo_decoding(family: str, batch: int) -> None:
+    model = tiny_hmt_model(family)
+    seg = model.hmt_config.segment_tokens
+    states = _sessions(model, batch)
+    # different reply lengths: rows leave at different steps, and replies cross window boundaries
+    params = [SamplingParams(max_tokens=1 + (i * 5) % (3 * seg), ignore_eos=True) for i in range(batch)]
+    rows = _batched(model, states, params)
+    for state, param, row in zip(states, params, rows, strict=True):
+        assert row.tokens == _alone(model, state, param)
+        assert row.finish_reason == "length"
+        assert_states_equal(row.state, model.append(state, row.tokens))
+
+
+def test_rows_joining_and_leaving_mid_batch_keep_their_tokens(model: HMTModel) -> None:
+    seg = model.hmt_config.segment_tokens
+    states = _sessions(model, 12, seed=3)
+    params = [SamplingParams(max_tokens=2 * seg + i, ignore_eos=True) for i in range(12)]
+    engine = DecodeEngine(model, max_rows=6)
+    waiting = list(zip(states, params, strict=True))
+    rows: list[DecodeRow] = []
+    cancelled: DecodeRow | None = None
+    steps = 0
+    while waiting or engine.size:
+        while waiting and engine.has_room and (steps % 3 == 0 or not engine.size):  # join every third step
+            rows.append(engine.add(*waiting.pop(0)))
+        engine.step()
+        steps += 1
+        if steps == 7 and cancelled is None:  # a client leaves mid-reply: its slot is reused
+            cancelled = rows[1]
+            engine.remove(cancelled)
+    for state, param, row in zip(states, params, rows, strict=True):
+        solo = _alone(model, state, param)
+        if row is cancelled:
+            assert row.tokens == solo[:len(row.tokens)] and row.finish_reason is None
+        else:
+            assert row.tokens == solo
+        assert_states_equal(row.state, model.append(state, row.tokens))
+
+
+def test_sampled_rows_follow_their_seed_whatever_the_batch(model: HMTModel) -> None:
+    states = _sessions(model, 8, seed=5)
+    sampled = [SamplingParams(max_tokens=20, temperature=t, top_k=k, top_p=p, seed=100 + i, ignore_eos=True)
+               for i, (t, k, p) in enumerate([(0.7, 0, 1.0), (1.5, 5, 1.0), (1.0, 0, 0.8), (2.0, 3, 0.9)] * 2)]
+    greedy = [SamplingParams(max_tokens=20, ignore_eos=True)] * 8
+    mixed = [p for pair in zip(sampled, greedy, strict=True) for p in pair]
+    rows = _batched(model, [s for s in states for _ in range(2)], mixed)
+    for i, state in enumerate(states):
+        assert rows[2 * i].tokens == _alone(model, state, sampled[i])
+        assert rows[2 * i + 1].tokens == _alone(model, state, greedy[i])
+    # a seed is a seed: other seeds give other replies, and a huge seed is fine
+    assert _alone(model, states[0], sampled[0]) != _alone(model, states[0], SamplingParams(
+        max_tokens=20, temperature=0.7, seed=999, ignore_eos=True))
+    assert len(_alone(model, states[0], SamplingParams(max_tokens=5, temperature=1.0, seed=2**70))) == 5
+
+
+def test_vectorized_sampling_matches_each_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, top_k=2, seed=2)]
+    draws = torch.stack([sample_tokens(logits, params, [seed_key(1), seed_key(2)], [step, step])
+                         for step in range(4000)])
+    expected = torch.softmax(logits[0], dim=-1)
+    observed = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)
+    torch.testing.assert_close(observed, expected, atol=0.03, rtol=0)
+    assert set(draws[:, 1].tolist()) == {0, 1}  # top-2 of equal logits: the first two only
+    # a vanishing temperature is greedy, not inf - inf
+    tiny = sample_tokens(logits[:1], [SamplingParams(temperature=1e-38, seed=0)], [seed_key(0)], [0])
+    assert int(tiny) == 0
+
+
+def test_a_bad_row_is_refused_alone(model: HMTModel) -> None:
+    good = [_sessions(model, 5)[i] for i in (0, 4)]  # the second has memory to poison
+    engine = DecodeEngine(model, max_rows=4)
+    row = engine.add(good[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    poisoned = SessionState(good[1].ltm.clone().fill_(float("nan")), good[1].sensory, good[1].window,
+                            good[1].segments_committed, good[1].tokens_seen, good[1].version, good[1].fingerprint)
+    with pytest.raises(InvalidInputError, match="non-finite"):
+        engine.add(poisoned, SamplingParams())
+    outside = SessionState(good[1].ltm, good[1].sensory, (*good[1].window[:-1], model.vocab_size + 3),
+                           good[1].segments_committed, good[1].tokens_seen, good[1].version, good[1].fingerprint)
+    with pytest.raises(InvalidInputError, match="outside the vocabulary"):
+        engine.add(outside, SamplingParams())
+    while engine.size:
+        engine.step()
+    assert row.tokens == _alone(model, good[0], SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+def test_a_failing_commit_fails_only_its_own_append(model: HMTModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    seg = model.hmt_config.segment_tokens
+    tasks = [begin_append(model, model.new_session(), list(range(i, i + 3 * seg))) for i in range(4)]
+    doomed = tasks[2]
+    real_commit = model.commit_windows
+
+    def commit_failing_for_doomed(states: list[SessionState]):  # an injected fault, the model is real
+        if any(s is doomed.state for s in states):
+            raise RuntimeError("injected fault")
+        return real_commit(states)
+
+    monkeypatch.setattr(model, "commit_windows", commit_failing_for_doomed)
+    while not all(t.done for t in tasks):
+        advance_appends(model, tasks)
+    assert isinstance(doomed.error, RuntimeError)
+    for i, task in enumerate(tasks):
+        if task is not doomed:
+            assert task.error is None
+            assert_states_equal(task.state, model.append(model.new_session(), list(range(i, i + 3 * seg))))
+
+
+def test_a_failing_decode_forward_recovers_from_the_states(model: HMTModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    states = _sessions(model, 3, seed=7)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    engine = DecodeEngine(model, max_rows=3)
+    rows = [engine.add(s, params) for s in states]
+    engine.step()
+    real = engine._decode_batch
+    calls = {"n": 0}
+
+    def flaky(batch_rows: list[DecodeRow]) -> None:  # the batched forward fails once
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected fault")
+        real(batch_rows)
+
+    monkeypatch.setattr(engine, "_decode_batch", flaky)
+    while engine.size:
+        engine.step()
+    assert calls["n"] > 2
+    for state, row in zip(states, rows, strict=True):
+        assert row.error is None and row.tokens == _alone(model, state, params)

@@ -1,0 +1,156 @@
+"""The service's scheduler in-process (no HTTP): batching, fairness, bounds, cancellation, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hmt_core import HMTModel, InvalidInputError, SamplingParams, SessionState
+from hmt_core.testing import assert_states_equal
+from service import metrics
+from service.worker import Job, JobResult, ModelWorker, SegmentEvent, TokenEvent
+
+
+def _histogram(metric: object) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of a prometheus histogram."""
+    samples = next(iter(metric.collect())).samples  # type: ignore[attr-defined]
+    return [(float(s.labels["le"]), s.value) for s in samples if s.name.endswith("_bucket")]
+
+
+def _count_above(metric: object, bound: float) -> float:
+    buckets = _histogram(metric)
+    total = buckets[-1][1]
+    below = max((count for le, count in buckets if le <= bound), default=0.0)
+    return total - below
+
+
+async def _drain(job: Job) -> tuple[JobResult, list[object]]:
+    result = await job.done
+    events = []
+    while not job.events.empty():
+        events.append(job.events.get_nowait())
+    return result, events
+
+
+def _run(worker: ModelWorker, coroutine_factory):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        worker.start()
+        try:
+            return await coroutine_factory()
+        finally:
+            worker.stop()
+
+    return asyncio.run(main())
+
+
+def _prompted(model: HMTModel, i: int) -> SessionState:
+    seg = model.hmt_config.segment_tokens
+    return model.append(model.new_session(), [(7 * i + j) % model.vocab_size for j in range(1 + (5 * i) % (3 * seg))])
+
+
+def test_concurrent_streams_share_decode_steps_and_keep_their_tokens(model: HMTModel) -> None:
+    worker = ModelWorker(model, max_batch=8)
+    params = [SamplingParams(max_tokens=20, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=1.2, top_p=0.9, seed=4, ignore_eos=True)] * 4
+    states = [_prompted(model, i) for i in range(8)]
+    wide_before = _count_above(metrics.DECODE_BATCH_SIZE, 4)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        jobs = [worker.submit(s, [3, 4], p) for s, p in zip(states, params, strict=True)]
+        return await asyncio.gather(*(_drain(job) for job in jobs))
+
+    results = _run(worker, scenario)
+    assert _count_above(metrics.DECODE_BATCH_SIZE, 4) > wide_before  # steps carried more than 4 rows
+    for state, param, (result, events) in zip(states, params, results, strict=True):
+        alone = model.generate(model.append(state, [3, 4]), param).run()
+        assert result.tokens == alone.tokens
+        assert [e.token for e in events if isinstance(e, TokenEvent)] == alone.tokens
+        assert_states_equal(result.state, alone.state)
+        assert result.finish_reason == "length"
+
+
+def test_a_long_append_does_not_freeze_a_running_stream(model: HMTModel) -> None:
+    seg = model.hmt_config.segment_tokens
+    worker = ModelWorker(model, max_batch=4)
+    order: list[str] = []
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        stream = worker.submit(_prompted(model, 1), [5], SamplingParams(max_tokens=15, ignore_eos=True))
+        append = worker.submit(model.new_session(), [i % model.vocab_size for i in range(80 * seg)], None)
+        stream.done.add_done_callback(lambda _: order.append("stream"))
+        append.done.add_done_callback(lambda _: order.append("append"))
+        return await _drain(stream), await _drain(append)
+
+    (stream_result, _), (append_result, append_events) = _run(worker, scenario)
+    assert order == ["stream", "append"]  # 15 tokens came out while 80 segments were read
+    assert len(stream_result.tokens) == 15
+    assert sum(isinstance(e, SegmentEvent) for e in append_events) == 79  # the last window stays open
+    assert_states_equal(append_result.state, model.append(model.new_session(),
+                                                          [i % model.vocab_size for i in range(80 * seg)]))
+
+
+def test_max_batch_bounds_the_decode_batch(model: HMTModel) -> None:
+    worker = ModelWorker(model, max_batch=2)
+    over_before = _count_above(metrics.DECODE_BATCH_SIZE, 2)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        jobs = [worker.submit(_prompted(model, i), [], params) for i in range(5)]
+        return await asyncio.gather(*(_drain(job) for job in jobs))
+
+    results = _run(worker, scenario)
+    assert _count_above(metrics.DECODE_BATCH_SIZE, 2) == over_before
+    for i, (result, _) in enumerate(results):
+        assert result.tokens == model.generate(_prompted(model, i), params).run().tokens
+
+
+def test_a_cancelled_stream_leaves_and_keeps_what_it_said(model: HMTModel) -> None:
+    worker = ModelWorker(model, max_batch=4)
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        leaving = worker.submit(_prompted(model, 2), [], params)
+        staying = worker.submit(_prompted(model, 3), [], SamplingParams(max_tokens=30, ignore_eos=True))
+        await leaving.events.get()  # the first token arrived: the client goes away
+        leaving.cancelled = True
+        return await _drain(leaving), await _drain(staying)
+
+    (left, _), (stayed, _) = _run(worker, scenario)
+    assert left.finish_reason == "cancelled" and 1 <= len(left.tokens) < 200
+    assert_states_equal(left.state, model.append(_prompted(model, 2), left.tokens))
+    assert stayed.tokens == model.generate(_prompted(model, 3), SamplingParams(max_tokens=30, ignore_eos=True)
+                                           ).run().tokens
+
+
+def test_a_bad_session_fails_only_its_own_request(model: HMTModel) -> None:
+    worker = ModelWorker(model, max_batch=4)
+    good = _prompted(model, 4)
+    source = model.append(model.new_session(), list(range(3 * model.hmt_config.segment_tokens)))
+    poisoned = SessionState(source.ltm.clone().fill_(float("inf")), source.sensory, source.window,
+                            source.segments_committed, source.tokens_seen, source.version, source.fingerprint)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        jobs = [worker.submit(good, [1, 2], params), worker.submit(poisoned, [1, 2], params),
+                worker.submit(poisoned, list(range(40)), None), worker.submit(good, list(range(40)), None)]
+        return await asyncio.gather(*(job.done for job in jobs), return_exceptions=True)
+
+    ok_stream, bad_stream, bad_append, ok_append = _run(worker, scenario)
+    assert isinstance(bad_stream, InvalidInputError) and isinstance(bad_append, InvalidInputError)
+    assert ok_stream.tokens == model.generate(model.append(good, [1, 2]), params).run().tokens
+    assert_states_equal(ok_append.state, model.append(good, list(range(40))))
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_appends_are_batched_and_equal_sequential_ones(model: HMTModel, max_batch: int) -> None:
+    seg = model.hmt_config.segment_tokens
+    worker = ModelWorker(model, max_batch=max_batch)
+    inputs = [[(i * 11 + j) % model.vocab_size for j in range((i + 2) * seg + i)] for i in range(5)]
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        jobs = [worker.submit(model.new_session(), tokens, None) for tokens in inputs]
+        return await asyncio.gather(*(job.done for job in jobs))
+
+    for tokens, result in zip(inputs, _run(worker, scenario), strict=True):
+        assert_states_equal(result.state, model.append(model.new_session(), tokens))
