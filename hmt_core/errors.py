@@ -21,3 +21,11 @@ class ModelMismatchError(HMTError, ValueError):
 
 class CheckpointError(HMTError, ValueError):
     """A checkpoint cannot be loaded: unknown layout, missing or misshapen weights."""
+
+
+class BackboneFetchError(CheckpointError):
+    """A backbone source cannot be fetched (no network, no pip, no such file); the message says how by hand."""
+
+
+class BackboneChecksumError(CheckpointError):
+    """A backbone file is not the pinned one: a damaged or different download, or a modified cache."""
