@@ -15,46 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import httpx
-from common import median, print_table
+from common import ROOT, median, print_table, start_server
 from httpx_sse import connect_sse
 
-ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["And what did he say unto them?", "Who went up into the mountain?",
              "What was the name of the city?", "How many days did they abide there?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(model: str, data_dir: str, threads: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [sys.executable, "-m", "service.main", "--model", model, "--port", str(port), "--threads", str(threads),
-               "--data-dir", data_dir, "--log-level", "warning", "--max-append-tokens", "1000000"]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("hmt-serve did not become ready")
 
 
 def turn(http: httpx.Client, model: str, messages: list[dict[str, str]], session: str,

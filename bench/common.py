@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hmt_core import HMTConfig, HMTModel
 
+ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -128,3 +134,28 @@ def describe(args: argparse.Namespace, device: torch.device, dtype: torch.dtype)
     return (f"SmolLM-135M-shaped Llama (random weights), {str(dtype).removeprefix('torch.')} on {device}, "
             f"{torch.get_num_threads()} threads; HMT L={args.segment_tokens}, k={args.num_sensory}, "
             f"N={args.ltm_context}, recall_dim=576, sum_fraction=0.5")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(model: str, data_dir: str, threads: int, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """hmt-serve in a subprocess on a free loopback port (embedded Redis in data_dir), once ready."""
+    port = free_port()
+    command = [sys.executable, "-m", "service.main", "--model", model, "--port", str(port), "--threads", str(threads),
+               "--data-dir", data_dir, "--log-level", "warning", "--max-append-tokens", "1000000", *extra]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit("hmt-serve did not become ready")

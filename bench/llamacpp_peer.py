@@ -118,7 +118,7 @@ class BatchedDecoder:
     def __init__(self, llm: Any, sessions: int, seq_tokens: int, n_batch: int, threads: int, flash_attn: bool,
                  kv_unified: bool) -> None:
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = sessions * seq_tokens  # llama.cpp pads; non-unified: n_ctx / n_seq_max per sequence
+        params.n_ctx = sessions * seq_tokens  # non-unified KV: n_ctx / n_seq_max tokens per sequence
         params.n_batch = params.n_ubatch = max(n_batch, sessions)
         params.n_seq_max = sessions
         params.n_threads = params.n_threads_batch = threads
@@ -186,7 +186,8 @@ class BatchedDecoder:
 def parallel(llm: Any, args: argparse.Namespace, sessions: int, rng: random.Random,
              prompt0: list[int]) -> tuple[float, list[float], list[int]]:
     """Prefill seconds, per-rep decode seconds (all sequences together) and sequence 0's greedy tokens."""
-    seq_tokens = args.parallel_context + WARMUP_STEPS + args.new_tokens + 1
+    # A multiple of 256 per sequence: llama.cpp pads n_ctx and the per-sequence share to 256 anyway.
+    seq_tokens = -(-(args.parallel_context + WARMUP_STEPS + args.new_tokens + 1) // 256) * 256
     decoder = BatchedDecoder(llm, sessions, seq_tokens, args.batch, args.threads, args.flash_attn, args.kv_unified)
     try:
         # Sequence 0 gets the single-stream prompt (a cross-check of the two paths); the others distinct ones.
@@ -212,7 +213,7 @@ def describe(llm: Any, path: Path, args: argparse.Namespace) -> list[str]:
     system = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
     return [
         f"model: {path.name} ({path.stat().st_size / 2**20:.1f} MiB), {llm.metadata.get('general.name', '?')}, "
-        f"vocab {llm.n_vocab()}, n_ctx_train {llm.n_ctx_train()}",
+        f"vocab {llm.n_vocab()}, n_ctx_train {llm._model.n_ctx_train()}",
         f"precision: {weights} weights (bulk of tensors; llama.cpp CPU matmuls quantize activations to the "
         f"weight type's dot partner, Q8_1 for Q4_1, and accumulate in f32); other ops f32; KV cache f16; "
         f"flash attention {'on' if args.flash_attn else 'off'}",

@@ -16,6 +16,7 @@ Per token there is one host synchronisation for the whole batch: reading the sam
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ from hmt_core.errors import InvalidInputError
 from hmt_core.model import HMTModel
 from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, TextStream, sample_tokens, seed_key
 from hmt_core.session import SessionState, fill_window
+
+log = logging.getLogger(__name__)
 
 # ----- appends -------------------------------------------------------------------------------
 
@@ -103,6 +106,8 @@ class _SlotLayer(CacheLayerMixin):
         shape = (self.owner.capacity, key_states.shape[1], self.owner.columns)
         self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
         self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        torch._dynamo.mark_static_address(self.keys)  # fixed addresses: CUDA graphs can replay over them
+        torch._dynamo.mark_static_address(self.values)
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: object,
@@ -188,13 +193,22 @@ class StepOutput:
 
 
 class DecodeEngine:
-    """A decode batch of up to `max_rows` sessions over one static slot cache."""
+    """A decode batch of up to `max_rows` sessions over one static slot cache.
 
-    def __init__(self, model: HMTModel, max_rows: int = 16) -> None:
+    `compile=True` (for GPUs) pads every decode forward to a power-of-two number of rows, so its
+    shapes take a handful of values, and runs it through `torch.compile` (CUDA graphs on CUDA)."""
+
+    def __init__(self, model: HMTModel, max_rows: int = 16, compile: bool = False) -> None:
         if max_rows < 1:
             raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
         self.model = model
         self.max_rows = max_rows
+        self.compiled = compile
+        self.recoveries = 0  # decode forwards that failed and were redone as prefills
+        self._decode_forward = self._backbone_decode
+        if compile:
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self._decode_forward = torch.compile(self._backbone_decode, mode=mode, dynamic=False)
         cfg = model.hmt_config
         self.columns = 1 + cfg.num_sensory + cfg.segment_tokens + 1  # last column: scratch for idle rows
         self.scratch = self.columns - 1
@@ -374,11 +388,15 @@ class DecodeEngine:
             self._decode_batch(rows)
             return []
         except Exception:
+            log.exception("decode forward failed for %d rows: prefilling them again", len(rows))
+            self.recoveries += 1
             return self._prefill(rows)
 
     def _decode_batch(self, rows: list[DecodeRow]) -> None:
         model, cache = self.model, self._ensure_buffers()
         device, count = model.device, len(self.rows)
+        if self.compiled:  # static shapes: the free slots past the last row ride along as idle rows
+            count = min(self.max_rows, 1 << (count - 1).bit_length())
         tokens = [0] * count
         positions = [self.scratch] * count
         for row in rows:
@@ -389,13 +407,16 @@ class DecodeEngine:
         mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)[:, None, None, :]
         cache.decode_rows = torch.arange(count, device=device)
         cache.decode_positions = position_ids
-        hidden = model.base_model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
-                                  position_ids=position_ids[:, None], past_key_values=cache,
-                                  use_cache=True).last_hidden_state[:, -1]
+        hidden = self._decode_forward(torch.tensor(tokens, device=device)[:, None], mask, position_ids[:, None])
         slots = torch.tensor([row.slot for row in rows], device=device)
         self._logits[slots] = model.lm_logits(hidden[slots]).float()  # type: ignore[index]
         for row in rows:
             row.length += 1
+
+    def _backbone_decode(self, input_ids: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
+        """The decode forward proper: [rows, 1] tokens -> final hidden states [rows, d]."""
+        return self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                     past_key_values=self._cache, use_cache=True).last_hidden_state[:, -1]
 
     def _release(self, row: DecodeRow) -> None:
         """Free the row's slot; the last row moves into it so slots stay packed."""

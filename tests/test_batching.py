@@ -165,6 +165,20 @@ def test_a_failing_decode_forward_recovers_from_the_states(model: HMTModel, monk
     monkeypatch.setattr(engine, "_decode_batch", flaky)
     while engine.size:
         engine.step()
-    assert calls["n"] > 2
+    assert calls["n"] > 2 and engine.recoveries == 1
     for state, row in zip(states, rows, strict=True):
         assert row.error is None and row.tokens == _alone(model, state, params)
+
+
+@pytest.mark.slow
+def test_compiled_static_shape_decoding_equals_eager(model: HMTModel) -> None:
+    states = _sessions(model, 5, seed=11)
+    params = [SamplingParams(max_tokens=3 + 4 * i, ignore_eos=True) for i in range(5)]
+    engine = DecodeEngine(model, max_rows=8, compile=True)
+    rows = [engine.add(s, p) for s, p in zip(states, params, strict=True)]
+    while engine.size:  # 5 rows, then fewer: buckets of 8, 4, 2 and 1 rows
+        engine.step()
+    assert engine.recoveries == 0  # every step ran the compiled forward
+    for state, param, row in zip(states, params, rows, strict=True):
+        assert row.error is None
+        assert row.tokens == _alone(model, state, param)
