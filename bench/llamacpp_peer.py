@@ -21,11 +21,13 @@ Every decode measurement runs --reps times from the same prefilled state (decode
 removed from the KV cache between repetitions) after one untimed warm-up; the parallel rows are
 interleaved (order reversed every other repetition) so a slow patch of this shared machine does not
 land on one row only; medians are reported.
-Flash attention is on by default (what llama.cpp's own default, 'auto', picks on CPU; faster here at
-every batch size); --no-flash-attn gives llama_cpp.Llama's default. Sequence 0 of the parallel runs
-gets the single-stream prompt; how many of its greedy tokens agree with the single-stream run is
-printed (with 2 threads they part after a near-tie of the top two logits, a 0.01 gap here: the batched
-flash-attention kernels split work differently, not a bug; with 1 thread or --no-flash-attn all agree).
+Flash attention is on by default: llama.cpp's own default, 'auto', picks it on CPU, and here it is
+faster for prefill and for parallel decode at 256-token prompts (1.4x at 32 streams), but slower for
+single-stream decode at 2048 tokens (49 vs 62 tokens/s); --no-flash-attn gives llama_cpp.Llama's default.
+Sequence 0 of the parallel runs gets the single-stream prompt; how many of its greedy tokens agree
+with the single-stream run is printed (with 2 threads they part after a near-tie of the top two
+logits, a 0.01 gap here: the batched flash-attention kernels split work differently, not a bug; with
+1 thread or --no-flash-attn all agree).
 Requires llama-cpp-python; on CPUs where the default native build crashes, build it with
 
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python
@@ -34,6 +36,7 @@ Rerun:
 
     python bench/llamacpp_peer.py
     python bench/llamacpp_peer.py --context 256 2048 --sessions 1 2 4 8 16 32 --threads 2
+    python bench/llamacpp_peer.py --context 2048 --sessions 0 --no-flash-attn   # long-context single stream
 """
 
 from __future__ import annotations
@@ -257,11 +260,11 @@ def main() -> None:
                         help="single-stream prompt lengths, e.g. --context 256 2048 (default 256)")
     parser.add_argument("--parallel-context", type=int, default=256, help="prompt tokens of every parallel sequence")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
-                        help="parallel sequence counts (default 1 2 4 8 16 32); empty list skips: --sessions 0")
+                        help="parallel sequence counts (default 1 2 4 8 16 32); --sessions 0 skips the parallel part")
     parser.add_argument("--new-tokens", type=int, default=64, help="timed decode steps per repetition")
     parser.add_argument("--reps", type=int, default=3, help="timed decode repetitions (median)")
     # llama.cpp's own default (flash_attn_type AUTO, as in llama-cli/llama-server) turns it on for CPU;
-    # llama_cpp.Llama defaults to off. On measured faster here at every batch size (1.1x at 1, 1.4x at 32 streams).
+    # llama_cpp.Llama defaults to off. See the docstring for where each is faster here.
     parser.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True,
                         help="llama.cpp flash attention (default on, what llama.cpp's 'auto' picks on CPU)")
     parser.add_argument("--kv-unified", action=argparse.BooleanOptionalAction, default=False,
