@@ -2,12 +2,14 @@
 and through HTTP/SSE, and time to first token early and late in 32 concurrent chats.
 
 1. Engine: n sessions (histories of varied length) in one `DecodeEngine`; each generates
-   `--tokens` tokens (greedy, EOS ignored). Aggregate tokens/s over the decode steps (prefill
-   excluded) against n = 1 in the same run.
+   `--tokens` tokens (greedy, EOS ignored; rows whose window fills commit and re-prefill, as in
+   real use). Aggregate tokens/s over the decode steps (prefill excluded) against n = 1 in the
+   same run (n = 1: each of the first --solo-sessions sessions decoded alone, aggregated).
 2. HTTP: a live hmt-serve (`--max-batch 64`, embedded Redis) on the same model; n clients stream
-   `POST /sessions/{id}/generate` at once. Aggregate tokens/s from the first request sent to the
-   last token received (so the open window's prefill and the HTTP, Redis and SSE costs are in),
-   and the same measure in the engine (prefill included) to give HTTP / engine.
+   `POST /sessions/{id}/generate` at once. Steady-state decode tokens/s as received over SSE
+   (tokens arriving while all n streams decode), against the engine's decode rate: HTTP / engine
+   is what the HTTP, scheduler and SSE layers cost. The engine's rate with the prefill of the
+   open windows included is printed too.
 3. Chats: 32 concurrent chats of turns (a 24-token user message, a 16-token streamed reply),
    started at turn 2 and at turn 200 (a 199-turn history appended first: the same state as having
    had the turns, by the chunking invariance); p50/p99 time to first token of the next turns.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import add_common_args, build_hmt, describe, print_table, setup, start_server
+from common import add_common_args, build_hmt, describe, print_table, setup, start_server, time_call
 from httpx_sse import aconnect_sse
 
 from hmt_core import HMTModel, SamplingParams, SessionState
@@ -45,34 +47,45 @@ def histories(model: HMTModel, count: int, rng: random.Random) -> list[list[int]
 
 
 def engine_rate(model: HMTModel, states: list[SessionState], tokens: int, with_prefill: bool) -> float:
-    """Aggregate tokens/s of len(states) rows generating `tokens` each in one engine."""
+    """Aggregate tokens/s of len(states) rows generating `tokens` each in one engine (window
+    commits included: a row whose window fills commits and re-prefills, as in real use)."""
     engine = DecodeEngine(model, max_rows=len(states))
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     for state in states:
         engine.add(state, params)
-    start = time.perf_counter()
-    if not with_prefill:
+    seconds = 0.0
+    if with_prefill:
+        seconds, _ = time_call(engine.admit, model.device)
+    else:
         engine.admit()
-        start = time.perf_counter()
     produced = 0
     while engine.size:
-        produced += len(engine.step().tokens)
-    return produced / (time.perf_counter() - start)
+        elapsed, out = time_call(engine.step, model.device)
+        seconds += elapsed
+        produced += len(out.tokens)
+    return produced / seconds
 
 
-async def stream_generate(http: httpx.AsyncClient, session: str, prompt: list[int], tokens: int) -> tuple[float, int]:
-    """(seconds to the first token, tokens received) of one streamed generate."""
+def solo_rate(model: HMTModel, states: list[SessionState], tokens: int, with_prefill: bool) -> float:
+    """One stream's tokens/s: each session decoded alone in turn, aggregated. Averaging over
+    sessions matters: a session whose window fills during the run pays a commit."""
+    seconds = [tokens / engine_rate(model, [state], tokens, with_prefill) for state in states]
+    return tokens * len(states) / sum(seconds)
+
+
+async def stream_generate(http: httpx.AsyncClient, session: str, prompt: list[int],
+                          tokens: int) -> tuple[float, list[float]]:
+    """(seconds to the first token, arrival time of every token) of one streamed generate."""
     body = {"prompt_tokens": prompt or None, "max_tokens": tokens, "ignore_eos": True, "stream": True}
-    start, first, count = time.perf_counter(), 0.0, 0
+    start, arrivals = time.perf_counter(), []
     async with aconnect_sse(http, "POST", f"/sessions/{session}/generate", json=body) as source:
         source.response.raise_for_status()
         async for event in source.aiter_sse():
             if event.data == "[DONE]":
                 break
             if "token" in json.loads(event.data):
-                first = first or time.perf_counter() - start
-                count += 1
-    return first, count
+                arrivals.append(time.perf_counter())
+    return arrivals[0] - start, arrivals
 
 
 async def create_sessions(http: httpx.AsyncClient, histories_: list[list[int]]) -> list[str]:
@@ -85,9 +98,12 @@ async def create_sessions(http: httpx.AsyncClient, histories_: list[list[int]]) 
 
 
 async def http_rate(http: httpx.AsyncClient, sessions: list[str], tokens: int) -> float:
-    start = time.perf_counter()
+    """Steady-state decode tokens/s received over SSE: tokens arriving while every stream is
+    decoding (after the last stream's first token, before the first stream's last one)."""
     results = await asyncio.gather(*(stream_generate(http, s, [], tokens) for s in sessions))
-    return sum(count for _, count in results) / (time.perf_counter() - start)
+    begin, end = max(a[0] for _, a in results), min(a[-1] for _, a in results)
+    inside = sum(begin < t <= end for _, arrivals in results for t in arrivals)
+    return inside / (end - begin)
 
 
 async def chat_ttft(http: httpx.AsyncClient, sessions: list[str], turns: int, rng: random.Random,
@@ -108,13 +124,13 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-async def http_part(url: str, model: HMTModel, counts: list[int], args: argparse.Namespace,
-                    rng: random.Random) -> tuple[dict[int, float], dict[str, list[float]]]:
+async def http_part(url: str, model: HMTModel, counts: list[int], args: argparse.Namespace, rng: random.Random,
+                    history_lists: list[list[int]]) -> tuple[dict[int, float], dict[str, list[float]]]:
     rates: dict[int, float] = {}
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         for n in counts:
-            sessions = await create_sessions(http, histories(model, n, rng))
+            sessions = await create_sessions(http, history_lists[:n])  # the engine's sessions
             await http_rate(http, sessions[:1], 2)  # warm the path
             rates[n] = await http_rate(http, sessions, args.tokens)
             print(f"http   {n:3d} sessions: {rates[n]:8.1f} tokens/s", flush=True)
@@ -136,9 +152,11 @@ def main() -> None:
     add_common_args(parser, threads=2)
     parser.add_argument("--model", default=None, help="a model directory (default: SmolLM2-135M-shaped, random)")
     parser.add_argument("--sessions", default="1,2,4,8,16,32,64", help="concurrent session counts")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens each session generates")
+    parser.add_argument("--tokens", type=int, default=48, help="tokens each session generates")
     parser.add_argument("--chats", type=int, default=32, help="concurrent chats for the first-token part")
     parser.add_argument("--chat-turns", type=int, default=4, help="measured turns per chat")
+    parser.add_argument("--solo-sessions", type=int, default=8,
+                        help="the 1-session engine rate averages this many sessions decoded alone")
     parser.add_argument("--no-http", action="store_true", help="engine only")
     args = parser.parse_args()
     device, dtype = setup(args)
@@ -153,12 +171,15 @@ def main() -> None:
         title = describe(args, device, dtype)
     print(title, flush=True)
 
-    all_states = [model.append(model.new_session(), h) for h in histories(model, max(counts), rng)]
+    history_lists = histories(model, max(counts), rng)
+    all_states = [model.append(model.new_session(), h) for h in history_lists]
     decode, end_to_end = {}, {}
     engine_rate(model, all_states[:1], 4, with_prefill=False)  # warm-up
     for n in counts:
-        decode[n] = engine_rate(model, all_states[:n], args.tokens, with_prefill=False)
-        end_to_end[n] = engine_rate(model, all_states[:n], args.tokens, with_prefill=True)
+        rate = solo_rate if n == 1 else engine_rate
+        decode[n] = rate(model, all_states[:args.solo_sessions] if n == 1 else all_states[:n], args.tokens, False)
+        end_to_end[n] = rate(model, all_states[:args.solo_sessions] if n == 1 else all_states[:n], args.tokens,
+                             True)
         print(f"engine {n:3d} sessions: {decode[n]:8.1f} tokens/s decode, {end_to_end[n]:8.1f} with prefill",
               flush=True)
 
@@ -173,7 +194,7 @@ def main() -> None:
             process, url = start_server(model_dir, str(Path(work) / "redis"), args.threads, "--max-batch",
                                         str(max(64, max(counts))), "--device", str(device), "--dtype", args.dtype)
             try:
-                http_rates, ttft = asyncio.run(http_part(url, model, counts, args, rng))
+                http_rates, ttft = asyncio.run(http_part(url, model, counts, args, rng, history_lists))
             finally:
                 process.terminate()
                 process.wait(timeout=30)
@@ -187,7 +208,7 @@ def main() -> None:
         row = [n, f"{decode[n]:.1f}", f"{decode[n] / decode[counts[0]]:.2f}x", f"{end_to_end[n]:.1f}"]
         if http_rates:
             row += [f"{http_rates[n]:.1f}", f"{http_rates[n] / http_rates[counts[0]]:.2f}x",
-                    f"{http_rates[n] / end_to_end[n]:.0%}"]
+                    f"{http_rates[n] / decode[n]:.0%}"]
         rows.append(row)
     print_table(headers, rows)
     if ttft:
