@@ -294,7 +294,8 @@ class DecodeEngine:
                 row.state, _ = fill_window(row.state, [token], cfg)
                 if not row.finished:
                     decoding.append(row)
-        committed = self._commit(full)
+        committed, failed_commits = self._commit(full)
+        failed += failed_commits
         refill = [r for r in committed if not r.finished]
         for row in refill:
             row.query = row.state.sensory or row.state.window  # the newest text there is
@@ -303,7 +304,6 @@ class DecodeEngine:
         for row in rows:
             if row.finished and row.slot >= 0:
                 self._release(row)
-        failed += [r for r in full if r.error is not None and r not in failed]
         return StepOutput(emitted, failed, len(committed))
 
     def _emit(self, row: DecodeRow, token: int) -> GeneratedToken:
@@ -317,19 +317,21 @@ class DecodeEngine:
             text += row.text.flush()
         return GeneratedToken(token, text)
 
-    def _commit(self, rows: list[DecodeRow]) -> list[DecodeRow]:
-        """Rows whose window was full before their new token: commit (batched), then take the token."""
+    def _commit(self, rows: list[DecodeRow]) -> tuple[list[DecodeRow], list[DecodeRow]]:
+        """Rows whose window was full before their new token: commit (batched), then take the token.
+        Returns (committed rows, failed rows)."""
         tasks = [AppendTask(row.state, [row.tokens[-1]]) for row in rows]
         advance_appends(self.model, tasks)
-        ok = []
+        committed, failed = [], []
         for row, task in zip(rows, tasks, strict=True):
             if task.error is not None:
                 row.error = task.error
+                failed.append(row)
                 continue
             row.state = task.state
             row.commit_distances += task.distances
-            ok.append(row)
-        return ok
+            committed.append(row)
+        return committed, failed
 
     # ----- forwards --------------------------------------------------------------------------------
 
