@@ -35,6 +35,7 @@ NATIVE_FORMAT = "hmt"
 NATIVE_FORMAT_VERSION = 1
 HMT_CONFIG_FILE = "hmt_config.json"
 HMT_WEIGHTS_FILE = "hmt.safetensors"
+BACKBONE_DELTAS_FILE = "backbone_deltas.safetensors"
 
 # HMT-pytorch key -> our parameter name
 _REFERENCE_KEYS = {
@@ -230,6 +231,33 @@ def load_hmt_pytorch(path: str | Path, backbone: PretrainedConfig | str | Path, 
     return hmt.to(device=device, dtype=dtype) if (device or dtype) else hmt
 
 
+def lora_factors(peft_backbone: torch.nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """A peft model's adapters as (A, B * scaling) per wrapped module, named as in the unwrapped backbone."""
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, module in peft_backbone.named_modules():
+        if not hasattr(module, "lora_A") or not hasattr(module, "scaling"):
+            continue
+        for adapter, a in module.lora_A.items():
+            b = module.lora_B[adapter].weight.detach().float().cpu() * module.scaling[adapter]
+            factors[name.removeprefix("base_model.model.")] = (a.weight.detach().float().cpu(), b)
+    return factors
+
+
+def apply_deltas(backbone: torch.nn.Module, deltas: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """W += B @ A for every named linear module (the one merge used at training and at loading,
+    so both give the same weights bit for bit)."""
+    with torch.no_grad():
+        for name, (a, b) in deltas.items():
+            try:
+                weight = backbone.get_submodule(name).weight
+            except AttributeError:
+                raise CheckpointError(f"backbone deltas name a module the backbone lacks: {name}") from None
+            if tuple(weight.shape) != (b.shape[0], a.shape[1]) or a.shape[0] != b.shape[1]:
+                raise CheckpointError(f"backbone delta for {name} has shape {tuple(b.shape)} @ {tuple(a.shape)}, "
+                                      f"the weight is {tuple(weight.shape)}")
+            weight += (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)).to(weight.dtype)
+
+
 def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bool = True,
                     backbone_ref: str | dict[str, str] | None = None) -> None:
     """Write the native format; with include_backbone the directory is self-contained."""
@@ -249,6 +277,11 @@ def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bo
             raise CheckpointError("backbone has no name to refer to; save it with include_backbone=True")
     meta = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION,
             "hmt": model.hmt_config.to_dict(), "backbone": ref, "fingerprint": model.fingerprint}
+    if not include_backbone and model.backbone_deltas:
+        tensors = {f"{round_}.{name}.{part}": t.contiguous() for round_, deltas in enumerate(model.backbone_deltas)
+                   for name, (a, b) in deltas.items() for part, t in (("A", a), ("B", b))}
+        save_file(tensors, str(directory / BACKBONE_DELTAS_FILE), metadata={"format": "pt"})
+        meta["backbone_deltas"] = BACKBONE_DELTAS_FILE
     (directory / HMT_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -278,6 +311,21 @@ def _locate_backbone(directory: Path, ref: object) -> tuple[str | Path, dict[str
     if (directory / ref).is_dir():
         return directory / ref, {"from": "directory", "ref": ref, "path": str((directory / ref).resolve())}
     return ref, {"from": "hub", "name": ref}
+
+
+def _read_deltas(path: Path) -> list[dict[str, tuple[Tensor, Tensor]]]:
+    """The rounds of low-rank changes, in the order they were made ("<round>.<module>.A|B")."""
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: the model's backbone changes (LoRA) are not there")
+    tensors = load_file(str(path))
+    rounds: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
+    try:
+        for key in tensors:
+            round_, name = key.rsplit(".", 1)[0].split(".", 1)
+            rounds.setdefault(int(round_), {})[name] = (tensors[f"{round_}.{name}.A"], tensors[f"{round_}.{name}.B"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path} is malformed ({exc}): keys are <round>.<module>.A and .B") from None
+    return [rounds[r] for r in sorted(rounds)]
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -316,6 +364,10 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
     backbones.set_origin(backbone, origin)
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer_config.json").exists() \
         else load_tokenizer(backbone_source)
+    rounds = _read_deltas(directory / str(meta["backbone_deltas"])) if meta.get("backbone_deltas") else []
+    for deltas in rounds:
+        apply_deltas(backbone, deltas)
     model = HMTModel(backbone, config, tokenizer)
+    model.backbone_deltas = rounds
     _set_hmt_parameters(model, load_file(str(directory / HMT_WEIGHTS_FILE)))
     return model.to(device=device, dtype=dtype) if (device or dtype) else model

@@ -4,8 +4,8 @@ Text: the King James Version of the Bible (1611; public domain), from Debian's p
 bible-kjv-text, read with the `bible` program of package bible-kjv (`apt-get install bible-kjv`).
 Recipe: a byte-level BPE trained on that text, a small Llama backbone trained from scratch with
 the memory (stage 1, RMT-style), then recall (stage 2: a curriculum of growing samples of KJV
-chapters mixed with pass-key exercises, random keys and distances, the standard prompt and
-key-free filler, plus the auxiliary memory bag-of-words loss). The RMT baseline is stage 1
+chapters mixed with pass-key exercises (hmt_core.exercises: random keys, distances and offsets,
+training wordings and fillers), plus the auxiliary memory bag-of-words loss). The RMT baseline is stage 1
 continued on stage 2's data and steps without recall.
 """
 
@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hmt_core.config import HMTConfig
 from hmt_core.errors import HMTError, InvalidInputError
-from hmt_core.evaluate import build_passkey_prompt
+from hmt_core.exercises import passkey_exercise
 from hmt_core.model import HMTModel
 from hmt_core.tokenizer import train_bpe_tokenizer
 from hmt_core.train import TrainConfig, token_samples, train
@@ -119,31 +119,6 @@ def _parse_phases(text: str, name: str) -> list[tuple[int, int]]:
     return phases
 
 
-def passkey_sample(tokenizer: object, rng: random.Random, sample_tokens: int, segment_tokens: int,
-                   filler_stream: list[int]) -> tuple[list[int], slice, slice]:
-    """A pass-key exercise exactly sample_tokens long (prompt + answer, then plain text), where
-    its answer lies, and where the key's digits repeat inside the key line (empty if they don't)."""
-    encode = tokenizer.encode  # type: ignore[attr-defined]
-    key = rng.randrange(10_000, 100_000)
-    probe = build_passkey_prompt(tokenizer, key, 0, segment_tokens)
-    answer = encode(f" {key}.")
-    room = (sample_tokens - len(answer) - 1 - (len(probe.tokens) - probe.key_end)) // segment_tokens
-    distance = rng.randint(1, max(1, room - (probe.key_end - 1) // segment_tokens))
-    built = build_passkey_prompt(tokenizer, key, distance, segment_tokens)
-    prompt = built.tokens
-    if len(prompt) + len(answer) > sample_tokens:  # cut short, it would teach the format and never the key
-        raise InvalidInputError(f"a pass-key exercise needs {len(prompt) + len(answer)} tokens "
-                                f"(distance 1), samples have {sample_tokens}")
-    digits = encode(str(key))
-    found = [i for i in range(built.key_position, built.key_end - len(digits) + 1)
-             if prompt[i:i + len(digits)] == digits]
-    repeat = slice(found[-1], found[-1] + len(digits)) if len(found) > 1 else slice(0, 0)
-    tokens = [*prompt, *answer, tokenizer.eos_token_id]  # type: ignore[attr-defined]
-    start = rng.randrange(0, max(1, len(filler_stream) - sample_tokens))
-    return (tokens + filler_stream[start:start + sample_tokens])[:sample_tokens], \
-        slice(len(prompt), len(prompt) + len(answer)), repeat
-
-
 def reinit_unseen_embeddings(model: HMTModel, seen: torch.Tensor, used: torch.Tensor, seed: int) -> list[int]:
     """Give the tokens in `used` that never occur in `seen` fresh, distinct embedding rows.
 
@@ -188,13 +163,13 @@ def _stage2_data(model: HMTModel, recipe: DemoRecipe, train_chapters: list[str])
     stream = text_samples.flatten().tolist()
     rng = random.Random(recipe.seed)
     n_passkey = int(len(text_samples) * recipe.passkey_fraction / (1 - recipe.passkey_fraction))
-    exercises = [passkey_sample(model.tokenizer, rng, sample_tokens, recipe.segment_tokens, stream)
+    exercises = [passkey_exercise(model.tokenizer, rng, sample_tokens, recipe.segment_tokens, stream)
                  for _ in range(n_passkey)]
-    mixed = torch.cat([text_samples, torch.tensor([tokens for tokens, _, _ in exercises])])
+    mixed = torch.cat([text_samples, torch.tensor([exercise.tokens for exercise in exercises])])
     weights = torch.ones(mixed.shape)
-    for row, (_, answer, repeat) in enumerate(exercises, start=len(text_samples)):
-        weights[row, answer] = recipe.answer_weight
-        weights[row, repeat] = recipe.repeat_weight
+    for row, exercise in enumerate(exercises, start=len(text_samples)):
+        weights[row, exercise.answer] = recipe.answer_weight
+        weights[row, exercise.extra] = recipe.repeat_weight
     return text_samples, mixed, weights
 
 

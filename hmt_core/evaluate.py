@@ -17,13 +17,22 @@ from typing import Literal
 import torch
 
 from hmt_core.errors import InvalidInputError
+from hmt_core.exercises import (
+    HELD_OUT_WORDINGS,
+    STANDARD_WORDING,
+    PasskeyPrompt,
+    build_passkey_prompt,
+    passkey_answer_correct,
+)
 from hmt_core.generation import SamplingParams, continuation_log_probs, decode_one_token
 from hmt_core.model import HMTModel, MemoryMode
 from hmt_core.session import SessionState
 
 READERS: tuple[MemoryMode, ...] = ("window", "rmt", "hmt")
-PasskeyReader = Literal["window", "hmt"]
-READER_LABELS = {"window": "backbone (L-token window)", "rmt": "RMT (memory, no recall)", "hmt": "HMT"}
+PasskeyReader = Literal["window", "full", "hmt"]
+PasskeyWordingChoice = Literal["standard", "held-out"]
+READER_LABELS = {"window": "backbone (L-token window)", "full": "backbone (full context)",
+                 "rmt": "RMT (memory, no recall)", "hmt": "HMT"}
 
 
 @dataclass
@@ -104,82 +113,68 @@ def plot_loss_by_position(report: PerplexityReport, path: str | Path, title: str
 
 # ----- pass-key retrieval --------------------------------------------------------------------
 
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                 "I will quiz you about the important information there.")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-
-
 def passkey_line(key: int) -> str:
-    return f"The pass key is {key}. Remember it. {key} is the pass key."
+    return STANDARD_WORDING.line(key)
 
 
-@dataclass
-class PasskeyPrompt:
-    key: int
-    tokens: list[int]
-    key_position: int  # token index where the key line starts
-    key_end: int  # token index just after the key line
-    question_position: int  # token index where the question starts
-
-    def distance_segments(self, segment_tokens: int) -> int:
-        """Segments from the one holding the end of the key line to the one opening the question."""
-        return self.question_position // segment_tokens - (self.key_end - 1) // segment_tokens
-
-
-def build_passkey_prompt(tokenizer: object, key: int, distance_segments: int, segment_tokens: int,
-                         prefix_filler: int = 1) -> PasskeyPrompt:
-    """intro, filler, key line, then filler cut so the question opens `distance_segments` segments
-    after the one where the key line ends (right after the key line when the distance is 0)."""
-    encode = tokenizer.encode  # type: ignore[attr-defined]
-    filler = encode(" " + PASSKEY_FILLER)
-    tokens = encode(PASSKEY_INTRO) + filler * prefix_filler
-    key_position = len(tokens)
-    tokens += encode(" " + passkey_line(key))
-    key_end = len(tokens)
-    need = ((key_end - 1) // segment_tokens + distance_segments) * segment_tokens - len(tokens)
-    if need > 0:
-        tokens += (filler * (need // len(filler) + 1))[:need]
-    return PasskeyPrompt(key, tokens + encode(" " + PASSKEY_QUESTION), key_position, key_end, len(tokens))
+def passkey_trials(tokenizer: object, distances: Sequence[int], trials: int, segment_tokens: int, seed: int = 0,
+                   wording: PasskeyWordingChoice = "standard",
+                   filler: Sequence[int] | None = None) -> dict[int, list[PasskeyPrompt]]:
+    """The prompts `passkey` asks: per distance, `trials` random keys with the key line and the
+    question at random offsets of their segments (never a fixed layout a model could learn).
+    wording "held-out" draws each prompt's wording from the held-out set; filler: token stream to
+    cut filler from (held-out book text), default the standard sentence."""
+    rng = random.Random(seed)
+    prompts: dict[int, list[PasskeyPrompt]] = {}
+    for distance in distances:
+        prompts[distance] = []
+        for _ in range(trials):
+            choice = STANDARD_WORDING if wording == "standard" else rng.choice(HELD_OUT_WORDINGS)
+            key = rng.randrange(10_000, 100_000)
+            prompts[distance].append(build_passkey_prompt(tokenizer, key, distance, segment_tokens, rng, choice,
+                                                          filler))
+    return prompts
 
 
-def passkey_answer_correct(key: int, answer: str) -> bool:
-    """The reply must start with the key's digits (surrounding spaces and a trailing dot allowed)."""
-    digits = answer.strip().split(" ")[0].rstrip(".,")
-    return digits == str(key)
-
-
-def _window_context(model: HMTModel, tokens: Sequence[int]) -> list[int]:
-    """What the windowed baseline reads of a prompt: its last L tokens."""
-    return list(tokens)[-model.hmt_config.segment_tokens:]
+def backbone_context(model: HMTModel, tokens: Sequence[int], reader: PasskeyReader) -> list[int] | None:
+    """What a bare-backbone reader reads of a prompt: the windowed baseline its last L tokens, the
+    full-context one all of it (None when it is longer than the backbone's position range)."""
+    if reader == "window":
+        return list(tokens)[-model.hmt_config.segment_tokens:]
+    limit = getattr(model.backbone.config, "max_position_embeddings", None)
+    return list(tokens) if limit is None or len(tokens) <= limit else None
 
 
 @torch.no_grad()
 def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, reader: PasskeyReader,
-                   state: SessionState | None = None) -> float:
+                   state: SessionState | None = None) -> float | None:
     """Teacher-forced loss of the key's digits after the prompt, nats per digit (ln 10 is chance).
 
     Accuracy stays 0% until every digit is right; this shows a reader learning one digit at a time.
     "hmt" scores the answer after the session that read the prompt (`state`, read here when not
-    given); "window" reads what the greedy baseline does: the prompt's last L tokens, then the answer."""
+    given); "window" and "full" read what their greedy reply does (`backbone_context`), then the
+    answer. None: the prompt does not fit the full-context reader."""
     tokenizer = model.tokenizer
-    answer = tokenizer.encode(f" {key}")  # type: ignore[union-attr]
+    answer = tokenizer.encode(f" {key}", add_special_tokens=False)  # type: ignore[union-attr]
     digits = [i for i, token in enumerate(answer) if tokenizer.decode([token]).strip().isdigit()]  # type: ignore[union-attr]
     if reader == "hmt":
         state = state if state is not None else model.append(model.new_session(), prompt)
         log_probs = continuation_log_probs(model, state, answer)
         return -sum(log_probs[i] for i in digits) / len(digits)
-    context = _window_context(model, prompt)
+    context = backbone_context(model, list(prompt) + answer, reader)
+    if context is None:
+        return None
+    context = context[:len(context) - len(answer)]
     logits = model.backbone(input_ids=torch.tensor([context + answer], device=model.device), use_cache=False).logits
     log_probs = torch.log_softmax(logits[0].float(), dim=-1)
     positions = [len(context) + i - 1 for i in digits]  # logits at position t predict token t + 1
     return float(-log_probs[positions, [answer[i] for i in digits]].mean())
 
 
-def _greedy_window_reply(model: HMTModel, tokens: Sequence[int], max_tokens: int) -> list[int]:
-    """The baseline: the backbone alone on the last L tokens (its window), greedy."""
-    window = torch.tensor([_window_context(model, tokens)], device=model.device)
-    out = model.backbone(input_ids=window, use_cache=True, logits_to_keep=1)
+def greedy_backbone_reply(model: HMTModel, context: Sequence[int], max_tokens: int) -> list[int]:
+    """The bare backbone reading `context`, greedy (the baselines of the HMT rows)."""
+    out = model.backbone(input_ids=torch.tensor([list(context)], device=model.device), use_cache=True,
+                         logits_to_keep=1)
     logits, cache, reply = out.logits[0, -1], out.past_key_values, []
     for _ in range(max_tokens):
         reply.append(int(logits.argmax()))
@@ -191,16 +186,18 @@ def _greedy_window_reply(model: HMTModel, tokens: Sequence[int], max_tokens: int
 class PasskeyReport:
     segment_tokens: int
     trials: int
-    accuracy: dict[str, dict[int, float]] = field(default_factory=dict)  # reader -> distance -> accuracy
+    # reader -> distance -> accuracy (None: no prompt fit the reader, the full-context backbone)
+    accuracy: dict[str, dict[int, float | None]] = field(default_factory=dict)
     # reader -> distance -> mean teacher-forced loss of the key's digits (nats per digit; ln 10 is chance)
-    digit_loss: dict[str, dict[int, float]] = field(default_factory=dict)
+    digit_loss: dict[str, dict[int, float | None]] = field(default_factory=dict)
 
     def table(self) -> str:
         distances = sorted(next(iter(self.accuracy.values())))
         head = "| reader | " + " | ".join(f"{d} seg" for d in distances) + " |"
         rows = [head, "| --- |" + " --- |" * len(distances)]
         for reader, by_distance in self.accuracy.items():
-            cells = " | ".join(f"{by_distance[d]:.0%} ({self.digit_loss[reader][d]:.2f})" for d in distances)
+            cells = " | ".join("beyond context" if by_distance[d] is None else
+                               f"{by_distance[d]:.0%} ({self.digit_loss[reader][d]:.2f})" for d in distances)
             rows.append(f"| {READER_LABELS.get(reader, reader)} | {cells} |")
         note = f"accuracy over {self.trials} keys (key-digit loss in nats, chance ln 10 = {math.log(10):.2f})"
         return "\n".join([*rows, "", note])
@@ -212,28 +209,35 @@ class PasskeyReport:
 
 @torch.no_grad()
 def passkey(model: HMTModel, distances: Sequence[int], trials: int = 50, seed: int = 0,
-            digits: int = 5) -> PasskeyReport:
-    """Accuracy of HMT and of the windowed backbone at retrieving a random key `d` segments back."""
+            readers: Sequence[PasskeyReader] = ("window", "hmt"), wording: PasskeyWordingChoice = "standard",
+            filler: Sequence[int] | None = None) -> PasskeyReport:
+    """Accuracy of HMT and of bare-backbone readers at retrieving a random key `d` segments back,
+    key and question at random offsets (`passkey_trials`). The full-context reader scores only
+    prompts that fit its positions (a distance where none fit is reported as None)."""
     if model.tokenizer is None:
         raise InvalidInputError("the pass-key test needs a model with a tokenizer")
-    rng = random.Random(seed)
     seg = model.hmt_config.segment_tokens
-    report = PasskeyReport(seg, trials, {"window": {}, "hmt": {}}, {"window": {}, "hmt": {}})
-    answer_tokens = len(model.tokenizer.encode(" " + "9" * digits)) + 1
-    for distance in distances:
-        hits = {"window": 0, "hmt": 0}
-        losses = {"window": 0.0, "hmt": 0.0}
-        for _ in range(trials):
-            key = rng.randrange(10 ** (digits - 1), 10 ** digits)
-            prompt = build_passkey_prompt(model.tokenizer, key, distance, seg)
-            state = model.append(model.new_session(), prompt.tokens)
-            hmt_reply = model.generate(state, SamplingParams(max_tokens=answer_tokens, ignore_eos=True)).run()
-            hits["hmt"] += passkey_answer_correct(key, model.tokenizer.decode(hmt_reply.tokens))
-            window_reply = _greedy_window_reply(model, prompt.tokens, answer_tokens)
-            hits["window"] += passkey_answer_correct(key, model.tokenizer.decode(window_reply))
-            losses["hmt"] += key_digit_loss(model, prompt.tokens, key, "hmt", state)  # the same read
-            losses["window"] += key_digit_loss(model, prompt.tokens, key, "window")
-        for reader, count in hits.items():
-            report.accuracy[reader][distance] = count / trials
-            report.digit_loss[reader][distance] = losses[reader] / trials
+    report = PasskeyReport(seg, trials, {r: {} for r in readers}, {r: {} for r in readers})
+    answer_tokens = len(model.tokenizer.encode(" 99999.", add_special_tokens=False)) + 1
+    for distance, prompts in passkey_trials(model.tokenizer, distances, trials, seg, seed, wording, filler).items():
+        hits = dict.fromkeys(readers, 0)
+        losses: dict[str, list[float]] = {r: [] for r in readers}
+        for prompt in prompts:
+            for reader in readers:
+                if reader == "hmt":
+                    state = model.append(model.new_session(), prompt.tokens)
+                    reply = model.generate(state, SamplingParams(max_tokens=answer_tokens, ignore_eos=True)).run()
+                    hits[reader] += passkey_answer_correct(prompt.key, reply.text)
+                    losses[reader].append(float(key_digit_loss(model, prompt.tokens, prompt.key, reader, state)))
+                    continue
+                context = backbone_context(model, prompt.tokens, reader)
+                if context is None:
+                    continue
+                reply_tokens = greedy_backbone_reply(model, context, answer_tokens)
+                hits[reader] += passkey_answer_correct(prompt.key, model.tokenizer.decode(reply_tokens))
+                losses[reader].append(float(key_digit_loss(model, prompt.tokens, prompt.key, reader)))  # type: ignore[arg-type]
+        for reader in readers:
+            scored = len(losses[reader])
+            report.accuracy[reader][distance] = hits[reader] / scored if scored else None
+            report.digit_loss[reader][distance] = sum(losses[reader]) / scored if scored else None
     return report

@@ -69,6 +69,10 @@ class HMTModel(nn.Module):
         self.recall_wq = nn.Linear(dim, config.recall_dim, bias=False)  # "cross_attn.wq"
         self.recall_wk = nn.Linear(dim, config.recall_dim, bias=False)  # "cross_attn.wk"
         self._fingerprint: str | None = None
+        # low-rank changes made to the backbone since it was loaded, one dict per LoRA training run:
+        # module name -> (A [r, in], B [out, r] with the scaling folded in). A model directory that
+        # refers to its backbone ships these (megabytes) instead of a copy of the changed backbone.
+        self.backbone_deltas: list[dict[str, tuple[Tensor, Tensor]]] = []
         backbone.eval()
 
     # ----- basic properties -------------------------------------------------------------

@@ -157,8 +157,13 @@ def _prepare_parameters(model: HMTModel, config: TrainConfig) -> list[torch.nn.P
 
 def _finish_backbone(model: HMTModel) -> None:
     """Fold LoRA adapters into plain weights so the saved model is an ordinary native directory."""
-    if hasattr(model.backbone, "merge_and_unload"):
-        model.backbone = model.backbone.merge_and_unload()
+    if hasattr(model.backbone, "unload"):
+        from hmt_core.checkpoint import apply_deltas, lora_factors
+
+        factors = lora_factors(model.backbone)
+        model.backbone = model.backbone.unload()
+        apply_deltas(model.backbone, factors)  # the merge loading does too: same weights, bit for bit
+        model.backbone_deltas = [*model.backbone_deltas, factors]
     model.requires_grad_(False)
     model.refresh_fingerprint()
 

@@ -216,3 +216,40 @@ def test_memory_bag_of_words_loss_is_each_memory_predicting_its_segment(tmp_path
                          backbone_training="full", save_every=100, memory_bow_weight=1.0)
     train(model, samples, config, tmp_path / "bow", progress=False)
     assert bow() < before - 0.1
+
+
+def test_lora_model_ships_its_deltas_beside_a_backbone_reference(tmp_path: Path,
+                                                                 tokenizer: PreTrainedTokenizerFast) -> None:
+    """Two LoRA stages on a backbone saved elsewhere: the model directory holds the HMT weights and
+    the low-rank deltas (not a backbone copy), and loads to the trained weights bit for bit."""
+    base = fresh_model(tokenizer)
+    base.backbone.save_pretrained(tmp_path / "backbone")
+    tokenizer.save_pretrained(tmp_path / "backbone")
+    model = HMTModel.from_pretrained(_saved_by_reference(base, tmp_path / "start", tmp_path / "backbone"))
+    samples = token_samples(model, iter(CORPUS), 32)
+    for stage in (1, 2):
+        train(model, samples, TrainConfig(stage=stage, steps=2, batch_size=2, segments_per_sample=4,
+                                          backbone_training="lora", learning_rate=1e-2), tmp_path / f"s{stage}",
+              progress=False)
+    assert len(model.backbone_deltas) == 2  # both stages' adapters, applied in order at loading
+    model.save_pretrained(tmp_path / "shipped", include_backbone=False)
+    shipped = tmp_path / "shipped"
+    assert not (shipped / "model.safetensors").exists() and (shipped / "backbone_deltas.safetensors").exists()
+    loaded = HMTModel.from_pretrained(shipped)
+    for (name, trained), (_, reloaded) in zip(model.backbone.state_dict().items(),
+                                              loaded.backbone.state_dict().items(), strict=True):
+        assert torch.equal(trained, reloaded), name
+    assert loaded.fingerprint == model.fingerprint
+    untouched = HMTModel.from_pretrained(tmp_path / "start")
+    assert not torch.equal(untouched.backbone.model.layers[0].mlp.up_proj.weight,
+                           loaded.backbone.model.layers[0].mlp.up_proj.weight)
+    (shipped / "backbone_deltas.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="backbone changes"):
+        HMTModel.from_pretrained(shipped)
+
+
+def _saved_by_reference(model: HMTModel, directory: Path, backbone_dir: Path) -> Path:
+    from hmt_core.checkpoint import save_pretrained
+
+    save_pretrained(model, directory, include_backbone=False, backbone_ref=str(backbone_dir.resolve()))
+    return directory
