@@ -232,14 +232,16 @@ def load_hmt_pytorch(path: str | Path, backbone: PretrainedConfig | str | Path, 
 
 
 def lora_factors(peft_backbone: torch.nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
-    """A peft model's adapters as (A, B * scaling) per wrapped module, named as in the unwrapped backbone."""
+    """A peft model's adapters as (A, B * scaling) per wrapped module, named as in the unwrapped backbone (bf16)."""
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     for name, module in peft_backbone.named_modules():
         if not hasattr(module, "lora_A") or not hasattr(module, "scaling"):
             continue
         for adapter, a in module.lora_A.items():
             b = module.lora_B[adapter].weight.detach().float().cpu() * module.scaling[adapter]
-            factors[name.removeprefix("base_model.model.")] = (a.weight.detach().float().cpu(), b)
+            # bf16 halves what a model ships; the merge reads these rounded factors at training and at loading
+            factors[name.removeprefix("base_model.model.")] = (a.weight.detach().cpu().to(torch.bfloat16),
+                                                               b.to(torch.bfloat16))
     return factors
 
 
@@ -277,11 +279,11 @@ def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bo
             raise CheckpointError("backbone has no name to refer to; save it with include_backbone=True")
     meta = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION,
             "hmt": model.hmt_config.to_dict(), "backbone": ref, "fingerprint": model.fingerprint}
-    if not include_backbone and model.backbone_deltas:
+    if model.backbone_deltas:  # with the backbone saved they are already in it: kept as a record
         tensors = {f"{round_}.{name}.{part}": t.contiguous() for round_, deltas in enumerate(model.backbone_deltas)
                    for name, (a, b) in deltas.items() for part, t in (("A", a), ("B", b))}
         save_file(tensors, str(directory / BACKBONE_DELTAS_FILE), metadata={"format": "pt"})
-        meta["backbone_deltas"] = BACKBONE_DELTAS_FILE
+        meta["backbone_deltas" if not include_backbone else "backbone_deltas_applied"] = BACKBONE_DELTAS_FILE
     (directory / HMT_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -367,6 +369,8 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
     rounds = _read_deltas(directory / str(meta["backbone_deltas"])) if meta.get("backbone_deltas") else []
     for deltas in rounds:
         apply_deltas(backbone, deltas)
+    if meta.get("backbone_deltas_applied"):  # a self-contained copy: the deltas are in its weights
+        rounds = _read_deltas(directory / str(meta["backbone_deltas_applied"]))
     model = HMTModel(backbone, config, tokenizer)
     model.backbone_deltas = rounds
     _set_hmt_parameters(model, load_file(str(directory / HMT_WEIGHTS_FILE)))

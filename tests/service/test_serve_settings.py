@@ -31,12 +31,16 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_model_path_needs_a_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HMT_MODEL", raising=False)
-    monkeypatch.setattr(settings_module, "DEMO_MODEL_DIRS", (Path("models/hmt-demo"), tmp_path / "shipped"))
+    monkeypatch.setattr(settings_module, "DEFAULT_MODEL_DIRS", (Path("models/hmt-smollm2"), tmp_path / "shipped"))
     with pytest.raises(SystemExit, match="no --model given"):
         parse_args([]).model_path()
     (tmp_path / "shipped").mkdir()
     (tmp_path / "shipped" / "hmt_config.json").write_text("{}")
     assert parse_args([]).model_path() == str(tmp_path / "shipped")
-    (tmp_path / "models" / "hmt-demo").mkdir(parents=True)
-    (tmp_path / "models" / "hmt-demo" / "hmt_config.json").write_text("{}")
-    assert parse_args([]).model_path() == "models/hmt-demo"  # the working directory's wins
+    assert parse_args([]).model_name() == "shipped"  # no card: the directory's name
+    (tmp_path / "models" / "hmt-smollm2").mkdir(parents=True)
+    (tmp_path / "models" / "hmt-smollm2" / "hmt_config.json").write_text("{}")
+    assert parse_args([]).model_path() == "models/hmt-smollm2"  # the working directory's wins
+    (tmp_path / "models" / "hmt-smollm2" / "model_card.json").write_text('{"name": "hmt-smollm2-135m"}')
+    assert parse_args([]).model_name() == "hmt-smollm2-135m"
+    assert parse_args(["--served-model-name", "mine"]).model_name() == "mine"
