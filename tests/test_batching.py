@@ -190,3 +190,46 @@ def test_bfloat16_rows_equal_their_solo_decoding() -> None:
     params = [SamplingParams(max_tokens=20, ignore_eos=True)] * 6
     for state, param, row in zip(states, params, _batched(model, states, params), strict=True):
         assert row.error is None and row.tokens == _alone(model, state, param)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])  # grouped-query and multi-head
+@pytest.mark.parametrize("boolean", [False, True])
+def test_decode_attention_equals_sdpa(kv_heads: int, boolean: bool) -> None:
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from hmt_core.engine import decode_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=6 // kv_heads, is_causal=True)
+    keys, values = torch.randn(5, kv_heads, 40, 16), torch.randn(5, kv_heads, 40, 16)
+    visible = torch.arange(40)[None, None, None, :] <= torch.randint(0, 40, (5, 1, 1, 1))
+    mask = visible if boolean else torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    query = torch.randn(5, 1, 6, 16).transpose(1, 2)  # one token, laid out as the backbones make it
+    ours, _ = decode_attention(module, query, keys, values, mask, scaling=0.3)
+    torch.testing.assert_close(ours, sdpa_attention_forward(module, query, keys, values, mask, scaling=0.3)[0])
+    longer = torch.randn(5, 6, 3, 16)  # prefill and commits: sdpa itself
+    assert torch.equal(decode_attention(module, longer, keys, values, mask[..., :1, :])[0],
+                       sdpa_attention_forward(module, longer, keys, values, mask[..., :1, :])[0])
+
+
+def test_decode_forward_runs_decode_attention_and_restores_sdpa(model: HMTModel,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AttentionInterface
+
+    from hmt_core import engine as engine_module
+
+    queries: list[int] = []
+
+    def spy(module, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        queries.append(query.shape[2])
+        return engine_module.decode_attention(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, engine_module.DECODE_ATTENTION, spy)
+    config = model.base_model.config
+    assert config._attn_implementation == "sdpa"
+    rows = _batched(model, _sessions(model, 3), [SamplingParams(max_tokens=4, ignore_eos=True)] * 3)
+    assert all(r.error is None for r in rows)
+    assert queries and set(queries) == {1}  # decode forwards only, prefills stay on sdpa
+    assert config._attn_implementation == "sdpa"
