@@ -139,6 +139,68 @@ def copies(path: Path) -> list[tuple[list[str], str]]:
     return found
 
 
+def stages(path: Path) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(stage name, its instructions after FROM) of each stage; a stage with no AS is named by its index."""
+    out: list[tuple[str, list[tuple[str, str]]]] = []
+    for keyword, args in dockerfile_instructions(path):
+        if keyword == "FROM":
+            words = args.split()
+            name = words[words.index("AS") + 1] if "AS" in words else str(len(out))
+            out.append((name, []))
+        elif out:
+            out[-1][1].append((keyword, args))
+    return out
+
+
+def _under(path: str, directory: str) -> str | None:
+    """path relative to directory ("" for directory itself), or None when it is not inside."""
+    directory = directory.rstrip("/")
+    if path == directory:
+        return ""
+    return path[len(directory) + 1:] if path.startswith(directory + "/") else None
+
+
+def baked(path: Path) -> dict[str, str]:
+    """Image path -> the repository path (relative to the root) it holds, for everything the final
+    stage gets from the build context, directly or through a COPY --from=<stage> of an earlier
+    stage's context copies. Relative destinations resolve against WORKDIR."""
+    by_stage: dict[str, dict[str, str]] = {}
+    for name, steps in stages(path):
+        mapping: dict[str, str] = {}
+        workdir = "/"
+        for keyword, args in steps:
+            if keyword == "WORKDIR":
+                workdir = args if args.startswith("/") else f"{workdir.rstrip('/')}/{args}"
+            if keyword != "COPY":
+                continue
+            words = args.split()
+            origin = next((w.split("=", 1)[1] for w in words if w.startswith("--from=")), None)
+            *sources, destination = [w for w in words if not w.startswith("--")]
+            if not destination.startswith("/"):
+                destination = f"{workdir.rstrip('/')}/{destination.removeprefix('./')}"
+            into = destination.endswith("/") or len(sources) > 1  # sources go into the directory
+            for source in sources:
+                target = f"{destination.rstrip('/')}/{Path(source).name}" if into else destination.rstrip("/")
+                if origin is None:
+                    mapping[target] = source.rstrip("/")
+                    continue
+                for image_path, repo_path in by_stage.get(origin, {}).items():
+                    rest = _under(image_path, source)
+                    if rest is not None:
+                        mapping[f"{target}/{rest}".rstrip("/")] = repo_path
+        by_stage[name] = mapping
+    return by_stage[stages(path)[-1][0]]
+
+
+def repository_path(dockerfile: Path, image_path: str) -> Path | None:
+    """Where an image path of `dockerfile`'s final stage comes from in this repository, if it does."""
+    for target, source in sorted(baked(dockerfile).items(), key=lambda kv: -len(kv[0])):
+        rest = _under(image_path.rstrip("/"), target)
+        if rest is not None:
+            return ROOT / source / rest if rest else ROOT / source
+    return None
+
+
 def dockerignored(relative: str, patterns: list[str]) -> bool:
     """Whether .dockerignore keeps a path out of the context: the last matching pattern wins,
     and a pattern matching a parent directory matches everything below it."""

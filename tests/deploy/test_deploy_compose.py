@@ -17,9 +17,9 @@ from deploy_helpers import (
     ROOT,
     bind_mounts,
     compose,
-    copies,
     host_path,
     load_yaml,
+    repository_path,
     require_tool,
 )
 
@@ -85,10 +85,13 @@ def test_service_wiring(spec: dict[str, Any]) -> None:
         assert service["healthcheck"]["test"] == ["CMD", "hmt-healthcheck", "/readyz"]
         published = service["ports"][0].split(":")
         assert published[0] == "127.0.0.1" and published[-1] == env["HMT_PORT"] == "8000"
-    # the default model path is the one the images bake in
+    # the default model path is the served model, which both images bake in (with its backbone)
     for dockerfile in DOCKERFILES:
-        assert (services["hmt"]["environment"]["HMT_MODEL"], ["models/hmt-demo"]) in \
-            [(dst, src) for src, dst in copies(dockerfile)]
+        for name in ("hmt", "hmt-gpu"):
+            assert repository_path(dockerfile, services[name]["environment"]["HMT_MODEL"]) == \
+                ROOT / "models" / "hmt-smollm2"
+        # the ./models mount does not hide what the image bakes in
+        assert not any(target.startswith(("/app", "/opt")) for target in bind_mounts(services["hmt"]))
 
     assert "profiles" not in services["hmt"], "plain `docker compose up` must start the CPU service"
     gpu = services["hmt-gpu"]

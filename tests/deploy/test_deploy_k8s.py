@@ -8,8 +8,18 @@ import copy
 from typing import Any
 
 import pytest
-from deploy_helpers import DEPLOY, DOCKERFILES, dockerfile_instructions, load_yaml, load_yaml_all
+from deploy_helpers import (
+    DEPLOY,
+    DOCKERFILES,
+    ROOT,
+    dockerfile_instructions,
+    load_yaml,
+    load_yaml_all,
+    repository_path,
+    stages,
+)
 
+from hmt_core.backbones import CACHE_ENV
 from service.settings import Settings
 
 K8S = DEPLOY / "k8s"
@@ -117,6 +127,25 @@ def test_deployment() -> None:
     # read-only root: the writable paths are volumes
     mounts = {m["mountPath"] for m in main["volumeMounts"]}
     assert main["securityContext"]["readOnlyRootFilesystem"] and {"/tmp", "/home/hmt/.cache"} <= mounts
+
+
+def test_model_and_backbone_come_from_the_image() -> None:
+    """The ConfigMap serves the model the images bake in; the baked backbone cache (read-only, as
+    loading only reads it) is neither redirected elsewhere nor hidden under a volume."""
+    for deployment in (find("Deployment", "hmt-serve"), gpu_deployment()):
+        main = container(deployment)
+        config = find("ConfigMap", main["envFrom"][0]["configMapRef"]["name"])["data"]
+        assert CACHE_ENV not in config and CACHE_ENV not in {e["name"] for e in main["env"]}
+        for dockerfile in DOCKERFILES:
+            assert repository_path(dockerfile, config["HMT_MODEL"]) == ROOT / "models" / "hmt-smollm2"
+            runtime = stages(dockerfile)[-1][1]
+            cache = [p.split("=", 1)[1] for k, a in runtime if k == "ENV" for p in a.split()
+                     if p.startswith(CACHE_ENV + "=")]
+            assert cache == ["/opt/hmt-cache"]
+            for mount in main["volumeMounts"]:
+                for baked in (cache[0], config["HMT_MODEL"]):
+                    assert not (baked + "/").startswith(mount["mountPath"].rstrip("/") + "/"), \
+                        f"{mount['mountPath']} hides {baked}"
 
 
 def test_settings_and_redis_wiring() -> None:

@@ -25,11 +25,11 @@ from deploy_helpers import (
     ROOT,
     alert_rules,
     compose,
-    copies,
     dashboard_queries,
     grafana_to_promql,
     load_yaml,
     queried_metric_names,
+    repository_path,
     require_tool,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,11 +42,11 @@ WAIT_S = 60  # for Prometheus' first scrape (10 s interval) and first rule evalu
 
 
 def image_path(container_path: str) -> Path:
-    """The repository path an image COPYs to `container_path` (the baked model, the health check)."""
+    """The repository path an image bakes in at `container_path` (the served model, the health check)."""
     for dockerfile in DOCKERFILES:
-        for sources, destination in copies(dockerfile):
-            if destination == container_path:
-                return ROOT / sources[0]
+        found = repository_path(dockerfile, container_path)
+        if found is not None:
+            return found
     raise AssertionError(f"no image copies anything to {container_path}")
 
 
@@ -101,9 +101,9 @@ def start_redis(command: list[str], data_dir: Path) -> tuple[subprocess.Popen[by
     return process, port
 
 
-def traffic(server: Server) -> str:
+def traffic(server: Server, model_dir: Path) -> str:
     """A session's life in a few requests: create, append, generate (plain and streamed), a 404."""
-    text = (ROOT / "models" / "hmt-demo" / "held_out.txt").read_text()[:1500]
+    text = (model_dir / "held_out.txt").read_text()[:1500]
     with server.client() as client:
         assert client.post("/sessions", json={"id": "smoke"}).status_code == 201
         assert client.post("/sessions/smoke/append", json={"text": text}).status_code == 200
@@ -175,7 +175,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 patch.setenv(key, value)
             server.launch()
         server.wait_ready()
-        metrics_text = traffic(server)
+        metrics_text = traffic(server, Path(env["HMT_MODEL"]))
 
         etc = base / "etc-prometheus"  # what compose mounts at /etc/prometheus
         shutil.copytree(ROOT / "deploy" / "prometheus", etc)
