@@ -56,6 +56,9 @@ class ChatRecipe:
     chat_fraction: float = 0.35
     answer_weight: float = 5.0
     repeat_weight: float = 2.0
+    # stage 2: each memory also predicts its segment's tokens (train.memory_bag_of_words_loss); on the
+    # demo, the pass-key loss stayed at chance without it
+    memory_bow_weight: float = 0.3
     max_book_tokens: int = 400_000  # per book: the State of the Union addresses alone are half the corpus
     seed: int = 2405
 
@@ -163,7 +166,8 @@ def build_chat_model(out_dir: str | Path, recipe: ChatRecipe | None = None, prog
                                    rows=max(recipe.stage2_steps * recipe.batch_size, 64))
     model, losses2 = _run(model, samples, TrainConfig(
         stage=2, steps=recipe.stage2_steps, segments_per_sample=recipe.stage2_segments,
-        learning_rate=recipe.stage2_lr, **common), work / "stage2", weights, progress)
+        learning_rate=recipe.stage2_lr, memory_bow_weight=recipe.memory_bow_weight, **common),
+        work / "stage2", weights, progress)
     model.save_pretrained(out_dir, include_backbone=False)
     card = {"name": recipe.served_name, "backbone": recipe.backbone, "recipe": asdict(recipe),
             "fingerprint": model.fingerprint, "stage1_losses": [losses1[0], losses1[-1]],
