@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from hmt_core import backbones
 from hmt_core.checkpoint import load_tokenizer, read_state_dict
@@ -114,7 +115,12 @@ def _eval(args: argparse.Namespace) -> int:
 
         model = load_checkpoint_weights(model, args.checkpoint)
     if args.task == "passkey":
-        report = evaluate.passkey(model, args.distances, trials=args.trials, seed=args.seed)
+        filler = None
+        if args.filler_text:
+            text = Path(args.filler_text).read_text(encoding="utf-8")
+            filler = model.tokenizer.encode(" " + " ".join(text.split()), add_special_tokens=False)
+        report = evaluate.passkey(model, args.distances, trials=args.trials, seed=args.seed, readers=args.readers,
+                                  wording=args.wording, filler=filler)
         print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
         return 0
     if not args.data:
@@ -223,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                             help="pass key: segments between key and question")
     evaluation.add_argument("--trials", type=int, default=50, help="pass key: random keys per distance")
+    evaluation.add_argument("--readers", nargs="+", choices=("window", "full", "hmt"), default=["window", "hmt"],
+                            help="pass key: who answers (full: the bare backbone on the whole prompt, when it fits)")
+    evaluation.add_argument("--wording", choices=("standard", "held-out"), default="standard",
+                            help="pass key: the paper's wording, or a random held-out one per prompt")
+    evaluation.add_argument("--filler-text", metavar="FILE", help="pass key: cut filler from this (held-out) text "
+                                                                  "instead of repeating the standard sentence")
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--json", action="store_true", help="machine-readable output")
     evaluation.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
