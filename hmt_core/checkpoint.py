@@ -36,6 +36,7 @@ NATIVE_FORMAT_VERSION = 1
 HMT_CONFIG_FILE = "hmt_config.json"
 HMT_WEIGHTS_FILE = "hmt.safetensors"
 BACKBONE_DELTAS_FILE = "backbone_deltas.safetensors"
+BASE_REFERENCE_ATTRIBUTE = "hmt_base_reference"
 
 # HMT-pytorch key -> our parameter name
 _REFERENCE_KEYS = {
@@ -284,11 +285,16 @@ def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bo
                    for name, (a, b) in deltas.items() for part, t in (("A", a), ("B", b))}
         save_file(tensors, str(directory / BACKBONE_DELTAS_FILE), metadata={"format": "pt"})
         meta["backbone_deltas" if not include_backbone else "backbone_deltas_applied"] = BACKBONE_DELTAS_FILE
+        if include_backbone:  # the backbone the deltas apply to, for a later save by reference
+            meta["backbone_base"] = _backbone_reference(model.backbone)
     (directory / HMT_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _backbone_reference(backbone: PreTrainedModel) -> str | dict[str, str]:
     """How hmt_config.json names a backbone saved by reference: its source if it came from one."""
+    base = getattr(backbone, BASE_REFERENCE_ATTRIBUTE, None)
+    if base is not None:  # a training run's copy of a changed backbone: refer to what it was changed from
+        return base
     origin = backbones.origin_of(backbone) or {}
     if origin.get("from") == "source":  # not its cache path, which holds only on this machine
         return {"source": origin["source"], "gguf_sha256": origin["gguf_sha256"]}
@@ -371,6 +377,8 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
         apply_deltas(backbone, deltas)
     if meta.get("backbone_deltas_applied"):  # a self-contained copy: the deltas are in its weights
         rounds = _read_deltas(directory / str(meta["backbone_deltas_applied"]))
+        if meta.get("backbone_base"):
+            setattr(backbone, BASE_REFERENCE_ATTRIBUTE, meta["backbone_base"])
     model = HMTModel(backbone, config, tokenizer)
     model.backbone_deltas = rounds
     _set_hmt_parameters(model, load_file(str(directory / HMT_WEIGHTS_FILE)))

@@ -51,6 +51,9 @@ def test_build_chat_model_trains_ships_deltas_and_resumes(tmp_path: Path, chat_b
     # a rerun reuses the finished phases (same weights), and refuses phases trained otherwise
     again = build_chat_model(tmp_path / "chat", recipe, progress=False, texts=texts)
     assert again["fingerprint"] == card["fingerprint"]
+    # reloaded from its run directory, stage 2 still refers to the original backbone, not the run's copy
+    assert json.loads((out / "hmt_config.json").read_text())["backbone"] == str(chat_backbone)
+    assert HMTModel.from_pretrained(out).fingerprint == card["fingerprint"]
     with pytest.raises(InvalidInputError, match="trained with other settings"):
         build_chat_model(tmp_path / "chat", replace(recipe, stage1_lr=1e-3), progress=False, texts=texts)
 
