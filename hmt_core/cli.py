@@ -128,7 +128,8 @@ def _eval(args: argparse.Namespace) -> int:
     rmt = HMTModel.from_pretrained(args.rmt_model).to(args.device) if args.rmt_model else model
     texts = read_texts(args.data, args.text_field)
     documents = token_samples(model, texts, args.doc_segments * model.hmt_config.segment_tokens)[:args.docs]
-    report = evaluate.perplexity({"window": model, "rmt": rmt, "hmt": model}, documents, args.batch_size)
+    readers = {"window": model, "rmt": rmt, "hmt": model} | ({"full": model} if args.full_context else {})
+    report = evaluate.perplexity(readers, documents, args.batch_size)
     if args.plot:
         evaluate.plot_loss_by_position(report, args.plot)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--doc-segments", type=int, default=16, help="document length in segments")
     evaluation.add_argument("--docs", type=int, default=16, help="at most this many documents")
     evaluation.add_argument("--batch-size", type=int, default=4)
+    evaluation.add_argument("--full-context", action="store_true",
+                            help="perplexity: add the bare backbone reading each whole document (when it fits)")
     evaluation.add_argument("--plot", metavar="PNG", help="write loss against position to this file")
     evaluation.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                             help="pass key: segments between key and question")

@@ -59,9 +59,17 @@ class PerplexityReport:
 
 
 @torch.no_grad()
-def segment_losses(model: HMTModel, documents: torch.Tensor, mode: MemoryMode) -> torch.Tensor:
-    """Per-token next-token loss [B, T-1] reshaped by segment: returns [S] mean loss per segment."""
-    logits = model.forward_segments(documents, mode=mode).logits.float()
+def segment_losses(model: HMTModel, documents: torch.Tensor, mode: MemoryMode | Literal["full"]) -> torch.Tensor:
+    """Per-token next-token loss [B, T-1] reshaped by segment: returns [S] mean loss per segment.
+    mode "full": the bare backbone reading each whole document (its upper bound where it fits)."""
+    if mode == "full":
+        limit = getattr(model.backbone.config, "max_position_embeddings", None)
+        if limit is not None and documents.shape[1] > limit:
+            raise InvalidInputError(f"documents of {documents.shape[1]} tokens do not fit the backbone's "
+                                    f"{limit} positions: no full-context reading")
+        logits = model.backbone(input_ids=documents.to(model.device), use_cache=False).logits.float()
+    else:
+        logits = model.forward_segments(documents, mode=mode).logits.float()
     targets = documents[:, 1:].to(logits.device)
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
     seg = model.hmt_config.segment_tokens

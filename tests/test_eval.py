@@ -25,8 +25,13 @@ from hmt_core.testing import SAMPLE_TEXTS
 
 def test_perplexity_report_and_plot(text_model: HMTModel, tmp_path: Path) -> None:
     docs = torch.randint(0, text_model.vocab_size, (3, 5 * 8), generator=torch.Generator().manual_seed(0))
-    report = perplexity({"window": text_model, "rmt": text_model, "hmt": text_model}, docs, batch_size=2)
-    assert set(report.loss) == {"window", "rmt", "hmt"}
+    report = perplexity({"window": text_model, "rmt": text_model, "hmt": text_model, "full": text_model}, docs,
+                        batch_size=2)
+    assert set(report.loss) == {"window", "rmt", "hmt", "full"}
+    with torch.no_grad():
+        full_logits = text_model.backbone(input_ids=docs).logits
+    full = torch.nn.functional.cross_entropy(full_logits[:, :-1].flatten(0, 1), docs[:, 1:].flatten())
+    assert report.loss["full"] == pytest.approx(float(full), rel=1e-4)
     assert all(len(v) == 5 for v in report.loss_by_segment.values())
     # the overall loss is the token-weighted mean of the per-segment losses, and matches a direct computation
     with torch.no_grad():
