@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -97,14 +96,14 @@ def test_shipped_demo_model_loads_offline_and_generates(monkeypatch: pytest.Monk
     assert rmt.tokenizer is not None and rmt.hmt_config.segment_tokens == model.hmt_config.segment_tokens
 
 
-def test_shipped_demo_remembers_a_pass_key_8_segments_back() -> None:
-    """The README's claim, on keys the README's tables did not use: HMT reads most of them from
-    memory; the windowed backbone, which cannot see them, none."""
+def test_shipped_demo_knows_the_format_but_not_the_key_at_random_offsets() -> None:
+    """The README's corrected claim: trained with the question always opening a segment, the demo
+    does not find keys once key and question sit at random offsets (0-2% in the README's table).
+    It still gives the digits more probability than the windowed backbone, which cannot see them."""
     model = HMTModel.from_pretrained(Path(__file__).resolve().parents[1] / "models" / "hmt-demo")
     report = passkey(model, distances=[8], trials=10, seed=2)
-    assert report.accuracy["hmt"][8] >= 0.5
-    assert report.accuracy["window"][8] == 0.0
-    assert report.digit_loss["hmt"][8] < 1.0 < math.log(10) < report.digit_loss["window"][8]
+    assert report.accuracy["window"][8] == 0.0 and report.accuracy["hmt"][8] <= 0.2
+    assert report.digit_loss["hmt"][8] < report.digit_loss["window"][8]
 
 
 def test_curriculum_phases_parse_and_empty_is_one_phase() -> None:
