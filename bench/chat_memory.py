@@ -7,8 +7,8 @@
    window), then the question. HMT: a live hmt-serve, one session per fact, the whole
    conversation sent with the official `openai` SDK in one request (the assistant turns of the
    history are the fixed filler replies, never model generations), greedy reply scored with
-   fact_recalled. Baselines in-process on the same model: the bare backbone greedy on the last
-   L tokens of the same rendered prompt (windowed), and with --full-context on all of it when it
+   fact_recalled. Baselines in-process on the bare backbone (a LoRA-trained model is loaded again
+   without its deltas): greedy on the last L tokens of the same rendered prompt (windowed), and with --full-context on all of it when it
    fits the backbone's positions.
 2. Short chats: `--short-chats` single exchanges (a request and the start of a held-out
    passage) whose prompt and reply fit in one window. HMT's greedy reply (HTTP, new session
@@ -44,6 +44,7 @@ from common import DTYPES, print_table, start_server
 from openai import AsyncOpenAI
 
 from hmt_core import HMTModel
+from hmt_core.checkpoint import load_pretrained
 from hmt_core.evaluate import greedy_backbone_reply
 from hmt_core.exercises import FILLER_REQUESTS, chat_fact, fact_recalled
 from hmt_core.generation import continuation_log_probs
@@ -280,6 +281,9 @@ def main() -> None:
     torch.set_flush_denormal(True)  # as hmt-serve does: subnormal floats slow CPU matmuls
     torch.manual_seed(args.seed)
     model = HMTModel.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
+    # the baselines are the bare backbone: a model trained with LoRA is loaded again without its deltas
+    bare = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
+                           backbone_deltas=False).eval() if model.backbone_deltas else model
     if model.tokenizer is None:
         raise SystemExit("the model has no tokenizer: a chat benchmark needs one")
     template = ChatTemplate(model.tokenizer)
@@ -325,10 +329,10 @@ def main() -> None:
 
     fact_rows: list[dict[str, Any]] = []
     for i, (fact, (reply, read, continuation)) in enumerate(zip(facts, served, strict=True)):
-        window_reply = backbone_text(model, template, fact.prompt[-window:], args.answer_tokens)
+        window_reply = backbone_text(bare, template, fact.prompt[-window:], args.answer_tokens)
         full_reply: str | None = None
         if args.full_context and (limit is None or len(fact.prompt) + args.answer_tokens <= limit):
-            full_reply = backbone_text(model, template, fact.prompt, args.answer_tokens)
+            full_reply = backbone_text(bare, template, fact.prompt, args.answer_tokens)
         fact_rows.append({
             **{k: v for k, v in asdict(fact).items() if k != "prompt"},
             "prompt_tokens": len(fact.prompt), "server_prompt_tokens": read, "continuation": continuation,
@@ -342,7 +346,7 @@ def main() -> None:
     encode = model.tokenizer.encode
     chat_rows: list[dict[str, Any]] = []
     for chat, (reply, read, _) in zip(chats, served_short, strict=True):
-        base = backbone_text(model, template, chat.prompt, reply_tokens)
+        base = backbone_text(bare, template, chat.prompt, reply_tokens)
         hmt_ids, base_ids = encode(reply, add_special_tokens=False), encode(base, add_special_tokens=False)
         chat_rows.append({
             "messages": chat.messages, "prompt_tokens": len(chat.prompt), "server_prompt_tokens": read,
@@ -351,7 +355,7 @@ def main() -> None:
             "hmt_reply_tokens": len(hmt_ids), "backbone_reply_tokens": len(base_ids),
             "reference": model.tokenizer.decode(chat.reference), "reference_tokens": len(chat.reference),
             "hmt_loss": hmt_loss(model, chat.prompt, chat.reference),
-            "backbone_loss": backbone_loss(model, chat.prompt, chat.reference)})
+            "backbone_loss": backbone_loss(bare, chat.prompt, chat.reference)})
 
     # ----- tables
     hmt_hits = [r["hmt_recalled"] for r in fact_rows]

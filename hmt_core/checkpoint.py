@@ -353,7 +353,8 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 
 
 def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> HMTModel:
+                    device: str | torch.device | None = None, backbone_deltas: bool = True) -> HMTModel:
+    """backbone_deltas=False: leave the backbone as its source has it (baselines: the bare backbone)."""
     directory = resolve_model_dir(name_or_path)
     config_file = directory / HMT_CONFIG_FILE
     if not config_file.exists():
@@ -372,7 +373,8 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
     backbones.set_origin(backbone, origin)
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer_config.json").exists() \
         else load_tokenizer(backbone_source)
-    rounds = _read_deltas(directory / str(meta["backbone_deltas"])) if meta.get("backbone_deltas") else []
+    rounds = _read_deltas(directory / str(meta["backbone_deltas"])) \
+        if meta.get("backbone_deltas") and backbone_deltas else []
     for deltas in rounds:
         apply_deltas(backbone, deltas)
     if meta.get("backbone_deltas_applied"):  # a self-contained copy: the deltas are in its weights
