@@ -8,8 +8,8 @@
    conversation sent with the official `openai` SDK in one request (the assistant turns of the
    history are the fixed filler replies, never model generations), greedy reply scored with
    fact_recalled. Baselines in-process on the bare backbone (a LoRA-trained model is loaded again
-   without its deltas): greedy on the last L tokens of the same rendered prompt (windowed), and with --full-context on all of it when it
-   fits the backbone's positions.
+   without its deltas): greedy on the last L tokens of the same rendered prompt (windowed), and
+   with --full-context on all of it when it fits the backbone's positions.
 2. Short chats: `--short-chats` single exchanges (a request and the start of a held-out
    passage) whose prompt and reply fit in one window. HMT's greedy reply (HTTP, new session
    each) against the bare backbone's greedy reply on the same prompt (in-process): exact
