@@ -105,6 +105,15 @@ def _dataset_texts(name: str, field: str) -> Iterator[str]:
     return (row[field] for row in load_dataset(dataset_name, split=split or "train", streaming=True))
 
 
+def _bare(args: argparse.Namespace, model: HMTModel) -> HMTModel:
+    """The backbone baselines read the bare backbone: a LoRA-trained model without its deltas."""
+    if not model.backbone_deltas or args.checkpoint:
+        return model
+    from hmt_core.checkpoint import load_pretrained
+
+    return load_pretrained(args.model, backbone_deltas=False).to(args.device)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from hmt_core import evaluate
     from hmt_core.train import read_texts, token_samples
@@ -120,7 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
             text = Path(args.filler_text).read_text(encoding="utf-8")
             filler = model.tokenizer.encode(" " + " ".join(text.split()), add_special_tokens=False)
         report = evaluate.passkey(model, args.distances, trials=args.trials, seed=args.seed, readers=args.readers,
-                                  wording=args.wording, filler=filler)
+                                  wording=args.wording, filler=filler, baseline=_bare(args, model))
         print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
         return 0
     if not args.data:
@@ -128,7 +137,8 @@ def _eval(args: argparse.Namespace) -> int:
     rmt = HMTModel.from_pretrained(args.rmt_model).to(args.device) if args.rmt_model else model
     texts = read_texts(args.data, args.text_field)
     documents = token_samples(model, texts, args.doc_segments * model.hmt_config.segment_tokens)[:args.docs]
-    readers = {"window": model, "rmt": rmt, "hmt": model} | ({"full": model} if args.full_context else {})
+    bare = _bare(args, model)
+    readers = {"window": bare, "rmt": rmt, "hmt": model} | ({"full": bare} if args.full_context else {})
     report = evaluate.perplexity(readers, documents, args.batch_size)
     if args.plot:
         evaluate.plot_loss_by_position(report, args.plot)

@@ -218,10 +218,12 @@ class PasskeyReport:
 @torch.no_grad()
 def passkey(model: HMTModel, distances: Sequence[int], trials: int = 50, seed: int = 0,
             readers: Sequence[PasskeyReader] = ("window", "hmt"), wording: PasskeyWordingChoice = "standard",
-            filler: Sequence[int] | None = None) -> PasskeyReport:
+            filler: Sequence[int] | None = None, baseline: HMTModel | None = None) -> PasskeyReport:
     """Accuracy of HMT and of bare-backbone readers at retrieving a random key `d` segments back,
     key and question at random offsets (`passkey_trials`). The full-context reader scores only
-    prompts that fit its positions (a distance where none fit is reported as None)."""
+    prompts that fit its positions (a distance where none fit is reported as None). baseline: the
+    model whose backbone the bare readers use (default: `model`'s own)."""
+    baseline = baseline or model
     if model.tokenizer is None:
         raise InvalidInputError("the pass-key test needs a model with a tokenizer")
     seg = model.hmt_config.segment_tokens
@@ -238,12 +240,12 @@ def passkey(model: HMTModel, distances: Sequence[int], trials: int = 50, seed: i
                     hits[reader] += passkey_answer_correct(prompt.key, reply.text)
                     losses[reader].append(float(key_digit_loss(model, prompt.tokens, prompt.key, reader, state)))
                     continue
-                context = backbone_context(model, prompt.tokens, reader)
+                context = backbone_context(baseline, prompt.tokens, reader)
                 if context is None:
                     continue
-                reply_tokens = greedy_backbone_reply(model, context, answer_tokens)
+                reply_tokens = greedy_backbone_reply(baseline, context, answer_tokens)
                 hits[reader] += passkey_answer_correct(prompt.key, model.tokenizer.decode(reply_tokens))
-                losses[reader].append(float(key_digit_loss(model, prompt.tokens, prompt.key, reader)))  # type: ignore[arg-type]
+                losses[reader].append(float(key_digit_loss(baseline, prompt.tokens, prompt.key, reader)))  # type: ignore[arg-type]
         for reader in readers:
             scored = len(losses[reader])
             report.accuracy[reader][distance] = hits[reader] / scored if scored else None
