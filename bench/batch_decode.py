@@ -137,7 +137,7 @@ async def http_part(url: str, model: HMTModel, counts: list[int], args: argparse
         ttft: dict[str, list[float]] = {}
         chats = args.chats
         per_turn = USER_TOKENS + REPLY_TOKENS
-        for label, history_turns in (("turn 2", 1), ("turn 200", 199)):
+        for label, history_turns in (("turn 2", 1), ("turn 200", 199)) if chats else ():
             sessions = await create_sessions(http, [[rng.randrange(model.vocab_size)
                                                      for _ in range(history_turns * per_turn)]
                                                     for _ in range(chats)])
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a model directory (default: SmolLM2-135M-shaped, random)")
     parser.add_argument("--sessions", default="1,2,4,8,16,32,64", help="concurrent session counts")
     parser.add_argument("--tokens", type=int, default=48, help="tokens each session generates")
-    parser.add_argument("--chats", type=int, default=32, help="concurrent chats for the first-token part")
+    parser.add_argument("--chats", type=int, default=32, help="concurrent chats for the first-token part (0: skip it)")
     parser.add_argument("--chat-turns", type=int, default=4, help="measured turns per chat")
     parser.add_argument("--solo-sessions", type=int, default=8,
                         help="the 1-session engine rate averages this many sessions decoded alone")
