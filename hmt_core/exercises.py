@@ -91,12 +91,12 @@ class FillerStream:
     def __init__(self, tokens: Sequence[int], rng: random.Random) -> None:
         if not tokens:
             raise InvalidInputError("a filler stream needs tokens")
-        self.tokens, self.position = list(tokens), rng.randrange(len(tokens))
+        self.tokens, self.position = tokens, rng.randrange(len(tokens))  # no copy: streams are whole corpora
 
     def take(self, count: int) -> list[int]:
         out: list[int] = []
         while len(out) < count:
-            piece = self.tokens[self.position:self.position + count - len(out)]
+            piece = list(self.tokens[self.position:self.position + count - len(out)])
             out += piece
             self.position = (self.position + len(piece)) % len(self.tokens)
         return out
@@ -162,7 +162,7 @@ def passkey_exercise(tokenizer: Any, rng: random.Random, sample_tokens: int, seg
     key = rng.randrange(10_000, 100_000)
     answer = encode(f" {key}.")
     use_text = rng.random() < 0.5 or not fillers
-    filler = list(text_stream) if use_text else sentence_filler(tokenizer, rng.choice(fillers))
+    filler = text_stream if use_text else sentence_filler(tokenizer, rng.choice(fillers))
     # the longest distance whose worst case (key at the end of its segment, question at the end
     # of its own) still leaves room for the question and answer
     tail = len(encode(" " + wording.question)) + len(answer) + 1
