@@ -9,8 +9,10 @@ Two kinds of work, each one batched forward per step:
 
 HMT bounds a session's open window to `[p, E(sensory), E(W)]`, at most 1 + k + L positions, so the
 KV cache is static: one preallocated slot per row (`SlotCache`), no paging. A row whose window is
-full commits (batched with the others that filled on the same step) and re-prefills its slot
-(batched too). Rows stay packed in slots 0..n-1, so a decode forward reads contiguous views.
+full commits and re-prefills its slot (batched with the others that filled on the same step).
+When the slot's memory prompt is the commit's own (the request began with the summary's tokens in
+its window), the commit is one more position of the step's decode forward, not two long forwards.
+Rows stay packed in slots 0..n-1, so a decode forward reads contiguous views.
 Per token there is one host synchronisation for the whole batch: reading the sampled ids.
 """
 
@@ -226,6 +228,8 @@ class DecodeRow:
     text: TextStream
     stop_ids: frozenset[int]
     query: tuple[int, ...] = ()  # tokens whose summary recalled the current window's memory prompt
+    prompt: Tensor | None = None  # that prompt p (at position 0 of the slot), and its recall distance
+    prompt_distance: int = 0
     tokens: list[int] = field(default_factory=list)
     commit_distances: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -348,12 +352,15 @@ class DecodeEngine:
                 row.state, _ = fill_window(row.state, [token], cfg)
                 if not row.finished:
                     decoding.append(row)
-        committed, failed_commits = self._commit(full)
+        cached = [r for r in full if self._slot_holds_commit(r)]
+        committed, failed_commits = self._commit([r for r in full if r not in cached])
         failed += failed_commits
+        from_cache, failed_decode = self._decode(decoding, cached)
+        committed += from_cache
+        failed += failed_decode
         refill = [r for r in committed if not r.finished]
         for row in refill:
             row.query = row.state.sensory or row.state.window  # the newest text there is
-        failed += self._decode(decoding)
         failed += self._prefill(refill)
         for row in rows:
             if row.finished and row.slot >= 0:
@@ -370,6 +377,18 @@ class DecodeEngine:
         if row.finish_reason is not None and not hit_stop:
             text += row.text.flush()
         return GeneratedToken(token, text)
+
+    def _slot_holds_commit(self, row: DecodeRow) -> bool:
+        """Whether the row's slot already holds the commit's forward but for its last position.
+
+        The canonical commit runs the backbone on [p_n, E(sensory), E(W), p_n], p_n recalled by
+        the summary of W[:s]. The slot holds [p, E(sensory), E(W)] at the same positions, so when
+        p was recalled from those same s tokens (the generate request began with at least s tokens
+        in W, as a chat reply crossing a segment boundary does), p == p_n and the commit needs only
+        the trailing p_n: one more position in the decode forward instead of two long forwards."""
+        summary = self.model.hmt_config.summary_tokens
+        return (row.prompt is not None and len(row.query) >= summary
+                and row.query[:summary] == row.state.window[:summary])
 
     def _commit(self, rows: list[DecodeRow]) -> tuple[list[DecodeRow], list[DecodeRow]]:
         """Rows whose window was full before their new token: commit (batched), then take the token.
@@ -415,7 +434,8 @@ class DecodeEngine:
 
     def _prefill_batch(self, rows: list[DecodeRow]) -> None:
         model, cache = self.model, self._ensure_buffers()
-        prompts = model.recall_for([r.state.ltm for r in rows], [r.query for r in rows]).prompts
+        recalled = model.recall_for([r.state.ltm for r in rows], [r.query for r in rows])
+        prompts = recalled.prompts
         sequences = [list(r.state.sensory) + list(r.state.window) for r in rows]
         width = max(len(s) for s in sequences)
         ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], dtype=torch.long, device=model.device)
@@ -431,24 +451,31 @@ class DecodeEngine:
         ends = torch.tensor([len(s) for s in sequences], device=model.device)  # index of each row's last position
         last = hidden[torch.arange(len(rows), device=model.device), ends]
         self._logits[slots] = model.lm_logits(last).float()  # type: ignore[index]
-        for row, sequence in zip(rows, sequences, strict=True):
+        for i, (row, sequence) in enumerate(zip(rows, sequences, strict=True)):
             row.length = 1 + len(sequence)
+            row.prompt, row.prompt_distance = prompts[i], int(recalled.distances[i])
 
-    def _decode(self, rows: list[DecodeRow]) -> list[DecodeRow]:
-        """Every row in `rows` reads its newest token, all in one forward over slots 0..n-1; the
-        other rows ride along on the scratch column and their outputs are dropped. If the forward
-        fails, the rows re-prefill from their states (the same function of the state), alone if needed."""
-        if not rows:
-            return []
+    def _decode(self, rows: list[DecodeRow],
+                committing: list[DecodeRow]) -> tuple[list[DecodeRow], list[DecodeRow]]:
+        """One forward over slots 0..n-1: every row in `rows` reads its newest token, every row in
+        `committing` (see `_slot_holds_commit`) reads its prompt p_n, whose output is its new
+        memory m_n. The other rows ride along on the scratch column and their outputs are dropped.
+        Returns (committed rows, failed rows). If the forward fails, the rows re-prefill from their
+        states (the same function of the state) and the committing rows commit canonically."""
+        if not rows and not committing:
+            return [], []
         try:
-            self._decode_batch(rows)
-            return []
+            self._decode_batch(rows, committing)
+            return committing, []
         except Exception:
-            log.exception("decode forward failed for %d rows: prefilling them again", len(rows))
+            log.exception("decode forward failed for %d rows: prefilling them again", len(rows) + len(committing))
             self.recoveries += 1
-            return self._prefill(rows)
+            for row in committing:
+                row.prompt = None
+            committed, failed = self._commit(committing)
+            return committed, failed + self._prefill(rows)
 
-    def _decode_batch(self, rows: list[DecodeRow]) -> None:
+    def _decode_batch(self, rows: list[DecodeRow], committing: list[DecodeRow]) -> None:
         model, cache = self.model, self._ensure_buffers()
         device, count = model.device, len(self.rows)
         if self.compiled:  # static shapes: the free slots past the last row ride along as idle rows
@@ -457,26 +484,37 @@ class DecodeEngine:
         positions = [self.scratch] * count
         for row in rows:
             tokens[row.slot], positions[row.slot] = row.tokens[-1], row.length
+        for row in committing:
+            positions[row.slot] = row.length
         position_ids = torch.tensor(positions, device=device)
         visible = torch.arange(self.columns, device=device)[None, :] <= position_ids[:, None]
         mask = torch.zeros(visible.shape, dtype=model.dtype, device=device)
         mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)[:, None, None, :]
         cache.decode_rows = torch.arange(count, device=device)
         cache.decode_positions = position_ids
-        input_ids = torch.tensor(tokens, device=device)[:, None]
+        embeds = model.embed(torch.tensor(tokens, device=device)[:, None])
+        if committing:
+            prompts = torch.stack([row.prompt for row in committing])  # type: ignore[misc]
+            embeds[[row.slot for row in committing], 0] = prompts.to(embeds.dtype)
         if self.compiled:  # the compiled (GPU) forward keeps sdpa
-            hidden = self._decode_forward(input_ids, mask, position_ids[:, None])
+            hidden = self._decode_forward(embeds, mask, position_ids[:, None])
         else:
             with decode_attention_for(model.base_model):
-                hidden = self._decode_forward(input_ids, mask, position_ids[:, None])
-        slots = torch.tensor([row.slot for row in rows], device=device)
-        self._logits[slots] = model.lm_logits(hidden[slots]).float()  # type: ignore[index]
+                hidden = self._decode_forward(embeds, mask, position_ids[:, None])
+        if rows:
+            slots = torch.tensor([row.slot for row in rows], device=device)
+            self._logits[slots] = model.lm_logits(hidden[slots]).float()  # type: ignore[index]
         for row in rows:
             row.length += 1
+        cfg = model.hmt_config
+        for row in committing:
+            state = row.state.after_commit(hidden[row.slot], cfg)
+            row.state, _ = fill_window(state, [row.tokens[-1]], cfg)
+            row.commit_distances.append(row.prompt_distance)
 
-    def _backbone_decode(self, input_ids: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
-        """The decode forward proper: [rows, 1] tokens -> final hidden states [rows, d]."""
-        return self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+    def _backbone_decode(self, inputs_embeds: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
+        """The decode forward proper: [rows, 1, d] embeddings -> final hidden states [rows, d]."""
+        return self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
                                      past_key_values=self._cache, use_cache=True).last_hidden_state[:, -1]
 
     def _release(self, row: DecodeRow) -> None:

@@ -4,10 +4,12 @@
 single-session test checks the path the server batches. The open window W is the local
 context: `[p, E(sensory), E(W)]` with p recalled by the query from W[:s] taken when the request
 starts. Each token sampled from the logits at W's end is appended to the session; when W is
-already full, W is first committed canonically, a new window opens with its query from the
+already full, W is first committed (canonically, or from the slot's cache when its prompt
+is the commit's: equal within float rounding), a new window opens with its query from the
 sensory tokens (the newest text there is) and the backbone is prefilled on
 `[p', E(sensory), E(token)]`. So the first logits equal the reference's logits for the last
-token of the stream, and the state after a reply equals appending prompt + reply tokens.
+token of the stream, and the state after a reply equals appending prompt + reply tokens
+(memories within float tolerance).
 """
 
 from __future__ import annotations
