@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "~/.cache/hmt-serve (the backbone goes to DIR/backbones/NAME)")
     backbone.set_defaults(run=_backbone)
 
-    from service.chat_client import add_parser as add_chat_parser  # the client of the service, same package
+    from hmt_client.chat import add_parser as add_chat_parser  # the service's client: httpx only, no service import
 
     add_chat_parser(commands)
     return parser

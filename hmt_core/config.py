@@ -10,6 +10,7 @@ from typing import Any, Literal
 from hmt_core.errors import CheckpointError, InvalidInputError
 
 RecallScale = Literal["auto", "sqrt", "linear"]
+RECALL_DTYPES = ("bfloat16", "float16", "float32", "float64")  # torch dtypes recall may run in
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class HMTConfig:
             raise InvalidInputError(f"sum_fraction must be in (0, 1], got {self.sum_fraction}")
         if self.summary_tokens < 1:
             raise InvalidInputError("segment_tokens * sum_fraction rounds to 0 summary tokens")
+        if self.recall_dtype not in RECALL_DTYPES:
+            raise InvalidInputError(
+                f"recall_dtype must be one of {', '.join(RECALL_DTYPES)}, got {self.recall_dtype!r}")
         if self.recall_scale not in ("auto", "sqrt", "linear"):
             raise InvalidInputError(f"recall_scale must be auto, sqrt or linear, got {self.recall_scale!r}")
 

@@ -54,19 +54,9 @@ class AppendTask:
         return not self.rest or self.error is not None
 
 
-def check_state(model: HMTModel, state: SessionState) -> None:
-    """A state must fit the model before it joins a batch: a bad row is refused alone."""
-    model.check_session(state)
-    for tokens in (state.window, state.sensory):
-        if tokens:
-            model.check_tokens(tokens)
-    if not bool(torch.isfinite(state.ltm).all()):
-        raise InvalidInputError("the session's memory holds non-finite values")
-
-
 def begin_append(model: HMTModel, state: SessionState, tokens: Sequence[int] | Tensor) -> AppendTask:
     """Validate, bump the version and fill the open window; commits come with `advance_appends`."""
-    check_state(model, state)
+    model.check_session(state)
     ids = model.check_tokens(tokens).reshape(-1).tolist() if len(tokens) else []
     state, rest = fill_window(state.bumped(), ids, model.hmt_config)
     return AppendTask(state, rest)
@@ -288,7 +278,7 @@ class DecodeEngine:
     def add(self, state: SessionState, params: SamplingParams) -> DecodeRow:
         """A session joins (prefilled at the next step). Raises InvalidInputError for a bad request."""
         model = self.model
-        check_state(model, state)
+        model.check_session(state)
         if not state.window:
             raise InvalidInputError("the session has no tokens yet: append a prompt before generating")
         if params.stop and model.tokenizer is None:

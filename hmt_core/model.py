@@ -228,6 +228,10 @@ class HMTModel(nn.Module):
     # ----- whole-sequence scoring (teacher-forced, as the reference evaluates) ------------
 
     def check_tokens(self, tokens: Sequence[int] | Tensor) -> Tensor:
+        if not isinstance(tokens, Tensor):
+            for token in tokens:  # before torch: an int beyond int64 would overflow inside as_tensor
+                if isinstance(token, int) and not 0 <= token < self.vocab_size:
+                    raise InvalidInputError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
         ids = torch.as_tensor(tokens) if not isinstance(tokens, Tensor) else tokens
         if ids.numel() == 0:
             raise InvalidInputError("no tokens given")
@@ -306,7 +310,8 @@ class HMTModel(nn.Module):
         return SessionState.empty(self.dim, self.fingerprint)
 
     def check_session(self, state: SessionState) -> None:
-        state.check_model(self.fingerprint, self.hmt_config, self.dim)
+        """Raises ModelMismatchError or CorruptStateError for a state this model could not have made."""
+        state.check_model(self.fingerprint, self.hmt_config, self.dim, self.vocab_size)
 
     @torch.no_grad()
     def commit_windows(self, states: Sequence[SessionState]) -> tuple[list[SessionState], Tensor]:

@@ -131,6 +131,12 @@ class TextStream:
     def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = list(stop)
+        # Set lookups instead of a scan per stop string: a token's cost depends on the longest stop
+        # string, not on how many there are.
+        self._stops = frozenset(stop)
+        self._lengths = sorted({len(s) for s in stop})
+        self._prefixes = frozenset(s[:n] for s in stop for n in range(1, len(s)))
+        self._longest = self._lengths[-1] if self._lengths else 0
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -153,18 +159,17 @@ class TextStream:
         return self._release()
 
     def _release(self) -> tuple[str, bool]:
-        text = self.released + self.pending
-        start = max(0, len(self.released) - max((len(s) for s in self.stop), default=0))
-        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            return self._take(min(hits) - len(self.released)), True
-        hold = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:n]):
-                    hold = n
-                    break
-        return self._take(len(self.pending) - hold), False
+        if not self._stops:
+            return self._take(len(self.pending)), False
+        lookback = self.released[max(0, len(self.released) - self._longest):]
+        text = lookback + self.pending
+        for start in range(len(text)):  # the earliest stop string wins
+            if any(text[start:start + n] in self._stops for n in self._lengths):
+                return self._take(max(0, start - len(lookback))), True
+        for n in range(min(self._longest - 1, len(text)), 0, -1):  # hold back a possible stop's start
+            if text[len(text) - n:] in self._prefixes:
+                return self._take(max(0, len(self.pending) - n)), False
+        return self._take(len(self.pending)), False
 
     def _take(self, n: int) -> str:
         out, self.pending = self.pending[:n], self.pending[n:]

@@ -2,12 +2,14 @@
 
 Bytes are a safetensors file (no pickle): tensors `ltm` float32 [n, d], `sensory` and `window`
 int64, and a metadata header with the format version, model fingerprint, counters and a
-SHA-256 checksum over everything else, so truncation or tampering is detected, not loaded.
+SHA-256 checksum over everything else, so truncation or damage is detected, not loaded. With a
+key, an HMAC of that checksum too: then a state edited by anyone without the key is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 STATE_FORMAT = "hmt-session"
 STATE_FORMAT_VERSION = 1
 _COUNTERS = ("segments_committed", "tokens_seen", "version")
+MAX_COUNTER = 2**53  # counters stay exact as Lua numbers (the store compares versions in Lua)
 
 
 @dataclass(frozen=True)
@@ -58,17 +61,36 @@ class SessionState:
         return replace(self, ltm=ltm[-config.ltm_context:], sensory=tuple(sensory), window=(),
                        segments_committed=self.segments_committed + 1)
 
-    def check_model(self, fingerprint: str, config: HMTConfig, dim: int) -> None:
+    def check_model(self, fingerprint: str, config: HMTConfig, dim: int, vocab_size: int | None = None) -> None:
+        """Refuse a state this model could not have made: another model's, one that does not fit its
+        configuration, inconsistent counters, token ids outside the vocabulary, non-finite memory.
+        States arrive from clients (import), so each of these is checked, not assumed."""
         if self.fingerprint != fingerprint:
             raise ModelMismatchError(
                 f"session state belongs to model {self.fingerprint}, this model is {fingerprint}")
         if self.dim != dim or self.ltm.shape[0] > config.ltm_context or \
                 len(self.window) > config.segment_tokens or len(self.sensory) > config.num_sensory:
             raise CorruptStateError("session state does not fit this model's HMT configuration")
+        segments = self.segments_committed
+        if not 0 <= segments < MAX_COUNTER or not 0 <= self.version < MAX_COUNTER:
+            raise CorruptStateError("session state counters are out of range")
+        if self.tokens_seen != segments * config.segment_tokens + len(self.window):
+            raise CorruptStateError("session state counters disagree with its window and segments")
+        if self.ltm.shape[0] != min(segments, config.ltm_context) or \
+                len(self.sensory) != (config.num_sensory if segments else 0):
+            raise CorruptStateError("session state memory disagrees with its segment count")
+        if vocab_size is not None:
+            for tokens in (self.window, self.sensory):
+                if tokens and not 0 <= min(tokens) <= max(tokens) < vocab_size:
+                    raise CorruptStateError(f"session state holds token ids outside the vocabulary [0, {vocab_size})")
+        if not bool(torch.isfinite(self.ltm).all()):
+            raise CorruptStateError("session state memory holds non-finite values")
 
     # ----- bytes ----------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, key: bytes | None = None) -> bytes:
+        """The state's bytes; with `key`, signed with HMAC-SHA256 so that `from_bytes(..., key=key)`
+        refuses any other bytes (edited, or made under another key)."""
         tensors = {
             "ltm": self.ltm.detach().to("cpu", torch.float32).contiguous(),
             "sensory": torch.tensor(self.sensory, dtype=torch.int64),
@@ -77,11 +99,14 @@ class SessionState:
         meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION),
                 "fingerprint": self.fingerprint, **{k: str(getattr(self, k)) for k in _COUNTERS}}
         meta["checksum"] = _checksum(meta, tensors)
+        if key is not None:
+            meta["mac"] = _mac(key, meta["checksum"])
         return save_tensors(tensors, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes, fingerprint: str | None = None) -> SessionState:
-        """Parse and verify; with `fingerprint`, also refuse a state of another model."""
+    def from_bytes(cls, data: bytes, fingerprint: str | None = None, key: bytes | None = None) -> SessionState:
+        """Parse and verify; with `fingerprint`, also refuse a state of another model; with `key`,
+        refuse a state not signed with it (a plain checksum anyone can recompute; a MAC they cannot)."""
         meta = _read_metadata(data)
         if meta.get("format") != STATE_FORMAT:
             raise CorruptStateError("not an HMT session state")
@@ -93,9 +118,17 @@ class SessionState:
             raise CorruptStateError(f"session state is unreadable: {exc}") from None
         if set(tensors) != {"ltm", "sensory", "window"}:
             raise CorruptStateError("session state has the wrong tensors")
+        mac = meta.pop("mac", None)
         expected = meta.pop("checksum", None)
         if expected != _checksum(meta, tensors):
             raise CorruptStateError("session state failed its integrity check")
+        if key is not None:
+            if mac is None:
+                raise CorruptStateError("session state is not signed, and this deployment accepts only states "
+                                        "signed with its secret")
+            if not hmac.compare_digest(mac, _mac(key, expected)):
+                raise CorruptStateError("session state signature does not match this deployment's secret: it was "
+                                        "edited, or exported by another deployment")
         ltm, sensory, window = tensors["ltm"], tensors["sensory"], tensors["window"]
         if ltm.dim() != 2 or sensory.dim() != 1 or window.dim() != 1 or ltm.dtype != torch.float32:
             raise CorruptStateError("session state tensors have the wrong shapes")
@@ -127,6 +160,10 @@ def _checksum(meta: dict[str, str], tensors: dict[str, Tensor]) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def _mac(key: bytes, checksum: str) -> str:
+    return hmac.new(key, checksum.encode(), hashlib.sha256).hexdigest()
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -103,6 +103,33 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return 500, {"error": {"message": "internal server error", "type": "internal_error"}}
 
 
+class BodyLimit:
+    """ASGI middleware: a body without Content-Length (chunked) is counted while it streams in and
+    refused with 413 once over `max_bytes`, so it is never read whole, let alone tokenized. (A
+    declared Content-Length over the limit is refused before reading, in `_observe`.) Raised as an
+    HTTPException: FastAPI's body parsing passes those on to our handlers, our JSON body."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def sse(data: Any, event: str | None = None) -> str:
     body = data if isinstance(data, str) else json.dumps(data)
     return (f"event: {event}\n" if event else "") + f"data: {body}\n\n"
@@ -130,6 +157,7 @@ class Service:
         self.fingerprint = model.fingerprint
         self._tasks: set[asyncio.Task[Any]] = set()  # strong references to session tasks
         self._keys = {hashlib.sha256(k.encode()).hexdigest()[:32]: k for k in settings.keys}
+        self._state_key = settings.state_secret.encode() if settings.state_secret else None
 
     # ----- auth ------------------------------------------------------------------------------
 
@@ -145,6 +173,17 @@ class Service:
         raise APIError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)")
 
     # ----- helpers -----------------------------------------------------------------------------
+
+    def encode(self, state: SessionState) -> bytes:
+        """A state's stored (and exported) bytes: signed when the operator set a secret."""
+        return state.to_bytes(self._state_key)
+
+    def imported(self, data: bytes) -> SessionState:
+        """A state a client sent: verified whole (signature when there is a secret, then every
+        invariant) before anything is written."""
+        state = SessionState.from_bytes(data, self.fingerprint, key=self._state_key)
+        self.model.check_session(state)
+        return state
 
     def state_from(self, data: bytes) -> SessionState:
         """A stored state, checked against this model (409 if another model made it)."""
@@ -169,6 +208,17 @@ class Service:
             self.model.check_tokens(tokens)
         return tokens
 
+    def sampling_params(self, *, max_tokens: int, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+                        **sampling: Any) -> SamplingParams:
+        """Both APIs build their sampling parameters here: one set of limits and checks."""
+        limit = self.settings.max_generate_tokens
+        if max_tokens > limit:
+            raise InvalidInputError(f"max_tokens {max_tokens} is over this server's limit of {limit}")
+        if stop and self.model.tokenizer is None:
+            raise InvalidInputError("stop strings need a model with a tokenizer")
+        return SamplingParams(max_tokens=max_tokens, stop=tuple(stop), stop_token_ids=tuple(stop_token_ids),
+                              **sampling)
+
     def info(self, session_id: str, state: SessionState, size: int) -> SessionInfo:
         return SessionInfo(id=session_id, tokens_seen=state.tokens_seen, segments_total=state.segments_committed,
                            window_tokens=len(state.window), state_bytes=size, version=state.version,
@@ -180,7 +230,7 @@ class Service:
         try:
             state = self.state_from(lease.data)
         except BaseException:
-            await self.store.release(session_id, lease.token)
+            await self.store.release(lease)
             raise
         return self.launch(lease, owner, state, tokens, params)
 
@@ -192,7 +242,7 @@ class Service:
             if params is not None and not tokens and not state.window:
                 raise InvalidInputError("the session has no tokens yet: give a prompt")
         except BaseException:
-            self.spawn(self.store.release(lease.session_id, lease.token))
+            self.spawn(self.store.release(lease))
             raise
         metrics.TOKENS_IN.inc(len(tokens))
         job = self.worker.submit(state, tokens, params)
@@ -227,12 +277,12 @@ class Service:
         renewer = asyncio.create_task(self._renew(lease))
         try:
             result: JobResult = await job.done
-            await self.store.save(lease, result.state.to_bytes(), result.state.version, owner,
+            await self.store.save(lease, self.encode(result.state), result.state.version,
                                   chat(result) if chat else None)
             return result
         finally:
             renewer.cancel()
-            await self.store.release(lease.session_id, lease.token)
+            await self.store.release(lease)
             metrics.ACTIVE_SESSIONS.dec()
             job.events.put_nowait(_END)
 
@@ -252,11 +302,16 @@ def create_app(service: Service) -> FastAPI:
         service.worker.stop()
         await service.store.close()
 
+    settings = service.settings
+    # With API keys the schema is served to key holders only, and the browsable docs (a browser
+    # cannot send the bearer key) are off: only health, readiness and metrics stay open.
+    open_docs = not settings.keys
     app = FastAPI(title="hmt-serve", version="0.1.0", lifespan=lifespan,
                   description="Long conversations with Hierarchical Memory Transformer sessions stored in Redis.",
-                  responses={code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 503)})
+                  responses={code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 503)},
+                  openapi_url="/openapi.json" if open_docs else None,
+                  docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None)
     app.state.service = service
-    settings = service.settings
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception) -> JSONResponse:
@@ -276,17 +331,19 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, kind, str(exc.detail), request)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # added first: inside _observe
 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:  # our JSON 413, unread
             response: Response = error_response(413, "too_large", f"request body over {settings.max_body_bytes} bytes",
                                                 request)
-        else:
+        else:  # a chunked body over the limit: BodyLimit stops it while it streams in
             try:
                 response = await call_next(request)
             except Exception as exc:  # errors raised past the handlers (middleware order)
@@ -300,6 +357,11 @@ def create_app(service: Service) -> FastAPI:
         return response
 
     owner_dep = Depends(service.owner)
+
+    if not open_docs:
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi_schema(owner: str = owner_dep) -> JSONResponse:
+            return JSONResponse(app.openapi())
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -324,7 +386,7 @@ def create_app(service: Service) -> FastAPI:
     async def create_session(body: CreateSession | None = None, owner: str = owner_dep) -> SessionInfo:
         session_id = (body.id if body else None) or uuid.uuid4().hex
         state = service.model.new_session()
-        data = state.to_bytes()
+        data = service.encode(state)
         await service.store.create(session_id, owner, data, state.version)
         return service.info(session_id, state, len(data))
 
@@ -348,20 +410,17 @@ def create_app(service: Service) -> FastAPI:
     async def import_state(session_id: str, request: Request, owner: str = owner_dep) -> SessionInfo:
         """Replace (or create) a session from exported bytes; an invalid body changes nothing."""
         check_session_id(session_id)
-        data = await request.body()
-        if len(data) > settings.max_body_bytes:
-            raise APIError(413, "too_large", f"state over {settings.max_body_bytes} bytes")
-        state = SessionState.from_bytes(data, service.fingerprint)
-        service.model.check_session(state)
+        data = await request.body()  # bounded by BodyLimit
+        state = service.imported(data)
         lease = await service.store.acquire(session_id, owner, must_exist=False)
         try:
             # The version only grows, so writers fenced on an older version stay fenced off.
             state = replace(state, version=max(state.version, lease.version + 1))
-            data = state.to_bytes()
+            data = service.encode(state)
             # the imported state is not the conversation the chat record describes: forget it
-            await service.store.save(lease, data, state.version, owner, ChatRecord(b""))
+            await service.store.save(lease, data, state.version, ChatRecord(b""))
         finally:
-            await service.store.release(session_id, lease.token)
+            await service.store.release(lease)
         return service.info(session_id, state, len(data))
 
     @app.post("/sessions/{session_id}/append", response_model=AppendResponse, tags=["sessions"],
@@ -402,12 +461,8 @@ def create_app(service: Service) -> FastAPI:
         `stream: true`: one `data: {"token", "text"}` event per token, a final event with
         finish_reason and usage, then `data: [DONE]`."""
         start = time.perf_counter()
-        if body.max_tokens > settings.max_generate_tokens:
-            raise APIError(413, "too_large", f"max_tokens over the limit of {settings.max_generate_tokens}")
-        if body.stop and service.model.tokenizer is None:
-            raise InvalidInputError("stop strings need a model with a tokenizer")
-        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                top_p=body.top_p, seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos)
+        params = service.sampling_params(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                         top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
         prompt = await service.tokens_of(body.prompt, body.prompt_tokens) if \
             (body.prompt or body.prompt_tokens) else []
         job, task = await service.start_job(session_id, owner, prompt, params)

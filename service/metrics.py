@@ -30,6 +30,10 @@ QUEUE_DEPTH = Gauge("hmt_queue_depth", "Jobs waiting for or running in the model
 STORE_SECONDS = Histogram("hmt_store_seconds", "Redis operation latency", ["op"], buckets=_LATENCY,
                           registry=REGISTRY)
 STORE_ERRORS = Counter("hmt_store_errors", "Redis operations that failed", ["op"], registry=REGISTRY)
+STORE_OPS = ("ping", "create", "read", "lock", "unlock", "write")  # the op label of the store's operations
+for _op in STORE_OPS:  # every series exists from the start, so increase() alerts see the first burst
+    STORE_ERRORS.labels(_op)
+    STORE_SECONDS.labels(_op)
 STATE_BYTES = Histogram("hmt_state_bytes", "Serialized session state size at each write",
                         buckets=(1e3, 1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7), registry=REGISTRY)
 ACTIVE_SESSIONS = Gauge("hmt_active_sessions", "Sessions with a request in progress in this process",

@@ -115,18 +115,12 @@ class OpenAIFrontend:
                                                    f"{self.model_name!r}")
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, chat: bool) -> SamplingParams:
-        limit = body.token_limit or self.service.settings.default_max_tokens
-        if limit > self.service.settings.max_generate_tokens:
-            raise InvalidInputError(f"max_tokens {limit} is over this server's limit of "
-                                    f"{self.service.settings.max_generate_tokens}")
-        stop = tuple(body.stop_list)
-        if stop and self.service.model.tokenizer is None:
-            raise InvalidInputError("stop strings need a model with a tokenizer")
-        stop_ids: tuple[int, ...] = ()
+        stop, stop_ids = tuple(body.stop_list), ()
         if chat and self.template is not None:  # end the reply where the template ends a turn
             stop, stop_ids = stop + self.template.stop_strings, self.template.stop_token_ids
-        return SamplingParams(max_tokens=limit, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                              stop=stop, stop_token_ids=stop_ids)
+        return self.service.sampling_params(
+            max_tokens=body.token_limit or self.service.settings.default_max_tokens, temperature=body.temperature,
+            top_p=body.top_p, seed=body.seed, stop=stop, stop_token_ids=stop_ids)
 
     # ----- chat turns ---------------------------------------------------------------------------
 
@@ -161,13 +155,13 @@ class OpenAIFrontend:
         hit = await store.find_chat(owner, chain)
         if hit is not None:
             n, source = hit
-            raw = await store.conversation(source)
+            raw = await store.conversation(source, owner)
             record = _record(raw) if raw else None
             if record is not None and record.chain[n - 1:n] == chain[n - 1:n]:
                 if len(record.chain) == n:
                     return source, None
                 k = max((m for m in record.snapshots if m <= n), default=None)
-                data = await store.snapshot(source, k) if k is not None else None
+                data = await store.snapshot(source, owner, k) if k is not None else None
                 if k is not None and data is not None:
                     pending = record.snapshots[k]
                     return None, Fork(data, Conversation(chain[:k], pending, {k: pending}), k)
@@ -191,7 +185,7 @@ class OpenAIFrontend:
                     record, keep[fork.messages] = fork.record, fork.state
             else:
                 state = service.state_from(lease.data)
-                raw = await store.conversation(session_id)
+                raw = await store.conversation(session_id, owner)
                 record = _record(raw) if raw else None
             if delta:
                 prior = record.chain if record else []
@@ -201,26 +195,26 @@ class OpenAIFrontend:
             else:
                 plan = plan_turn(record, chain)
                 if implicit and plan.continuation != "continued":
-                    await store.release(session_id, lease.token)
+                    await store.release(lease)
                     return None
                 text = template.suffix(messages, prompt, plan.absorbed)
             if text is None:  # the template does not render this conversation incrementally
                 plan = restart_plan(record)
                 text = prompt
             if plan.continuation == "new":
-                keep[0] = lease.data or state.to_bytes()
+                keep[0] = lease.data or service.encode(state)
             if plan.base == EMPTY:
                 state = service.model.new_session()
-                keep[0] = state.to_bytes()
+                keep[0] = service.encode(state)
             elif plan.base is not None:
-                data = await store.snapshot(session_id, plan.base)
+                data = await store.snapshot(session_id, owner, plan.base)
                 if data is None:
                     raise CorruptStateError(f"snapshot {plan.base} of session {session_id!r} is missing")
                 state = service.state_from(data)
             state = replace(state, version=max(state.version, lease.version))  # the version only grows
             tokens = await service.tokens_of(plan.pending + text, None)
         except BaseException:
-            await store.release(session_id, lease.token)
+            await store.release(lease)
             raise
         continuation = "branched" if fork else plan.continuation
         turn = Turn(session_id, None, None, len(tokens), continuation)  # type: ignore[arg-type]
@@ -260,7 +254,7 @@ class OpenAIFrontend:
         try:
             state = service.state_from(lease.data) if lease.version >= 0 else service.model.new_session()
         except BaseException:
-            await service.store.release(session_id, lease.token)
+            await service.store.release(lease)
             raise
         job, task = service.launch(lease, owner, state, tokens, params)
         return Turn(session_id, job, task, len(tokens))

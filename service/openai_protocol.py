@@ -11,22 +11,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
 
+from service.protocol import StopString, Text, check_unicode
+
 ROLES = ("system", "developer", "user", "assistant")
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -45,8 +49,6 @@ class _Request(BaseModel):
             raise ValueError("frequency_penalty and presence_penalty are not supported")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop: at most 4 sequences")
-        if self.stop is not None and any(not s for s in self.stop_list):
-            raise ValueError("stop: sequences must not be empty")
         return self
 
     @property
@@ -57,11 +59,11 @@ class _Request(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: Text | list[dict[str, Any]] | None = None
+    name: Text | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
@@ -74,6 +76,7 @@ class ChatMessage(BaseModel):
             for part in self.content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValueError("only text content parts are supported")
+                check_unicode(part["text"])
         return self
 
     @property
@@ -103,7 +106,7 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[StrictInt]
+    prompt: Text | list[Text] | list[StrictInt]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from hmt_core import InvalidInputError
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_STOP_STRINGS = 16  # per request; /v1 allows 4, as OpenAI does
+MAX_STOP_CHARS = 256
+
+
+def check_unicode(text: str) -> str:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"); no tokenizer can read them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode: a lone surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(check_unicode)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 def check_session_id(session_id: str, source: str = "session id") -> str:
@@ -19,7 +35,8 @@ def check_session_id(session_id: str, source: str = "session id") -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "10" is not a number nor "yes" a boolean; Infinity and NaN are no temperature
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class CreateSession(_Strict):
@@ -27,7 +44,7 @@ class CreateSession(_Strict):
 
 
 class AppendRequest(_Strict):
-    text: str | None = Field(None, description="Text, tokenized with the model's tokenizer")
+    text: Text | None = Field(None, description="Text, tokenized with the model's tokenizer")
     tokens: list[StrictInt] | None = Field(None, description="Token ids, as an alternative to text")
 
     @model_validator(mode="after")
@@ -38,14 +55,16 @@ class AppendRequest(_Strict):
 
 
 class GenerateRequest(_Strict):
-    prompt: str | None = Field(None, description="Appended to the session before generating")
+    prompt: Text | None = Field(None, description="Appended to the session before generating")
     prompt_tokens: list[StrictInt] | None = Field(None, description="Token-id alternative to prompt")
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0: off")
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS,
+                                   description=f"Stop strings (at most {MAX_STOP_STRINGS}, each 1 to {MAX_STOP_CHARS} "
+                                               "characters): the reply ends before the first one")
     ignore_eos: bool = False
     stream: bool = False
 

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("hmt-data"), description="where the embedded Redis keeps its append-only file")
     key_prefix: str = Field("hmt:", description="prefix of every Redis key")
     session_ttl_s: float = Field(0.0, ge=0, description="expire sessions idle this long; 0: never")
-    lock_ttl_s: float = Field(30.0, gt=0, description="a writer's lock expires after this unless renewed")
+    lock_ttl_s: float = Field(5.0, gt=0, description="a writer's lock expires after this unless renewed (every "
+                                                     "third of it while the writer lives): a dead writer's "
+                                                     "session is free again this soon")
     lock_wait_s: float = Field(2.0, ge=0, description="a second writer waits this long, then gets 409")
     max_append_tokens: int = Field(65536, ge=1, description="tokens per append or prompt; more is 413")
     max_generate_tokens: int = Field(4096, ge=1, description="largest max_tokens; more is 413")
@@ -39,6 +41,8 @@ class Settings(BaseSettings):
     round_token_budget: int = Field(2048, ge=1, description="while sessions generate, tokens of appends read "
                                                             "per scheduler round (fairness to running streams)")
     api_keys: str = Field("", description="comma-separated API keys; empty: no authentication")
+    state_secret: str = Field("", description="signs session states (HMAC-SHA256); an imported state must carry "
+                                              "this deployment's signature; empty: unsigned (checksum only)")
     served_model_name: str | None = Field(None, description="model id on /v1/models; default: the name in the "
                                                             "model's model_card.json, else its directory's name")
     default_max_tokens: int = Field(512, ge=1, description="/v1 reply length when a request gives none")

@@ -1,11 +1,14 @@
 """Redis session store: one hash per session, whole-value writes fenced by the state's version,
 one writer per session through a lock with expiry, and an embedded redis-server when no URL is given.
 
-Layout: `{prefix}session:{id}` hash {state: SessionState bytes, version, owner, created, and for
+Layout, where {sid} is the session id, or `{owner}/{id}` with API keys (each key's ids are its own
+namespace: another key's id is simply not there): `{prefix}session:{sid}` hash {state:
+SessionState bytes, version, owner, created, and for
 chat sessions conversation: the hash chain record of service.conversation};
-`{prefix}snapshots:{id}` hash {message count: SessionState bytes at the end of that chat turn};
-`{prefix}lock:{id}` a random token with a PX expiry; `{prefix}chat:{owner}:{chain hash}` the id of
-the session whose turn ended at that hash (a hint for clients that send no session id).
+`{prefix}snapshots:{sid}` hash {message count: SessionState bytes at the end of that chat turn};
+`{prefix}lock:{sid}` a random token with a PX expiry; `{prefix}chat:{owner}:{chain hash}` the id of
+the session whose turn ended at that hash (a hint for clients that send no session id), listed in
+the set `{prefix}hints:{sid}` so that deleting the session deletes them.
 A save is a compare-and-set in Lua on the stored version, so a writer whose lock expired (and
 whose state is older) can never overwrite; the conversation record and snapshots change in the
 same script, so they always describe the saved state.
@@ -59,6 +62,7 @@ class Lease:
     token: str
     data: bytes
     version: int
+    owner: str = ""
 
 
 @dataclass
@@ -122,7 +126,7 @@ return 0
 
 
 class SessionStore:
-    def __init__(self, url: str, prefix: str = "hmt:", ttl_s: float = 0.0, lock_ttl_s: float = 30.0,
+    def __init__(self, url: str, prefix: str = "hmt:", ttl_s: float = 0.0, lock_ttl_s: float = 5.0,
                  lock_wait_s: float = 2.0) -> None:
         # Short timeouts: a dead Redis must turn into a quick 503, not a hung request.
         self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
@@ -136,21 +140,30 @@ class SessionStore:
         self._release = self.redis.register_script(_RELEASE)
         self._renew = self.redis.register_script(_RENEW)
 
-    def _key(self, session_id: str) -> str:
-        return f"{self.prefix}session:{session_id}"
+    @staticmethod
+    def _scoped(owner: str, session_id: str) -> str:
+        """Each API key's ids are its own namespace ('/' is not allowed in ids); no key: the bare id."""
+        return f"{owner}/{session_id}" if owner else session_id
 
-    def _lock_key(self, session_id: str) -> str:
-        return f"{self.prefix}lock:{session_id}"
+    def _key(self, owner: str, session_id: str) -> str:
+        return f"{self.prefix}session:{self._scoped(owner, session_id)}"
 
-    def _snapshots_key(self, session_id: str) -> str:
-        return f"{self.prefix}snapshots:{session_id}"
+    def _lock_key(self, owner: str, session_id: str) -> str:
+        return f"{self.prefix}lock:{self._scoped(owner, session_id)}"
+
+    def _snapshots_key(self, owner: str, session_id: str) -> str:
+        return f"{self.prefix}snapshots:{self._scoped(owner, session_id)}"
 
     def _hint_key(self, owner: str, chain_hash: str) -> str:
         return f"{self.prefix}chat:{owner}:{chain_hash}"
 
+    def _hints_key(self, owner: str, session_id: str) -> str:
+        return f"{self.prefix}hints:{self._scoped(owner, session_id)}"
+
     @contextlib.asynccontextmanager
     async def _op(self, name: str) -> AsyncIterator[None]:
         """Time one Redis operation and turn connection failures into StoreUnavailableError."""
+        assert name in metrics.STORE_OPS, name  # a new op needs its series initialised in metrics
         start = time.perf_counter()
         try:
             yield
@@ -172,7 +185,7 @@ class SessionStore:
 
     async def create(self, session_id: str, owner: str, data: bytes, version: int) -> None:
         async with self._op("create"):
-            created = await self._create(keys=[self._key(session_id)],
+            created = await self._create(keys=[self._key(owner, session_id)],
                                          args=[data, version, owner, time.time(), self.ttl_ms])
         if not created:
             raise SessionConflictError(f"session {session_id!r} already exists")
@@ -180,7 +193,8 @@ class SessionStore:
 
     async def get(self, session_id: str, owner: str) -> tuple[bytes, int]:
         async with self._op("read"):
-            data, version, stored_owner = await self.redis.hmget(self._key(session_id), "state", "version", "owner")
+            data, version, stored_owner = await self.redis.hmget(self._key(owner, session_id), "state", "version",
+                                                                 "owner")
         if data is None or (stored_owner or b"").decode() != owner:
             raise SessionNotFoundError(f"no session {session_id!r}")
         return data, int(version)
@@ -200,7 +214,7 @@ class SessionStore:
         deadline = time.monotonic() + self.lock_wait_s
         while True:
             async with self._op("lock"):
-                got = await self.redis.set(self._lock_key(session_id), token, nx=True, px=self.lock_ttl_ms)
+                got = await self.redis.set(self._lock_key(owner, session_id), token, nx=True, px=self.lock_ttl_ms)
             if got:
                 break
             # Check existence first so an unknown session is 404, not 409, even while locked.
@@ -209,40 +223,33 @@ class SessionStore:
             if time.monotonic() >= deadline:
                 raise SessionBusyError(f"session {session_id!r} is busy with another request; retry later")
             await asyncio.sleep(0.02)
+        lease = Lease(session_id, token, b"", -1, owner)
         try:
-            data, version = await self.get(session_id, owner)
+            lease.data, lease.version = await self.get(session_id, owner)
         except SessionNotFoundError:
             if must_exist:
-                await self.release(session_id, token)
+                await self.release(lease)
                 raise
-            if await self._owned_by_other(session_id, owner):
-                await self.release(session_id, token)
-                raise SessionNotFoundError(f"no session {session_id!r}") from None
-            return Lease(session_id, token, b"", -1)
         except BaseException:
-            await self.release(session_id, token)
+            await self.release(lease)
             raise
-        return Lease(session_id, token, data, version)
-
-    async def _owned_by_other(self, session_id: str, owner: str) -> bool:
-        async with self._op("read"):
-            return bool(await self.redis.exists(self._key(session_id)))
+        return lease
 
     async def renew(self, lease: Lease) -> bool:
         async with self._op("lock"):
-            return bool(await self._renew(keys=[self._lock_key(lease.session_id)],
+            return bool(await self._renew(keys=[self._lock_key(lease.owner, lease.session_id)],
                                           args=[lease.token, self.lock_ttl_ms]))
 
-    async def release(self, session_id: str, token: str) -> None:
+    async def release(self, lease: Lease) -> None:
         with contextlib.suppress(StoreUnavailableError):  # an unreleased lock expires by itself
             async with self._op("unlock"):
-                await self._release(keys=[self._lock_key(session_id)], args=[token])
+                await self._release(keys=[self._lock_key(lease.owner, lease.session_id)], args=[lease.token])
 
-    async def save(self, lease: Lease, data: bytes, version: int, owner: str, chat: ChatRecord | None = None) -> None:
+    async def save(self, lease: Lease, data: bytes, version: int, chat: ChatRecord | None = None) -> None:
         """Compare-and-set: write only if the stored version is still the one read under the lease.
         With `chat`, the conversation record and snapshots change in the same atomic script."""
         expected = "" if lease.version < 0 else str(lease.version)
-        args: list[bytes | str | int | float] = [expected, data, version, owner, self.ttl_ms, time.time()]
+        args: list[bytes | str | int | float] = [expected, data, version, lease.owner, self.ttl_ms, time.time()]
         if chat is not None:
             kept_as = "" if chat.state_snapshot is None else str(chat.state_snapshot)
             args += [chat.conversation, kept_as, len(chat.snapshots)]
@@ -250,8 +257,8 @@ class SessionStore:
                 args += [str(key), snapshot]
             args += [str(key) for key in chat.drop]
         async with self._op("write"):
-            result = await self._save(keys=[self._key(lease.session_id), self._snapshots_key(lease.session_id)],
-                                      args=args)
+            result = await self._save(keys=[self._key(lease.owner, lease.session_id),
+                                            self._snapshots_key(lease.owner, lease.session_id)], args=args)
         if result == -1:
             raise SessionNotFoundError(f"session {lease.session_id!r} was deleted meanwhile")
         if result == 0:
@@ -263,20 +270,31 @@ class SessionStore:
         lease = await self.acquire(session_id, owner)
         try:
             async with self._op("write"):
-                await self.redis.delete(self._key(session_id), self._snapshots_key(session_id))
+                await self.redis.delete(self._key(owner, session_id), self._snapshots_key(owner, session_id))
+            await self._forget_hints(owner, session_id)
         finally:
-            await self.release(session_id, lease.token)
+            await self.release(lease)
+
+    async def _forget_hints(self, owner: str, session_id: str) -> None:
+        """Delete the chat hints that still point at a deleted session (plain commands, no script
+        over keys of other hash slots: Redis Cluster stays possible)."""
+        with contextlib.suppress(StoreUnavailableError):
+            async with self._op("write"):
+                hints = sorted(await self.redis.smembers(self._hints_key(owner, session_id)))
+                targets = await self.redis.mget(hints) if hints else []
+                stale = [key for key, target in zip(hints, targets, strict=True) if target == session_id.encode()]
+                await self.redis.delete(self._hints_key(owner, session_id), *stale)
 
     # ----- chat sessions (service.conversation) ----------------------------------------------
 
-    async def conversation(self, session_id: str) -> bytes | None:
+    async def conversation(self, session_id: str, owner: str) -> bytes | None:
         """The conversation record; read it under a lease so it matches the state."""
         async with self._op("read"):
-            return await self.redis.hget(self._key(session_id), "conversation")
+            return await self.redis.hget(self._key(owner, session_id), "conversation")
 
-    async def snapshot(self, session_id: str, messages: int) -> bytes | None:
+    async def snapshot(self, session_id: str, owner: str, messages: int) -> bytes | None:
         async with self._op("read"):
-            return await self.redis.hget(self._snapshots_key(session_id), str(messages))
+            return await self.redis.hget(self._snapshots_key(owner, session_id), str(messages))
 
     async def find_chat(self, owner: str, chain: list[str]) -> tuple[int, str] | None:
         """The longest prefix chain[:n] at which some session's chat turn ended: (n, session id)."""
@@ -291,9 +309,14 @@ class SessionStore:
 
     async def remember_chat(self, owner: str, chain_hash: str, session_id: str) -> None:
         """A hint only (checked on use), so a failure to write it is no error."""
+        hint, hints = self._hint_key(owner, chain_hash), self._hints_key(owner, session_id)
         with contextlib.suppress(StoreUnavailableError):
-            async with self._op("write"):
-                await self.redis.set(self._hint_key(owner, chain_hash), session_id, px=self.ttl_ms or None)
+            async with self._op("write"), self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(hint, session_id, px=self.ttl_ms or None)
+                pipe.sadd(hints, hint)  # deleted with the session (the hint keys with it)
+                if self.ttl_ms:
+                    pipe.pexpire(hints, self.ttl_ms)
+                await pipe.execute()
 
 
 class EmbeddedRedis:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,22 @@ class JobResult:
     finish_reason: str | None = None  # generate: "stop", "length" or "cancelled" (client went away)
 
 
+def deliver(events: Sequence[tuple[Job, Any]]) -> None:
+    """Hand a step's events to their event loops with one wake-up per loop, not one per token:
+    each wake-up makes the loop thread take the GIL from the model thread."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+    for job, event in events:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop closed at shutdown: nobody is listening
+            loop.call_soon_threadsafe(_put_events, batch)
+
+
+def _put_events(batch: list[tuple[Job, Any]]) -> None:
+    for job, event in batch:
+        job.events.put_nowait(event)
+
+
 @dataclass(eq=False)  # identity matters: jobs are kept in lists and dicts
 class Job:
     """An append (params None) or a generate (prompt tokens first, then sampling).
@@ -70,8 +87,7 @@ class Job:
     last_token_at: float = 0.0
 
     def emit(self, event: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed at shutdown: nobody is listening
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        deliver([(self, event)])
 
     def finish(self, result: JobResult | BaseException) -> None:
         def settle() -> None:
@@ -225,15 +241,20 @@ class ModelWorker:
         metrics.DECODE_BATCH_SIZE.observe(rows)
         metrics.SEGMENTS.inc(out.commits)
         now = time.perf_counter()
+        events: list[tuple[Job, TokenEvent]] = []
+        finished: list[tuple[Job, DecodeRow, str]] = []
         for row, token in out.tokens:
             job = self._decoding[row]
             if job.last_token_at:
                 metrics.INTER_TOKEN_SECONDS.observe(now - job.last_token_at)
             job.last_token_at = now
             metrics.TOKENS_OUT.inc()
-            job.emit(TokenEvent(token.token_id, token.text))
+            events.append((job, TokenEvent(token.token_id, token.text)))
             if row.finish_reason is not None:
-                self._finish_row(job, row, row.finish_reason)
+                finished.append((job, row, row.finish_reason))
+        deliver(events)  # before the finishes: a stream's last token comes before its end
+        for job, row, reason in finished:
+            self._finish_row(job, row, reason)
         for row in out.failed:
             job = self._decoding.pop(row)
             job.finish(row.error)  # type: ignore[arg-type]

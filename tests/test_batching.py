@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from hmt_core import HMTModel, InvalidInputError, SamplingParams, SessionState
+from hmt_core import CorruptStateError, HMTModel, SamplingParams, SessionState
 from hmt_core.engine import DecodeEngine, DecodeRow, advance_appends, begin_append
 from hmt_core.sampling import sample_tokens, seed_key
 from hmt_core.testing import assert_states_equal, tiny_hmt_model
@@ -147,11 +147,11 @@ def test_a_bad_row_is_refused_alone(model: HMTModel) -> None:
     row = engine.add(good[0], SamplingParams(max_tokens=4, ignore_eos=True))
     poisoned = SessionState(good[1].ltm.clone().fill_(float("nan")), good[1].sensory, good[1].window,
                             good[1].segments_committed, good[1].tokens_seen, good[1].version, good[1].fingerprint)
-    with pytest.raises(InvalidInputError, match="non-finite"):
+    with pytest.raises(CorruptStateError, match="non-finite"):
         engine.add(poisoned, SamplingParams())
     outside = SessionState(good[1].ltm, good[1].sensory, (*good[1].window[:-1], model.vocab_size + 3),
                            good[1].segments_committed, good[1].tokens_seen, good[1].version, good[1].fingerprint)
-    with pytest.raises(InvalidInputError, match="outside the vocabulary"):
+    with pytest.raises(CorruptStateError, match="outside the vocabulary"):
         engine.add(outside, SamplingParams())
     while engine.size:
         engine.step()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from hmt_core import HMTModel, InvalidInputError, SamplingParams, SessionState
+from hmt_core import CorruptStateError, HMTModel, SamplingParams, SessionState
 from hmt_core.testing import assert_states_equal
 from service.worker import Job, JobResult, ModelWorker, SegmentEvent, TokenEvent
 
@@ -122,6 +122,25 @@ def test_a_cancelled_stream_leaves_and_keeps_what_it_said(model: HMTModel) -> No
                                            ).run().tokens
 
 
+def test_a_generate_cancelled_before_it_decodes_never_takes_a_row(model: HMTModel) -> None:
+    worker = ModelWorker(model, max_batch=4)
+    added: list[SessionState] = []
+    real_add = worker.engine.add
+    worker.engine.add = lambda state, params: (added.append(state), real_add(state, params))[1]  # type: ignore[method-assign]
+    prompt = list(range(3 * model.hmt_config.segment_tokens))
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        job = worker.submit(_prompted(model, 1), prompt, SamplingParams(max_tokens=50, ignore_eos=True))
+        job.cancelled = True  # the client left before its prompt was read
+        return await _drain(job)
+
+    result, events = _run(worker, scenario)
+    assert added == []  # no prefill, no slot
+    assert result.finish_reason == "cancelled" and result.tokens == []
+    assert not any(isinstance(e, TokenEvent) for e in events)
+    assert_states_equal(result.state, model.append(_prompted(model, 1), prompt))  # accepted input is applied
+
+
 def test_a_bad_session_fails_only_its_own_request(model: HMTModel) -> None:
     worker = ModelWorker(model, max_batch=4)
     good = _prompted(model, 4)
@@ -136,7 +155,7 @@ def test_a_bad_session_fails_only_its_own_request(model: HMTModel) -> None:
         return await asyncio.gather(*(job.done for job in jobs), return_exceptions=True)
 
     ok_stream, bad_stream, bad_append, ok_append = _run(worker, scenario)
-    assert isinstance(bad_stream, InvalidInputError) and isinstance(bad_append, InvalidInputError)
+    assert isinstance(bad_stream, CorruptStateError) and isinstance(bad_append, CorruptStateError)
     assert ok_stream.tokens == model.generate(model.append(good, [1, 2]), params).run().tokens
     assert_states_equal(ok_append.state, model.append(good, list(range(40))))
 

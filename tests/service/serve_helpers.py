@@ -171,7 +171,8 @@ class Fleet:
             "main": [*shared, "--lock-wait-s", "1", "--max-append-tokens", "5000", "--max-generate-tokens", "256",
                      "--max-body-bytes", "200000"],
             "second": shared,  # another replica on the same Redis
-            "auth": [*shared, "--api-keys", "key-one,key-two"],
+            # keys, and signed states: an import must carry this deployment's signature
+            "auth": [*shared, "--api-keys", "key-one,key-two", "--state-secret", "auth-secret"],
             "embedded": [*common, "--data-dir", str(base / "embedded-data")],  # no --redis-url
         }
 

@@ -185,7 +185,7 @@ def test_too_large_is_413(client: httpx.Client) -> None:
     sid = new_session(client)
     assert error_of(client.post(f"/sessions/{sid}/append", json={"tokens": [1] * 5001}), 413) == "too_large"
     assert error_of(client.post(f"/sessions/{sid}/append", json={"text": "a" * 250_000}), 413) == "too_large"
-    assert error_of(client.post(f"/sessions/{sid}/generate", json={"prompt": "hi", "max_tokens": 257}), 413)
+    assert error_of(client.post(f"/sessions/{sid}/generate", json={"prompt": "hi", "max_tokens": 257}), 422)
     assert error_of(client.put(f"/sessions/{sid}/state", content=b"x" * 250_000), 413)
     assert client.get(f"/sessions/{sid}").json()["tokens_seen"] == 0
 

@@ -31,11 +31,17 @@ def test_sessions_are_visible_only_to_their_key(server: Server) -> None:
         data = one.get("/sessions/private/state").content
         for method, path, kwargs in (("GET", "", {}), ("GET", "/state", {}), ("DELETE", "", {}),
                                      ("POST", "/append", {"json": {"tokens": [1]}}),
-                                     ("POST", "/generate", {"json": {"max_tokens": 2}}),
-                                     ("PUT", "/state", {"content": data})):
+                                     ("POST", "/generate", {"json": {"max_tokens": 2}})):
             assert error_of(two.request(method, f"/sessions/private{path}", **kwargs), 404) == "not_found", path
+        # each key's ids are its own: the same id is free for another key, and tells it nothing
+        created = two.post("/sessions", json={"id": "private"})
+        assert created.status_code == 201 and created.json()["tokens_seen"] == 0
+        assert two.put("/sessions/private/state", content=data).json()["tokens_seen"] == 3  # its own copy
+        assert two.post("/sessions/private/append", json={"tokens": [4]}).json()["tokens_seen"] == 4
         info = one.get("/sessions/private").json()
         assert info["tokens_seen"] == 3 and info["version"] == 1  # the other key changed nothing
+        assert two.delete("/sessions/private").status_code == 200
+        assert one.get("/sessions/private").json()["tokens_seen"] == 3
         assert two.post("/sessions", json={"id": "theirs"}).status_code == 201
         assert error_of(one.get("/sessions/theirs"), 404) == "not_found"
         assert one.delete("/sessions/private").status_code == 200

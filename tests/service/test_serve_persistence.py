@@ -45,6 +45,28 @@ def test_two_servers_alternating_equal_one(pair: tuple[Server, Server]) -> None:
     assert all(len(t) == n for t, n in zip(alternating[2:4], (9, 9), strict=True))
 
 
+def test_a_killed_writers_session_is_free_again_within_seconds(fleet: Fleet) -> None:
+    """kill -9 of a server mid-stream: its lock is not renewed any more and expires (5 s lease),
+    and the session is as it was before that request (the dead writer never saved)."""
+    survivor, victim = fleet.get("main"), fleet.get("second")
+    with survivor.client() as c:
+        assert c.post("/sessions", json={"id": "orphaned"}).status_code == 201
+        assert c.post("/sessions/orphaned/append", json={"tokens": list(range(1, 12))}).status_code == 200
+        before = c.get("/sessions/orphaned").json()
+    with victim.client() as v, v.stream("POST", "/sessions/orphaned/generate",
+                                        json={"max_tokens": 256, "ignore_eos": True, "stream": True}) as stream:
+        assert stream.status_code == 200
+        next(stream.iter_lines())  # it is generating, holding the session's lock
+        victim.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    with survivor.client() as c:
+        while (response := c.post("/sessions/orphaned/append", json={"tokens": [7]})).status_code == 409:
+            assert time.monotonic() - killed_at < 12, "the dead writer's lock outlived its lease"
+        assert response.status_code == 200, response.text
+        assert response.json()["tokens_seen"] == before["tokens_seen"] + 1
+    fleet.restart("second")
+
+
 def test_redis_outage_is_503_then_recovers(pair: tuple[Server, Server], redis_server: RedisServer) -> None:
     a, _ = pair
     with a.client() as c:

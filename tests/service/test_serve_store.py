@@ -22,12 +22,12 @@ def test_expired_writer_is_fenced_off(redis_server: RedisServer) -> None:
         slow = await store.acquire("s", "")
         await asyncio.sleep(0.35)  # slow writer's lock expires
         fast = await store.acquire("s", "")
-        await store.save(fast, b"v1-fast", 1, "")
-        await store.release("s", fast.token)
+        await store.save(fast, b"v1-fast", 1)
+        await store.release(fast)
         with pytest.raises(SessionConflictError):
-            await store.save(slow, b"v1-slow", 1, "")
+            await store.save(slow, b"v1-slow", 1)
         assert await store.get("s", "") == (b"v1-fast", 1)
-        await store.release("s", slow.token)  # a stale token does not free someone else's lock
+        await store.release(slow)  # a stale token does not free someone else's lock
         await store.close()
 
     run(scenario())
@@ -42,9 +42,9 @@ def test_second_writer_waits_then_busy(redis_server: RedisServer) -> None:
             await store.acquire("s", "")
         with pytest.raises(SessionNotFoundError):
             await store.acquire("missing", "")
-        await store.release("s", first.token)
+        await store.release(first)
         second = await store.acquire("s", "")  # free again
-        await store.save(second, b"v1", 1, "")
+        await store.save(second, b"v1", 1)
         assert await store.get("s", "") == (b"v1", 1)
         with pytest.raises(SessionNotFoundError):
             await store.get("s", "another-owner")
