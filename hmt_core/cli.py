@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_EXTRA_MODULES = ("peft", "matplotlib")  # pyproject's [train] extra: serving needs none
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -319,6 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except HMTError as exc:
         print(f"hmt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"hmt {args.command}: error: needs {exc.name}, part of the training extra: "
+              "pip install 'hmt-serve[train]'", file=sys.stderr)
         return 2
 
 

@@ -27,7 +27,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from hmt_core import CorruptStateError, InvalidInputError, SamplingParams
 from service import metrics
-from service.app import APIError, Service, error_payload, sse, token_events
 from service.conversation import (
     EMPTY,
     ROOT_HASH,
@@ -40,6 +39,7 @@ from service.conversation import (
     plan_turn,
     restart_plan,
 )
+from service.errors import APIError, error_payload
 from service.openai_protocol import (
     ChatChoice,
     ChatCompletion,
@@ -57,7 +57,9 @@ from service.openai_protocol import (
     openai_error_body,
 )
 from service.protocol import check_session_id
+from service.session_service import Service
 from service.store import ChatRecord, Lease
+from service.streaming import sse, token_events
 from service.worker import Job, JobResult
 
 SESSION_HEADER = "X-Session-Id"

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
 
-from service.protocol import StopString, Text, check_unicode
+from service.protocol import StopString, Text, Usage, check_unicode
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -126,12 +126,6 @@ class CompletionRequest(_Request):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
-
-
-class Usage(BaseModel):
-    prompt_tokens: int  # tokens the model read for this request: only the new part of a conversation
-    completion_tokens: int
-    total_tokens: int
 
 
 class ChatCompletionMessage(BaseModel):

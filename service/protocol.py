@@ -95,6 +95,9 @@ class AppendResponse(Totals):
 
 
 class Usage(BaseModel):
+    """Both APIs' usage: prompt_tokens are the tokens the model read for this request (in a
+    conversation only its new part), completion_tokens those it generated."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int

@@ -1,0 +1,178 @@
+"""The session service: what every route needs (model, worker, store, settings) and the one path
+of a write.
+
+Data path of a write: handler -> store.acquire (lock + read) -> worker job -> store.save
+(version compare-and-set) -> release -> response/stream. The store-to-store part runs in its
+own task, not in the response: a client that disconnects mid-stream cannot leave a session
+half-written. Disconnect rule: accepted input (the append, the generate prompt) is always
+applied in full, and a generation's reply so far is all recorded (every token sent, plus any
+the worker produced before it saw the disconnect); the session stays consistent either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from fastapi import Request
+
+from hmt_core import CorruptStateError, HMTModel, InvalidInputError, SamplingParams, SessionState
+from service import metrics
+from service.errors import APIError
+from service.protocol import SessionInfo
+from service.settings import Settings
+from service.store import ChatRecord, Lease, SessionStore, StoreUnavailableError
+from service.streaming import END
+from service.worker import Job, JobResult, ModelWorker
+
+
+class Service:
+    """Everything a request needs: the model, its worker, the store, the settings."""
+
+    def __init__(self, settings: Settings, model: HMTModel, store: SessionStore) -> None:
+        self.settings = settings
+        self.model = model
+        self.store = store
+        self.worker = ModelWorker(model, settings.max_batch, settings.round_token_budget)
+        self.fingerprint = model.fingerprint
+        self._tasks: set[asyncio.Task[Any]] = set()  # strong references to session tasks
+        self._keys = {hashlib.sha256(k.encode()).hexdigest()[:32]: k for k in settings.keys}
+        self._state_key = settings.state_secret.encode() if settings.state_secret else None
+
+    # ----- auth ------------------------------------------------------------------------------
+
+    def owner(self, request: Request) -> str:
+        """The owner tag sessions are stored under: '' without keys, else a hash of the key."""
+        if not self._keys:
+            return ""
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and key:
+            for tag, known in self._keys.items():
+                if hmac.compare_digest(key.encode(), known.encode()):
+                    return tag
+        raise APIError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)")
+
+    # ----- helpers -----------------------------------------------------------------------------
+
+    def encode(self, state: SessionState) -> bytes:
+        """A state's stored (and exported) bytes: signed when the operator set a secret."""
+        return state.to_bytes(self._state_key)
+
+    def imported(self, data: bytes) -> SessionState:
+        """A state a client sent: verified whole (signature when there is a secret, then every
+        invariant) before anything is written."""
+        state = SessionState.from_bytes(data, self.fingerprint, key=self._state_key)
+        self.model.check_session(state)
+        return state
+
+    def state_from(self, data: bytes) -> SessionState:
+        """A stored state, checked against this model (409 if another model made it)."""
+        try:
+            state = SessionState.from_bytes(data, self.fingerprint)
+            self.model.check_session(state)
+        except CorruptStateError as exc:
+            raise APIError(409, "corrupt_state", f"the stored session state is unusable: {exc}") from None
+        return state
+
+    async def tokens_of(self, text: str | None, tokens: list[int] | None) -> list[int]:
+        if text is not None:
+            if self.model.tokenizer is None:
+                raise InvalidInputError("this model has no tokenizer: send token ids")
+            # off the event loop: a long text takes a while to tokenize
+            tokens = await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens=False)
+        tokens = list(tokens or [])
+        if len(tokens) > self.settings.max_append_tokens:
+            raise APIError(413, "too_large", f"{len(tokens)} tokens exceed the limit of "
+                                             f"{self.settings.max_append_tokens} per request")
+        if tokens:
+            self.model.check_tokens(tokens)
+        return tokens
+
+    def sampling_params(self, *, max_tokens: int, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+                        **sampling: Any) -> SamplingParams:
+        """Both APIs build their sampling parameters here: one set of limits and checks."""
+        limit = self.settings.max_generate_tokens
+        if max_tokens > limit:
+            raise InvalidInputError(f"max_tokens {max_tokens} is over this server's limit of {limit}")
+        if stop and self.model.tokenizer is None:
+            raise InvalidInputError("stop strings need a model with a tokenizer")
+        return SamplingParams(max_tokens=max_tokens, stop=tuple(stop), stop_token_ids=tuple(stop_token_ids),
+                              **sampling)
+
+    def info(self, session_id: str, state: SessionState, size: int) -> SessionInfo:
+        return SessionInfo(id=session_id, tokens_seen=state.tokens_seen, segments_total=state.segments_committed,
+                           window_tokens=len(state.window), state_bytes=size, version=state.version,
+                           fingerprint=state.fingerprint)
+
+    async def start_job(self, session_id: str, owner: str, tokens: list[int],
+                        params: SamplingParams | None) -> tuple[Job, asyncio.Task[JobResult]]:
+        lease = await self.store.acquire(session_id, owner)
+        try:
+            state = self.state_from(lease.data)
+        except BaseException:
+            await self.store.release(lease)
+            raise
+        return self.launch(lease, owner, state, tokens, params)
+
+    def launch(self, lease: Lease, owner: str, state: SessionState, tokens: list[int], params: SamplingParams | None,
+               chat: Callable[[JobResult], ChatRecord] | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
+        """Run a job on a state read under `lease`; the lease is released when it is saved (or failed).
+        `chat` makes the conversation record saved atomically with the state."""
+        try:
+            if params is not None and not tokens and not state.window:
+                raise InvalidInputError("the session has no tokens yet: give a prompt")
+        except BaseException:
+            self.spawn(self.store.release(lease))
+            raise
+        metrics.TOKENS_IN.inc(len(tokens))
+        job = self.worker.submit(state, tokens, params)
+        task = self.spawn(self._complete(lease, owner, job, chat))
+        return job, task
+
+    def run_unsaved(self, state: SessionState, tokens: list[int],
+                    params: SamplingParams) -> tuple[Job, asyncio.Task[JobResult]]:
+        """A job on a state that is not stored (a stateless request)."""
+        metrics.TOKENS_IN.inc(len(tokens))
+        job = self.worker.submit(state, tokens, params)
+
+        async def complete() -> JobResult:
+            try:
+                return await job.done
+            finally:
+                job.events.put_nowait(END)
+
+        return job, self.spawn(complete())
+
+    def spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
+        """A task that outlives the request (kept referenced so it is not collected)."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _complete(self, lease: Lease, owner: str, job: Job,
+                        chat: Callable[[JobResult], ChatRecord] | None) -> JobResult:
+        """Wait for the worker, save with compare-and-set, release; runs even if the client left."""
+        metrics.ACTIVE_SESSIONS.inc()
+        renewer = asyncio.create_task(self._renew(lease))
+        try:
+            result: JobResult = await job.done
+            await self.store.save(lease, self.encode(result.state), result.state.version,
+                                  chat(result) if chat else None)
+            return result
+        finally:
+            renewer.cancel()
+            await self.store.release(lease)
+            metrics.ACTIVE_SESSIONS.dec()
+            job.events.put_nowait(END)
+
+    async def _renew(self, lease: Lease) -> None:
+        """Keep the lock while a long job runs; if renewal fails the version fence still protects."""
+        while True:
+            await asyncio.sleep(self.store.lock_ttl_ms / 3000)
+            with contextlib.suppress(StoreUnavailableError):
+                await self.store.renew(lease)

@@ -1,0 +1,150 @@
+"""The session API (/sessions): create, read, delete, export and import, append, generate."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, replace
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+
+from hmt_core import InvalidInputError
+from service.errors import error_payload
+from service.protocol import (
+    AppendRequest,
+    AppendResponse,
+    CreateSession,
+    GenerateRequest,
+    GenerateResponse,
+    SessionInfo,
+    Usage,
+    check_session_id,
+)
+from service.session_service import Service
+from service.store import ChatRecord
+from service.streaming import END, sse, token_events
+from service.worker import JobResult, SegmentEvent
+
+
+def create_router(service: Service) -> APIRouter:
+    router = APIRouter(prefix="", tags=["sessions"])
+    owner_dep = Depends(service.owner)
+
+    @router.post("/sessions", status_code=201, response_model=SessionInfo)
+    async def create_session(body: CreateSession | None = None, owner: str = owner_dep) -> SessionInfo:
+        session_id = (body.id if body else None) or uuid.uuid4().hex
+        state = service.model.new_session()
+        data = service.encode(state)
+        await service.store.create(session_id, owner, data, state.version)
+        return service.info(session_id, state, len(data))
+
+    @router.get("/sessions/{session_id}", response_model=SessionInfo)
+    async def get_session(session_id: str, owner: str = owner_dep) -> SessionInfo:
+        data, _ = await service.store.get(session_id, owner)
+        return service.info(session_id, service.state_from(data), len(data))
+
+    @router.delete("/sessions/{session_id}")
+    async def delete_session(session_id: str, owner: str = owner_dep) -> dict[str, Any]:
+        await service.store.delete(session_id, owner)
+        return {"id": session_id, "deleted": True}
+
+    @router.get("/sessions/{session_id}/state",
+             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
+    async def export_state(session_id: str, owner: str = owner_dep) -> Response:
+        data, version = await service.store.get(session_id, owner)
+        return Response(data, media_type="application/octet-stream", headers={"X-HMT-Version": str(version)})
+
+    @router.put("/sessions/{session_id}/state", response_model=SessionInfo)
+    async def import_state(session_id: str, request: Request, owner: str = owner_dep) -> SessionInfo:
+        """Replace (or create) a session from exported bytes; an invalid body changes nothing."""
+        check_session_id(session_id)
+        data = await request.body()  # bounded by BodyLimit
+        state = service.imported(data)
+        lease = await service.store.acquire(session_id, owner, must_exist=False)
+        try:
+            # The version only grows, so writers fenced on an older version stay fenced off.
+            state = replace(state, version=max(state.version, lease.version + 1))
+            data = service.encode(state)
+            # the imported state is not the conversation the chat record describes: forget it
+            await service.store.save(lease, data, state.version, ChatRecord(b""))
+        finally:
+            await service.store.release(lease)
+        return service.info(session_id, state, len(data))
+
+    @router.post("/sessions/{session_id}/append", response_model=AppendResponse,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def append(session_id: str, body: AppendRequest, request: Request, owner: str = owner_dep) -> Any:
+        """Append text or token ids. With `Accept: text/event-stream`: a `segment` event per
+        committed segment, then a `summary` event with the response body."""
+        tokens = await service.tokens_of(body.text, body.tokens)
+        if not tokens:
+            raise InvalidInputError("nothing to append: the input is empty")
+        job, task = await service.start_job(session_id, owner, tokens, None)
+
+        def summary(result: JobResult) -> AppendResponse:
+            return AppendResponse(id=session_id, tokens_appended=len(tokens),
+                                  segments_committed=result.segments_committed,
+                                  tokens_seen=result.state.tokens_seen,
+                                  segments_total=result.state.segments_committed,
+                                  window_tokens=len(result.state.window))
+
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            return summary(await task)
+
+        async def stream() -> AsyncIterator[str]:
+            while (event := await job.events.get()) is not END:
+                if isinstance(event, SegmentEvent):
+                    yield sse(asdict(event), "segment")
+            try:
+                yield sse(summary(await task).model_dump(), "summary")
+            except Exception as exc:
+                yield sse(error_payload(exc)[1], "error")
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @router.post("/sessions/{session_id}/generate", response_model=GenerateResponse,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def generate(session_id: str, body: GenerateRequest, owner: str = owner_dep) -> Any:
+        """Append the prompt, then generate a reply that is appended to the session too.
+        `stream: true`: one `data: {"token", "text"}` event per token, a final event with
+        finish_reason and usage, then `data: [DONE]`."""
+        start = time.perf_counter()
+        params = service.sampling_params(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                         top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
+        prompt = await service.tokens_of(body.prompt, body.prompt_tokens) if \
+            (body.prompt or body.prompt_tokens) else []
+        job, task = await service.start_job(session_id, owner, prompt, params)
+
+        def final(result: JobResult) -> GenerateResponse:
+            usage = Usage(prompt_tokens=len(prompt), completion_tokens=len(result.tokens),
+                          total_tokens=len(prompt) + len(result.tokens))
+            return GenerateResponse(id=session_id, text=result.text, tokens=result.tokens,
+                                    finish_reason=result.finish_reason or "stop", usage=usage,
+                                    tokens_seen=result.state.tokens_seen,
+                                    segments_total=result.state.segments_committed,
+                                    window_tokens=len(result.state.window))
+
+        if not body.stream:
+            async for _ in token_events(job, start):
+                pass
+            return final(await task)
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                async for event in token_events(job, start):
+                    yield sse({"token": event.token, "text": event.text})
+                try:
+                    done = final(await task).model_dump(exclude={"tokens", "text"})
+                    yield sse(done)
+                except Exception as exc:
+                    yield sse(error_payload(exc)[1], "error")
+                yield sse("[DONE]")
+            finally:
+                job.cancelled = True  # no-op after the end; on disconnect, stops sampling
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return router
