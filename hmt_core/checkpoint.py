@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +28,9 @@ from hmt_core import backbones
 from hmt_core.config import HMTConfig
 from hmt_core.errors import CheckpointError
 from hmt_core.model import HMTModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         path = found[0]
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    state: object  # checked below: torch.load may give anything
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -200,7 +204,7 @@ def _set_hmt_parameters(model: HMTModel, params: dict[str, Tensor]) -> None:
     model.load_state_dict(params, strict=False)
 
 
-def load_tokenizer(source: str | Path) -> object | None:
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase | None:
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except Exception as exc:
@@ -252,7 +256,7 @@ def apply_deltas(backbone: torch.nn.Module, deltas: dict[str, tuple[Tensor, Tens
     with torch.no_grad():
         for name, (a, b) in deltas.items():
             try:
-                weight = backbone.get_submodule(name).weight
+                weight = cast(Tensor, backbone.get_submodule(name).weight)  # deltas name linear modules
             except AttributeError:
                 raise CheckpointError(f"backbone deltas name a module the backbone lacks: {name}") from None
             if tuple(weight.shape) != (b.shape[0], a.shape[1]) or a.shape[0] != b.shape[1]:
@@ -273,7 +277,7 @@ def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bo
         model.backbone.save_pretrained(directory)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(directory)
-        ref = "."
+        ref: str | dict[str, str] | None = "."
     else:
         ref = backbone_ref or _backbone_reference(model.backbone)
         if not ref:
@@ -290,7 +294,7 @@ def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bo
     (directory / HMT_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _backbone_reference(backbone: PreTrainedModel) -> str | dict[str, str]:
+def _backbone_reference(backbone: PreTrainedModel) -> str | dict[str, str] | None:
     """How hmt_config.json names a backbone saved by reference: its source if it came from one."""
     base = getattr(backbone, BASE_REFERENCE_ATTRIBUTE, None)
     if base is not None:  # a training run's copy of a changed backbone: refer to what it was changed from

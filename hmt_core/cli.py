@@ -7,12 +7,16 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from hmt_core import backbones
 from hmt_core.checkpoint import load_tokenizer, read_state_dict
 from hmt_core.config import HMTConfig
 from hmt_core.errors import HMTError
 from hmt_core.model import HMTModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -127,10 +131,13 @@ def _eval(args: argparse.Namespace) -> int:
         filler = None
         if args.filler_text:
             text = Path(args.filler_text).read_text(encoding="utf-8")
-            filler = model.tokenizer.encode(" " + " ".join(text.split()), add_special_tokens=False)
-        report = evaluate.passkey(model, args.distances, trials=args.trials, seed=args.seed, readers=args.readers,
-                                  wording=args.wording, filler=filler, baseline=_bare(args, model))
-        print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+            # cast only: a model without a tokenizer still fails here (AttributeError)
+            tokenizer = cast("PreTrainedTokenizerBase", model.tokenizer)
+            filler = tokenizer.encode(" " + " ".join(text.split()), add_special_tokens=False)
+        passkey_report = evaluate.passkey(model, args.distances, trials=args.trials, seed=args.seed,
+                                          readers=args.readers, wording=args.wording, filler=filler,
+                                          baseline=_bare(args, model))
+        print(json.dumps(passkey_report.to_json(), indent=2) if args.json else passkey_report.table())
         return 0
     if not args.data:
         raise HMTError("perplexity needs --data FILE [FILE ...] (held-out text or jsonl)")

@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -130,7 +130,7 @@ def reinit_unseen_embeddings(model: HMTModel, seen: torch.Tensor, used: torch.Te
     """
     seen_ids = seen.unique()
     ids = sorted(set(used.unique().tolist()) - set(seen_ids.tolist()))
-    weight = model.backbone.get_input_embeddings().weight
+    weight = cast(torch.nn.Embedding, model.backbone.get_input_embeddings()).weight
     if ids:
         with torch.no_grad():
             rows = torch.randn(len(ids), weight.shape[1], generator=torch.Generator().manual_seed(seed))
@@ -220,8 +220,8 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
         for index, (segments, steps) in enumerate(all_phases):
             _, mixed, weights = data[segments]
             run_dir = work / (name if len(all_phases) == 1 else f"{name}-phase{index + 1}")
-            schedule = {"learning_rate": recipe.stage2_lr, "warmup_steps": 30, "schedule_offset": len(losses),
-                        "schedule_steps": total_steps}
+            schedule: dict[str, Any] = {"learning_rate": recipe.stage2_lr, "warmup_steps": 30,
+                                        "schedule_offset": len(losses), "schedule_steps": total_steps}
             if index >= len(phases):  # the extension: a schedule of its own
                 schedule = {"learning_rate": recipe.extension_lr, "warmup_steps": 10, "seed": recipe.extension_seed,
                             "schedule_offset": len(losses) - total_steps, "schedule_steps": extension_steps}
@@ -240,6 +240,7 @@ def build_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, progress: 
         model.save_pretrained(out_dir if part == "hmt" else out_dir / "rmt")
         card[f"{part}_final_loss"] = losses[-1]
         card[f"{part}_seconds"] = round(time.perf_counter() - started)
+        assert model.tokenizer is not None  # the demo's models carry the tokenizer it trained
         card["reinitialised_tokens"] = [model.tokenizer.decode([i]) for i in reinitialised]
         if part == "hmt":
             card["fingerprint"] = model.fingerprint

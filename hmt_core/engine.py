@@ -22,10 +22,11 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -92,6 +93,9 @@ class _SlotLayer(CacheLayerMixin):
 
     is_compileable = True
     is_sliding = False
+    # narrower than the base's Tensor | None: allocated by lazy_initialization before any use
+    keys: Tensor
+    values: Tensor
 
     def __init__(self, owner: SlotCache) -> None:
         super().__init__()
@@ -150,8 +154,8 @@ class SlotCache(Cache):
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
 
     def move(self, source: int, target: int) -> None:
-        for layer in self.layers:
-            layer.move(source, target)  # type: ignore[attr-defined]
+        for layer in cast("list[_SlotLayer]", self.layers):  # __init__ gives it _SlotLayers only
+            layer.move(source, target)
 
 
 # ----- decode attention ---------------------------------------------------------------------------
@@ -161,7 +165,7 @@ DECODE_ATTENTION = "hmt_decode"
 
 def decode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                      attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     **kwargs: object) -> tuple[Tensor, None]:
+                     **kwargs: Any) -> tuple[Tensor, None]:
     """transformers' sdpa, except for one-token queries on the CPU: plain matmul attention with
     the query heads grouped per KV head ([rows, kv, group, d] @ keys), KV never repeated.
 
@@ -194,7 +198,7 @@ AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 def decode_attention_for(backbone: torch.nn.Module) -> Iterator[None]:
     """Run the backbone's sdpa attention as `decode_attention` inside the block (other
     implementations, and architectures that do not go through AttentionInterface, are untouched)."""
-    config = backbone.config
+    config = cast(PretrainedConfig, backbone.config)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return

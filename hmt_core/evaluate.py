@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -90,7 +90,8 @@ def perplexity(readers: dict[str, HMTModel], documents: torch.Tensor, batch_size
     # overall loss weights each segment by its number of predicted tokens
     weights = torch.bincount(torch.arange(1, documents.shape[1]) // report.segment_tokens).float()
     for mode, model in readers.items():
-        per_batch = [segment_losses(model, documents[i:i + batch_size], mode) * len(documents[i:i + batch_size])
+        reading = cast("MemoryMode | Literal['full']", mode)  # the keys name reading modes
+        per_batch = [segment_losses(model, documents[i:i + batch_size], reading) * len(documents[i:i + batch_size])
                      for i in range(0, len(documents), batch_size)]
         by_segment = torch.stack(per_batch).sum(0) / len(documents)
         report.loss_by_segment[mode] = by_segment.tolist()
@@ -167,8 +168,8 @@ def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, reader: Pas
     digits = [i for i, token in enumerate(answer) if tokenizer.decode([token]).strip().isdigit()]  # type: ignore[union-attr]
     if reader == "hmt":
         state = state if state is not None else model.append(model.new_session(), prompt)
-        log_probs = continuation_log_probs(model, state, answer)
-        return -sum(log_probs[i] for i in digits) / len(digits)
+        hmt_log_probs = continuation_log_probs(model, state, answer)
+        return -sum(hmt_log_probs[i] for i in digits) / len(digits)
     context = backbone_context(model, list(prompt) + answer, reader)
     if context is None:
         return None
@@ -238,13 +239,16 @@ def passkey(model: HMTModel, distances: Sequence[int], trials: int = 50, seed: i
                     state = model.append(model.new_session(), prompt.tokens)
                     reply = model.generate(state, SamplingParams(max_tokens=answer_tokens, ignore_eos=True)).run()
                     hits[reader] += passkey_answer_correct(prompt.key, reply.text)
-                    losses[reader].append(float(key_digit_loss(model, prompt.tokens, prompt.key, reader, state)))
+                    loss = key_digit_loss(model, prompt.tokens, prompt.key, reader, state)
+                    assert loss is not None  # "hmt" always scores; None is for prompts "full" cannot fit
+                    losses[reader].append(float(loss))
                     continue
                 context = backbone_context(baseline, prompt.tokens, reader)
                 if context is None:
                     continue
                 reply_tokens = greedy_backbone_reply(baseline, context, answer_tokens)
-                hits[reader] += passkey_answer_correct(prompt.key, model.tokenizer.decode(reply_tokens))
+                reply_text = cast(str, model.tokenizer.decode(reply_tokens))  # a str for one sequence of ids
+                hits[reader] += passkey_answer_correct(prompt.key, reply_text)
                 losses[reader].append(float(key_digit_loss(baseline, prompt.tokens, prompt.key, reader)))  # type: ignore[arg-type]
         for reader in readers:
             scored = len(losses[reader])

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +61,7 @@ class HMTModel(nn.Module):
         self.backbone = backbone
         self.hmt_config = config
         self.tokenizer = tokenizer
-        embeddings = backbone.get_input_embeddings()
+        embeddings = cast(nn.Embedding, backbone.get_input_embeddings())
         dim = embeddings.weight.shape[1]
         std = float(embeddings.weight.detach().float().std())
         self.summary_prompt = nn.Parameter(torch.randn(1, dim) * std)  # reference key "mem"
@@ -83,7 +83,7 @@ class HMTModel(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self.backbone.get_input_embeddings().weight.shape[0]
+        return cast(nn.Embedding, self.backbone.get_input_embeddings()).weight.shape[0]
 
     @property
     def device(self) -> torch.device:
@@ -91,7 +91,7 @@ class HMTModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backbone.get_input_embeddings().weight.dtype
+        return cast(nn.Embedding, self.backbone.get_input_embeddings()).weight.dtype
 
     @property
     def recall_divisor(self) -> float:
@@ -145,7 +145,7 @@ class HMTModel(nn.Module):
     @property
     def base_model(self) -> nn.Module:
         """The backbone without its LM head (inside a peft wrapper during LoRA training)."""
-        backbone = self.backbone
+        backbone: Any = self.backbone  # a PreTrainedModel, or peft's wrapper of one during LoRA training
         if hasattr(backbone, "get_base_model"):
             backbone = backbone.get_base_model()
         return backbone.base_model

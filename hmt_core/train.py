@@ -16,13 +16,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor
 
 from hmt_core.errors import CheckpointError, InvalidInputError
 from hmt_core.model import HMTModel, MemoryMode
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 BackboneTraining = Literal["frozen", "lora", "full"]
 TRAINER_STATE = "trainer_state.pt"
@@ -143,9 +147,11 @@ def _prepare_parameters(model: HMTModel, config: TrainConfig) -> list[torch.nn.P
     if config.backbone_training == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
-                          lora_dropout=0.0)
-        model.backbone = get_peft_model(model.backbone, lora)  # marks only the adapters trainable
+        # peft annotates lora_alpha as int, but uses it as a float (scaling = alpha / r)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
+                          target_modules="all-linear", lora_dropout=0.0)
+        # marks only the adapters trainable; the wrapper stands in for the backbone (it forwards attributes)
+        model.backbone = cast("PreTrainedModel", get_peft_model(model.backbone, lora))
     elif config.backbone_training == "full":
         model.backbone.requires_grad_(True)
     hmt_params = [model.initial_memory] if config.stage == 1 else \
@@ -161,7 +167,7 @@ def _finish_backbone(model: HMTModel) -> None:
         from hmt_core.checkpoint import apply_deltas, lora_factors
 
         factors = lora_factors(model.backbone)
-        model.backbone = model.backbone.unload()
+        model.backbone = cast("PeftModel", model.backbone).unload()
         apply_deltas(model.backbone, factors)  # the merge loading does too: same weights, bit for bit
         model.backbone_deltas = [*model.backbone_deltas, factors]
     model.requires_grad_(False)

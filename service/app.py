@@ -73,7 +73,8 @@ def create_app(service: Service) -> FastAPI:
         status, body = error_payload(exc)
         return error_response(status, body["error"]["type"], body["error"]["message"], request)
 
-    for cls in (APIError, *(c for c, _, _ in ERRORS)):
+    handled: tuple[type[Exception], ...] = (APIError, *(c for c, _, _ in ERRORS))
+    for cls in handled:
         app.add_exception_handler(cls, _any_error)
 
     @app.exception_handler(RequestValidationError)

@@ -117,7 +117,8 @@ class OpenAIFrontend:
                                                    f"{self.model_name!r}")
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, chat: bool) -> SamplingParams:
-        stop, stop_ids = tuple(body.stop_list), ()
+        stop: tuple[str, ...] = tuple(body.stop_list)
+        stop_ids: tuple[int, ...] = ()
         if chat and self.template is not None:  # end the reply where the template ends a turn
             stop, stop_ids = stop + self.template.stop_strings, self.template.stop_token_ids
         return self.service.sampling_params(
@@ -390,6 +391,7 @@ def create_router(service: Service) -> APIRouter:
 
         def final(result: JobResult) -> Completion:
             done = chunk(result.text, _finish_reason(result))
+            assert done is not None  # result.text is a str, never None
             done.usage = frontend.usage(turn, result)
             return done
 

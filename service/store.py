@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -193,11 +194,12 @@ class SessionStore:
 
     async def get(self, session_id: str, owner: str) -> tuple[bytes, int]:
         async with self._op("read"):
-            data, version, stored_owner = await self.redis.hmget(self._key(owner, session_id), "state", "version",
-                                                                 "owner")
+            # the client does not decode responses: values come back as bytes
+            fields = await self.redis.hmget(self._key(owner, session_id), "state", "version", "owner")
+            data, version, stored_owner = cast("list[bytes | None]", fields)
         if data is None or (stored_owner or b"").decode() != owner:
             raise SessionNotFoundError(f"no session {session_id!r}")
-        return data, int(version)
+        return data, int(cast(bytes, version))  # "version" is written together with "state"
 
     async def exists_for(self, session_id: str, owner: str) -> bool:
         try:
@@ -290,21 +292,22 @@ class SessionStore:
     async def conversation(self, session_id: str, owner: str) -> bytes | None:
         """The conversation record; read it under a lease so it matches the state."""
         async with self._op("read"):
-            return await self.redis.hget(self._key(owner, session_id), "conversation")
+            return cast("bytes | None", await self.redis.hget(self._key(owner, session_id), "conversation"))
 
     async def snapshot(self, session_id: str, owner: str, messages: int) -> bytes | None:
         async with self._op("read"):
-            return await self.redis.hget(self._snapshots_key(owner, session_id), str(messages))
+            return cast("bytes | None", await self.redis.hget(self._snapshots_key(owner, session_id), str(messages)))
 
     async def find_chat(self, owner: str, chain: list[str]) -> tuple[int, str] | None:
         """The longest prefix chain[:n] at which some session's chat turn ended: (n, session id)."""
         if not chain:
             return None
         async with self._op("read"):
-            found = await self.redis.mget([self._hint_key(owner, h) for h in chain])
+            found = cast("list[bytes | None]", await self.redis.mget([self._hint_key(owner, h) for h in chain]))
         for n in range(len(chain), 0, -1):
-            if found[n - 1] is not None:
-                return n, found[n - 1].decode()
+            target = found[n - 1]
+            if target is not None:
+                return n, target.decode()
         return None
 
     async def remember_chat(self, owner: str, chain_hash: str, session_id: str) -> None:

@@ -195,10 +195,11 @@ class ModelWorker:
             metrics.BATCH_SIZE.observe(len(batch))
             metrics.SEGMENTS.inc(len(advanced))
             by_task = {id(j.task): j for j in batch}
-            for task in advanced:
-                metrics.RECALL_DISTANCE.observe(task.distances[-1])
-                by_task[id(task)].emit(SegmentEvent(task.segments, task.state.segments_committed,
-                                                   task.state.tokens_seen, task.distances[-1]))
+            for advanced_task in advanced:
+                metrics.RECALL_DISTANCE.observe(advanced_task.distances[-1])
+                by_task[id(advanced_task)].emit(SegmentEvent(
+                    advanced_task.segments, advanced_task.state.segments_committed,
+                    advanced_task.state.tokens_seen, advanced_task.distances[-1]))
             # round-robin: the sessions served this round go to the back
             self._reading = [j for j in self._reading if j not in batch] + batch
         for job in list(self._reading):
