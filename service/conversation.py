@@ -28,6 +28,8 @@ ROOT_HASH = "0" * 32
 Continuation = Literal["new", "continued", "branched", "restarted"]
 
 
+CONVERSATION_FIELD = "conversation"  # the session hash field that holds the record (store.SideWrites)
+
 @dataclass(frozen=True)
 class Message:
     role: str

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hmt_core import CorruptStateError, InvalidInputError, SamplingParams
 from service import metrics
 from service.conversation import (
+    CONVERSATION_FIELD,
     EMPTY,
     ROOT_HASH,
     ChatTemplate,
@@ -58,7 +59,7 @@ from service.openai_protocol import (
 )
 from service.protocol import check_session_id
 from service.session_service import Service
-from service.store import ChatRecord, Lease
+from service.store import SideWrites
 from service.streaming import sse, token_events
 from service.worker import Job, JobResult
 
@@ -158,13 +159,13 @@ class OpenAIFrontend:
         hit = await store.find_chat(owner, chain)
         if hit is not None:
             n, source = hit
-            raw = await store.conversation(source, owner)
+            raw = await store.field(source, owner, CONVERSATION_FIELD)
             record = _record(raw) if raw else None
             if record is not None and record.chain[n - 1:n] == chain[n - 1:n]:
                 if len(record.chain) == n:
                     return source, None
                 k = max((m for m in record.snapshots if m <= n), default=None)
-                data = await store.snapshot(source, owner, k) if k is not None else None
+                data = await store.labelled_state(source, owner, str(k)) if k is not None else None
                 if k is not None and data is not None:
                     pending = record.snapshots[k]
                     return None, Fork(data, Conversation(chain[:k], pending, {k: pending}), k)
@@ -178,8 +179,7 @@ class OpenAIFrontend:
         service, store, template = self.service, self.service.store, self.template
         assert template is not None
         prompt = template.render(messages, generation_prompt=True)  # once: O(history) for full resends
-        lease = await store.acquire(session_id, owner, must_exist=False)
-        try:
+        async with store.leased(session_id, owner, must_exist=False) as lease:
             keep: dict[int, bytes] = {}  # snapshots this turn stores besides its result
             record: Conversation | None = None
             if lease.version < 0:
@@ -188,7 +188,7 @@ class OpenAIFrontend:
                     record, keep[fork.messages] = fork.record, fork.state
             else:
                 state = service.state_from(lease.data)
-                raw = await store.conversation(session_id, owner)
+                raw = await store.field(session_id, owner, CONVERSATION_FIELD)
                 record = _record(raw) if raw else None
             if delta:
                 prior = record.chain if record else []
@@ -198,7 +198,6 @@ class OpenAIFrontend:
             else:
                 plan = plan_turn(record, chain)
                 if implicit and plan.continuation != "continued":
-                    await store.release(lease)
                     return None
                 text = template.suffix(messages, prompt, plan.absorbed)
             if text is None:  # the template does not render this conversation incrementally
@@ -210,32 +209,30 @@ class OpenAIFrontend:
                 state = service.model.new_session()
                 keep[0] = service.encode(state)
             elif plan.base is not None:
-                data = await store.snapshot(session_id, owner, plan.base)
+                data = await store.labelled_state(session_id, owner, str(plan.base))
                 if data is None:
                     raise CorruptStateError(f"snapshot {plan.base} of session {session_id!r} is missing")
                 state = service.state_from(data)
             state = replace(state, version=max(state.version, lease.version))  # the version only grows
             tokens = await service.tokens_of(plan.pending + text, None)
-        except BaseException:
-            await store.release(lease)
-            raise
-        continuation = "branched" if fork else plan.continuation
-        turn = Turn(session_id, None, None, len(tokens), continuation)  # type: ignore[arg-type]
-        max_snapshots = service.settings.chat_snapshots
+            continuation = "branched" if fork else plan.continuation
+            turn = Turn(session_id, None, None, len(tokens), continuation)  # type: ignore[arg-type]
+            max_snapshots = service.settings.chat_snapshots
 
-        def chat_record(result: JobResult) -> ChatRecord:
-            ended = template.ended_turn(result.tokens, result.finish_reason)
-            pending = template.closing(messages, prompt, result.text, ended)
-            full_chain = chain + chain_hashes([Message("assistant", result.text)], chain[-1])
-            new_record, drop = after_turn(record, plan, full_chain, pending, max_snapshots)
-            turn.end_hash = full_chain[-1]
-            snapshots = {n: s for n, s in keep.items() if n in new_record.snapshots}
-            return ChatRecord(new_record.to_bytes(), len(full_chain), snapshots, drop)
+            def chat_record(result: JobResult) -> SideWrites:
+                ended = template.ended_turn(result.tokens, result.finish_reason)
+                pending = template.closing(messages, prompt, result.text, ended)
+                full_chain = chain + chain_hashes([Message("assistant", result.text)], chain[-1])
+                new_record, drop = after_turn(record, plan, full_chain, pending, max_snapshots)
+                turn.end_hash = full_chain[-1]
+                snapshots = {n: s for n, s in keep.items() if n in new_record.snapshots}
+                return SideWrites(fields={CONVERSATION_FIELD: new_record.to_bytes()}, state_as=str(len(full_chain)),
+                                  states={str(n): s for n, s in snapshots.items()}, drop_states=[str(n) for n in drop])
 
-        turn.job, turn.task = service.launch(lease, owner, state, tokens, params, chat_record)
-        metrics.CHAT_TURNS.labels(continuation).inc()
-        turn.owner = owner
-        return turn
+            turn.job, turn.task = service.launch(lease, owner, state, tokens, params, chat_record)
+            metrics.CHAT_TURNS.labels(continuation).inc()
+            turn.owner = owner
+            return turn
 
     async def finish(self, turn: Turn) -> JobResult:
         """The saved result; then let a client without a session id find this session by its
@@ -253,13 +250,9 @@ class OpenAIFrontend:
         if session_id is None:  # stateless: a fresh state, nothing stored
             job, task = service.run_unsaved(service.model.new_session(), tokens, params)
             return Turn(None, job, task, len(tokens))
-        lease: Lease = await service.store.acquire(session_id, owner, must_exist=False)
-        try:
+        async with service.store.leased(session_id, owner, must_exist=False) as lease:
             state = service.state_from(lease.data) if lease.version >= 0 else service.model.new_session()
-        except BaseException:
-            await service.store.release(lease)
-            raise
-        job, task = service.launch(lease, owner, state, tokens, params)
+            job, task = service.launch(lease, owner, state, tokens, params)
         return Turn(session_id, job, task, len(tokens))
 
     # ----- responses ----------------------------------------------------------------------------

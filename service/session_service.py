@@ -25,7 +25,7 @@ from service import metrics
 from service.errors import APIError
 from service.protocol import SessionInfo
 from service.settings import Settings
-from service.store import ChatRecord, Lease, SessionStore, StoreUnavailableError
+from service.store import Lease, SessionStore, SideWrites, StoreUnavailableError
 from service.streaming import END
 from service.worker import Job, JobResult, ModelWorker
 
@@ -110,27 +110,20 @@ class Service:
 
     async def start_job(self, session_id: str, owner: str, tokens: list[int],
                         params: SamplingParams | None) -> tuple[Job, asyncio.Task[JobResult]]:
-        lease = await self.store.acquire(session_id, owner)
-        try:
-            state = self.state_from(lease.data)
-        except BaseException:
-            await self.store.release(lease)
-            raise
-        return self.launch(lease, owner, state, tokens, params)
+        async with self.store.leased(session_id, owner) as lease:
+            return self.launch(lease, owner, self.state_from(lease.data), tokens, params)
 
     def launch(self, lease: Lease, owner: str, state: SessionState, tokens: list[int], params: SamplingParams | None,
-               chat: Callable[[JobResult], ChatRecord] | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
-        """Run a job on a state read under `lease`; the lease is released when it is saved (or failed).
-        `chat` makes the conversation record saved atomically with the state."""
-        try:
-            if params is not None and not tokens and not state.window:
-                raise InvalidInputError("the session has no tokens yet: give a prompt")
-        except BaseException:
-            self.spawn(self.store.release(lease))
-            raise
+               side: Callable[[JobResult], SideWrites] | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
+        """Run a job on a state read under `lease` (held with `SessionStore.leased`), which the job's
+        saver task takes over: it is released when the result is saved (or failed). `side` (from the
+        result) is written atomically with the state: the chat layer's conversation record."""
+        if params is not None and not tokens and not state.window:
+            raise InvalidInputError("the session has no tokens yet: give a prompt")
         metrics.TOKENS_IN.inc(len(tokens))
         job = self.worker.submit(state, tokens, params)
-        task = self.spawn(self._complete(lease, owner, job, chat))
+        lease.handed_over = True
+        task = self.spawn(self._complete(lease, owner, job, side))
         return job, task
 
     def run_unsaved(self, state: SessionState, tokens: list[int],
@@ -155,14 +148,14 @@ class Service:
         return task
 
     async def _complete(self, lease: Lease, owner: str, job: Job,
-                        chat: Callable[[JobResult], ChatRecord] | None) -> JobResult:
+                        side: Callable[[JobResult], SideWrites] | None) -> JobResult:
         """Wait for the worker, save with compare-and-set, release; runs even if the client left."""
         metrics.ACTIVE_SESSIONS.inc()
         renewer = asyncio.create_task(self._renew(lease))
         try:
             result: JobResult = await job.done
             await self.store.save(lease, self.encode(result.state), result.state.version,
-                                  chat(result) if chat else None)
+                                  side(result) if side else None)
             return result
         finally:
             renewer.cancel()

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from hmt_core import InvalidInputError
+from service.conversation import CONVERSATION_FIELD
 from service.errors import error_payload
 from service.protocol import (
     AppendRequest,
@@ -24,7 +25,7 @@ from service.protocol import (
     check_session_id,
 )
 from service.session_service import Service
-from service.store import ChatRecord
+from service.store import SideWrites
 from service.streaming import END, sse, token_events
 from service.worker import JobResult, SegmentEvent
 
@@ -63,15 +64,13 @@ def create_router(service: Service) -> APIRouter:
         check_session_id(session_id)
         data = await request.body()  # bounded by BodyLimit
         state = service.imported(data)
-        lease = await service.store.acquire(session_id, owner, must_exist=False)
-        try:
+        async with service.store.leased(session_id, owner, must_exist=False) as lease:
             # The version only grows, so writers fenced on an older version stay fenced off.
             state = replace(state, version=max(state.version, lease.version + 1))
             data = service.encode(state)
             # the imported state is not the conversation the chat record describes: forget it
-            await service.store.save(lease, data, state.version, ChatRecord(b""))
-        finally:
-            await service.store.release(lease)
+            await service.store.save(lease, data, state.version,
+                                     SideWrites(fields={CONVERSATION_FIELD: b""}, clear_states=True))
         return service.info(session_id, state, len(data))
 
     @router.post("/sessions/{session_id}/append", response_model=AppendResponse,

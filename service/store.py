@@ -64,16 +64,20 @@ class Lease:
     data: bytes
     version: int
     owner: str = ""
+    handed_over: bool = False  # a task that saves and releases it took it over (SessionStore.leased)
 
 
 @dataclass
-class ChatRecord:
-    """What a chat turn writes beside the state, atomically with it."""
+class SideWrites:
+    """What a save writes beside the state, atomically with it. Generic: other fields of the
+    session's hash, and a second hash of states under labels (the chat layer keeps its
+    conversation record in a field and a state snapshot per turn under its message count)."""
 
-    conversation: bytes  # the record (JSON); b"" removes it
-    state_snapshot: int | None = None  # keep the saved state itself as this snapshot (not sent twice)
-    snapshots: dict[int, bytes] = field(default_factory=dict)  # other snapshots: message count -> state bytes
-    drop: list[int] = field(default_factory=list)  # snapshot keys to delete
+    fields: dict[str, bytes] = field(default_factory=dict)  # fields to set; b"" deletes the field
+    clear_states: bool = False  # delete every labelled state first
+    state_as: str | None = None  # keep the saved state itself under this label too (not sent twice)
+    states: dict[str, bytes] = field(default_factory=dict)  # other states to store, by label
+    drop_states: list[str] = field(default_factory=list)  # labels to delete
 
 
 _CREATE = """
@@ -83,10 +87,10 @@ if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
 
-# KEYS[1] session, KEYS[2] snapshots; ARGV: expected version ('' when it must not exist), state, new version,
-# owner, ttl ms, now, then optionally: conversation ('' deletes it and every snapshot), the snapshot key
-# under which to keep this state ('' none), number of other snapshot pairs S, S (key, state) pairs,
-# snapshot keys to delete.
+# KEYS[1] session, KEYS[2] labelled states; ARGV: expected version ('' when it must not exist), state,
+# new version, owner, ttl ms, now, then optionally (SideWrites): F, F (field, value) pairs ('' value
+# deletes), clear ('1' deletes every labelled state), the label to keep this state under ('' none),
+# S, S (label, state) pairs, labels to delete.
 _SAVE = """
 local v = redis.call('HGET', KEYS[1], 'version')
 if ARGV[1] == '' then
@@ -97,17 +101,20 @@ else
   if v ~= ARGV[1] then return 0 end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'version', ARGV[3])
-if #ARGV > 6 then
-  if ARGV[7] == '' then
-    redis.call('HDEL', KEYS[1], 'conversation')
-    redis.call('DEL', KEYS[2])
-  else
-    redis.call('HSET', KEYS[1], 'conversation', ARGV[7])
-    if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], ARGV[8], ARGV[2]) end
-    local pairs_end = 9 + 2 * tonumber(ARGV[9])
-    for i = 10, pairs_end, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-    for i = pairs_end + 1, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+local i = 7
+if #ARGV >= i then
+  for _ = 1, tonumber(ARGV[i]) do
+    if ARGV[i + 2] == '' then redis.call('HDEL', KEYS[1], ARGV[i + 1])
+    else redis.call('HSET', KEYS[1], ARGV[i + 1], ARGV[i + 2]) end
+    i = i + 2
   end
+  i = i + 1
+  if ARGV[i] == '1' then redis.call('DEL', KEYS[2]) end
+  if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[2]) end
+  i = i + 2
+  local states = tonumber(ARGV[i])
+  for j = i + 1, i + 2 * states, 2 do redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 1]) end
+  for j = i + 1 + 2 * states, #ARGV do redis.call('HDEL', KEYS[2], ARGV[j]) end
 end
 for _, key in ipairs(KEYS) do
   if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', key, ARGV[5]) else redis.call('PERSIST', key) end
@@ -237,6 +244,17 @@ class SessionStore:
             raise
         return lease
 
+    @contextlib.asynccontextmanager
+    async def leased(self, session_id: str, owner: str, must_exist: bool = True) -> AsyncIterator[Lease]:
+        """The session's writer lock (and state) for a block, released when the block ends, unless
+        the block handed it over (`lease.handed_over = True`) to a task that saves and releases it."""
+        lease = await self.acquire(session_id, owner, must_exist)
+        try:
+            yield lease
+        finally:
+            if not lease.handed_over:
+                await self.release(lease)
+
     async def renew(self, lease: Lease) -> bool:
         async with self._op("lock"):
             return bool(await self._renew(keys=[self._lock_key(lease.owner, lease.session_id)],
@@ -247,17 +265,19 @@ class SessionStore:
             async with self._op("unlock"):
                 await self._release(keys=[self._lock_key(lease.owner, lease.session_id)], args=[lease.token])
 
-    async def save(self, lease: Lease, data: bytes, version: int, chat: ChatRecord | None = None) -> None:
+    async def save(self, lease: Lease, data: bytes, version: int, side: SideWrites | None = None) -> None:
         """Compare-and-set: write only if the stored version is still the one read under the lease.
-        With `chat`, the conversation record and snapshots change in the same atomic script."""
+        With `side`, other fields and labelled states change in the same atomic script."""
         expected = "" if lease.version < 0 else str(lease.version)
         args: list[bytes | str | int | float] = [expected, data, version, lease.owner, self.ttl_ms, time.time()]
-        if chat is not None:
-            kept_as = "" if chat.state_snapshot is None else str(chat.state_snapshot)
-            args += [chat.conversation, kept_as, len(chat.snapshots)]
-            for key, snapshot in chat.snapshots.items():
-                args += [str(key), snapshot]
-            args += [str(key) for key in chat.drop]
+        if side is not None:
+            args.append(len(side.fields))
+            for name, value in side.fields.items():
+                args += [name, value]
+            args += ["1" if side.clear_states else "0", side.state_as or "", len(side.states)]
+            for label, state in side.states.items():
+                args += [label, state]
+            args += side.drop_states
         async with self._op("write"):
             result = await self._save(keys=[self._key(lease.owner, lease.session_id),
                                             self._snapshots_key(lease.owner, lease.session_id)], args=args)
@@ -269,13 +289,10 @@ class SessionStore:
         metrics.STATE_BYTES.observe(len(data))
 
     async def delete(self, session_id: str, owner: str) -> None:
-        lease = await self.acquire(session_id, owner)
-        try:
+        async with self.leased(session_id, owner):
             async with self._op("write"):
                 await self.redis.delete(self._key(owner, session_id), self._snapshots_key(owner, session_id))
             await self._forget_hints(owner, session_id)
-        finally:
-            await self.release(lease)
 
     async def _forget_hints(self, owner: str, session_id: str) -> None:
         """Delete the chat hints that still point at a deleted session (plain commands, no script
@@ -287,16 +304,16 @@ class SessionStore:
                 stale = [key for key, target in zip(hints, targets, strict=True) if target == session_id.encode()]
                 await self.redis.delete(self._hints_key(owner, session_id), *stale)
 
-    # ----- chat sessions (service.conversation) ----------------------------------------------
-
-    async def conversation(self, session_id: str, owner: str) -> bytes | None:
-        """The conversation record; read it under a lease so it matches the state."""
+    async def field(self, session_id: str, owner: str, name: str) -> bytes | None:
+        """A field written beside the state (SideWrites); read it under a lease so it matches the state."""
         async with self._op("read"):
-            return cast("bytes | None", await self.redis.hget(self._key(owner, session_id), "conversation"))
+            return cast("bytes | None", await self.redis.hget(self._key(owner, session_id), name))
 
-    async def snapshot(self, session_id: str, owner: str, messages: int) -> bytes | None:
+    async def labelled_state(self, session_id: str, owner: str, label: str) -> bytes | None:
         async with self._op("read"):
-            return cast("bytes | None", await self.redis.hget(self._snapshots_key(owner, session_id), str(messages)))
+            return cast("bytes | None", await self.redis.hget(self._snapshots_key(owner, session_id), label))
+
+    # ----- chat hints (service.openai_api) -----------------------------------------------------
 
     async def find_chat(self, owner: str, chain: list[str]) -> tuple[int, str] | None:
         """The longest prefix chain[:n] at which some session's chat turn ended: (n, session id)."""

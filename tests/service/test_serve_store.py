@@ -64,3 +64,23 @@ def test_ttl_expires_idle_sessions(redis_server: RedisServer) -> None:
         await store.close()
 
     run(scenario())
+
+
+def test_a_lease_is_released_with_its_block_unless_handed_over(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = SessionStore(redis_server.url, prefix="leased:", lock_ttl_s=5, lock_wait_s=0.2)
+        await store.create("s", "", b"v0", 0)
+        with pytest.raises(RuntimeError, match="fails mid-block"):
+            async with store.leased("s", "") as lease:
+                assert lease.data == b"v0"
+                raise RuntimeError("fails mid-block")
+        async with store.leased("s", "") as lease:  # free again: the failed block released it
+            lease.handed_over = True  # now a saver task owns it
+        with pytest.raises(SessionBusyError):
+            await store.acquire("s", "")
+        await store.release(lease)  # what the saver does at its end
+        async with store.leased("s", ""):
+            pass
+        await store.close()
+
+    run(scenario())
