@@ -148,7 +148,7 @@ def test_bad_generation_requests(model: HMTModel, text_model: HMTModel) -> None:
 @pytest.mark.parametrize("fields", [
     {"segment_tokens": 0}, {"num_sensory": 9, "segment_tokens": 8}, {"ltm_context": 0}, {"recall_dim": 0},
     {"sum_fraction": 0.0}, {"sum_fraction": 1.5}, {"segment_tokens": 1, "sum_fraction": 0.1},
-    {"recall_scale": "cubic"},
+    {"recall_scale": "cubic"}, {"recall_dtype": "int8"}, {"recall_dtype": "bfloat"},
 ])
 def test_bad_configs_are_refused(fields: dict[str, object]) -> None:
     with pytest.raises(InvalidInputError):
