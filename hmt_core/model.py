@@ -228,11 +228,13 @@ class HMTModel(nn.Module):
     # ----- whole-sequence scoring (teacher-forced, as the reference evaluates) ------------
 
     def check_tokens(self, tokens: Sequence[int] | Tensor) -> Tensor:
-        if not isinstance(tokens, Tensor):
-            for token in tokens:  # before torch: an int beyond int64 would overflow inside as_tensor
-                if isinstance(token, int) and not 0 <= token < self.vocab_size:
-                    raise InvalidInputError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
-        ids = torch.as_tensor(tokens) if not isinstance(tokens, Tensor) else tokens
+        try:
+            ids = torch.as_tensor(tokens) if not isinstance(tokens, Tensor) else tokens
+        except (RuntimeError, OverflowError, ValueError):  # an int beyond int64: out of any vocabulary
+            bad = next((t for t in tokens if isinstance(t, int) and not 0 <= t < self.vocab_size), None)
+            if bad is None:
+                raise
+            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})") from None
         if ids.numel() == 0:
             raise InvalidInputError("no tokens given")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():

@@ -130,7 +130,6 @@ class TextStream:
 
     def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
         self.tokenizer = tokenizer
-        self.stop = list(stop)
         # Set lookups instead of a scan per stop string: a token's cost depends on the longest stop
         # string, not on how many there are.
         self._stops = frozenset(stop)
