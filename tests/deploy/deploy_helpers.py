@@ -125,6 +125,11 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def arg_defaults(steps: list[tuple[str, str]]) -> dict[str, str]:
+    """ARG name -> default value, of the ARGs that have one."""
+    return dict(a.split("=", 1) for k, a in steps if k == "ARG" and "=" in a)
+
+
 def copies(path: Path) -> list[tuple[list[str], str]]:
     """(sources, destination) of every COPY from the build context (not --from another stage)."""
     found = []

