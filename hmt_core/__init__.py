@@ -3,7 +3,7 @@
 from hmt_core.config import HMTConfig
 from hmt_core.errors import CheckpointError, CorruptStateError, HMTError, InvalidInputError, ModelMismatchError
 from hmt_core.generation import GeneratedToken, Generation, SamplingParams
-from hmt_core.model import HMTModel, ScoreOutput
+from hmt_core.model import HMTModel, ScoreOutput, SegmentRecall
 from hmt_core.session import SessionState
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "ModelMismatchError",
     "SamplingParams",
     "ScoreOutput",
+    "SegmentRecall",
     "SessionState",
 ]

@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hmt_core.errors import InvalidInputError
-from hmt_core.model import HMTModel
+from hmt_core.model import HMTModel, SegmentRecall
 from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, TextStream, sample_tokens, seed_key
 from hmt_core.session import SessionState, fill_window
 
@@ -47,12 +47,16 @@ class AppendTask:
     state: SessionState
     rest: list[int]
     segments: int = 0  # committed by this task so far
-    distances: list[int] = field(default_factory=list)  # recall distance of each of those commits
+    recalls: list[SegmentRecall] = field(default_factory=list)  # the recall of each of those commits
     error: BaseException | None = None
 
     @property
     def done(self) -> bool:
         return not self.rest or self.error is not None
+
+    @property
+    def distances(self) -> list[int]:
+        return [recall.distance for recall in self.recalls]
 
 
 def begin_append(model: HMTModel, state: SessionState, tokens: Sequence[int] | Tensor) -> AppendTask:
@@ -78,10 +82,10 @@ def advance_appends(model: HMTModel, tasks: Sequence[AppendTask]) -> list[Append
             pending[0].error = exc
             return []
         return [t for task in pending for t in advance_appends(model, [task])]
-    for task, state, distance in results:
+    for task, state, recall in results:
         task.state, task.rest = fill_window(state, task.rest, model.hmt_config)
         task.segments += 1
-        task.distances.append(int(distance))
+        task.recalls.append(recall)
     return pending
 
 
@@ -222,10 +226,10 @@ class DecodeRow:
     text: TextStream
     stop_ids: frozenset[int]
     query: tuple[int, ...] = ()  # tokens whose summary recalled the current window's memory prompt
-    prompt: Tensor | None = None  # that prompt p (at position 0 of the slot), and its recall distance
-    prompt_distance: int = 0
+    prompt: Tensor | None = None  # that prompt p (at position 0 of the slot), and its recall
+    prompt_recall: SegmentRecall | None = None
     tokens: list[int] = field(default_factory=list)
-    commit_distances: list[int] = field(default_factory=list)
+    commit_recalls: list[SegmentRecall] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
     slot: int = -1
@@ -235,6 +239,10 @@ class DecodeRow:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+    @property
+    def commit_distances(self) -> list[int]:
+        return [recall.distance for recall in self.commit_recalls]
 
 
 @dataclass
@@ -396,7 +404,7 @@ class DecodeEngine:
                 failed.append(row)
                 continue
             row.state = task.state
-            row.commit_distances += task.distances
+            row.commit_recalls += task.recalls
             committed.append(row)
         return committed, failed
 
@@ -445,9 +453,10 @@ class DecodeEngine:
         ends = torch.tensor([len(s) for s in sequences], device=model.device)  # index of each row's last position
         last = hidden[torch.arange(len(rows), device=model.device), ends]
         self._logits[slots] = model.lm_logits(last).float()  # type: ignore[index]
+        traces = recalled.traces([r.state.segments_committed for r in rows], [r.state.ltm.shape[0] for r in rows])
         for i, (row, sequence) in enumerate(zip(rows, sequences, strict=True)):
             row.length = 1 + len(sequence)
-            row.prompt, row.prompt_distance = prompts[i], int(recalled.distances[i])
+            row.prompt, row.prompt_recall = prompts[i], traces[i]
 
     def _decode(self, rows: list[DecodeRow],
                 committing: list[DecodeRow]) -> tuple[list[DecodeRow], list[DecodeRow]]:
@@ -504,7 +513,8 @@ class DecodeEngine:
         for row in committing:
             state = row.state.after_commit(hidden[row.slot], cfg)
             row.state, _ = fill_window(state, [row.tokens[-1]], cfg)
-            row.commit_distances.append(row.prompt_distance)
+            assert row.prompt_recall is not None  # set with row.prompt, which this commit read
+            row.commit_recalls.append(row.prompt_recall)
 
     def _backbone_decode(self, inputs_embeds: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
         """The decode forward proper: [rows, 1, d] embeddings -> final hidden states [rows, d]."""

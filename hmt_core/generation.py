@@ -26,7 +26,7 @@ from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, Text
 from hmt_core.session import SessionState
 
 if TYPE_CHECKING:
-    from hmt_core.model import HMTModel
+    from hmt_core.model import HMTModel, SegmentRecall
 
 __all__ = ["FinishReason", "GeneratedToken", "Generation", "SamplingParams", "TextStream",
            "continuation_log_probs", "decode_one_token"]
@@ -58,6 +58,11 @@ class Generation(Iterator[GeneratedToken]):
     def commit_distances(self) -> list[int]:
         """Recall distance of each segment committed while generating."""
         return self._row.commit_distances
+
+    @property
+    def commit_recalls(self) -> list[SegmentRecall]:
+        """The recall (top slots and weights) of each segment committed while generating."""
+        return self._row.commit_recalls
 
     @property
     def finish_reason(self) -> FinishReason | None:

@@ -40,10 +40,41 @@ class ScoreOutput:
     recall_distances: Tensor  # [B, S]: segments back to the strongest recall weight (0: no recall)
 
 
+RECALL_TOP_K = 4  # recall weights reported per segment: the strongest few, so the trace stays small
+
+
 @dataclass
 class Recall:
     prompts: Tensor  # [B, d] memory prompt p_n in the backbone's dtype
     distances: Tensor  # [B] long; 0 where long-term memory was empty
+    top_slots: Tensor  # [B, k] long, k <= RECALL_TOP_K: memory positions by weight, strongest first; -1: none
+    top_weights: Tensor  # [B, k] float32 softmax weights of those positions (0 where none)
+
+    def traces(self, segments: Sequence[int], lengths: Sequence[int]) -> list[SegmentRecall]:
+        """Per row: what recall did for segment `segments[b]` over `lengths[b]` memories, with
+        memory positions named by the segment that wrote them. One host copy for the batch."""
+        slots, weights = self.top_slots.tolist(), self.top_weights.tolist()
+        traces = []
+        for row, (segment, length) in enumerate(zip(segments, lengths, strict=True)):
+            first = segment - length  # memory position 0 holds the memory written by this segment
+            kept = [(first + s, w) for s, w in zip(slots[row], weights[row], strict=True) if s >= 0]
+            traces.append(SegmentRecall(segment, tuple(s for s, _ in kept), tuple(w for _, w in kept)))
+        return traces
+
+
+@dataclass(frozen=True)
+class SegmentRecall:
+    """The recall of one committed segment: which earlier segments' memories it attended to most
+    (by the index of the segment that wrote each memory), and the softmax weight of each."""
+
+    segment: int  # this segment's index (0-based: the session's segments_committed before it)
+    slots: tuple[int, ...]  # earlier segments, strongest first; empty when memory was empty
+    weights: tuple[float, ...]  # their weights: each in [0, 1], descending, summing to at most 1
+
+    @property
+    def distance(self) -> int:
+        """Segments back to the strongest weight (0: no recall), as the paper's recall figure."""
+        return self.segment - self.slots[0] if self.slots else 0
 
 
 def _config_digest(config: PretrainedConfig) -> dict[str, Any]:
@@ -92,6 +123,15 @@ class HMTModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return cast(nn.Embedding, self.backbone.get_input_embeddings()).weight.dtype
+
+    @property
+    def kv_cache_bytes_per_token(self) -> int:
+        """What a KV cache of the backbone holds per token of history: keys and values, every layer."""
+        config = self.backbone.config.get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
 
     @property
     def recall_divisor(self) -> float:
@@ -173,7 +213,8 @@ class HMTModel(nn.Module):
         batch = queries.shape[0]
         initial = self.initial_memory.to(self.dtype).expand(batch, self.dim)
         if memories.shape[1] == 0:
-            return Recall(initial, torch.zeros(batch, dtype=torch.long, device=self.device))
+            none = torch.zeros(batch, 0, device=self.device)
+            return Recall(initial, torch.zeros(batch, dtype=torch.long, device=self.device), none.long(), none)
         rdtype = getattr(torch, self.hmt_config.recall_dtype)
         mem = memories.to(self.device, rdtype)
         xq = queries.to(rdtype) @ self.recall_wq.weight.to(rdtype).t()  # [B, h]
@@ -181,13 +222,18 @@ class HMTModel(nn.Module):
         scores = torch.einsum("bh,bnh->bn", xq, mk) / self.recall_divisor
         lengths = lengths.to(self.device)
         valid = torch.arange(mem.shape[1], device=self.device)[None, :] < lengths[:, None]
-        weights = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
-        weights = torch.nan_to_num(weights).to(rdtype)  # rows with no memory are all -inf
-        prompts = torch.einsum("bn,bnd->bd", weights, mem).to(self.dtype)
+        probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
+        probs = torch.nan_to_num(probs)  # rows with no memory are all -inf
+        prompts = torch.einsum("bn,bnd->bd", probs.to(rdtype), mem).to(self.dtype)
         has_memory = lengths > 0
         prompts = torch.where(has_memory[:, None], prompts, initial)
-        distances = torch.where(has_memory, lengths - weights.float().argmax(dim=-1), 0)
-        return Recall(prompts, distances)
+        # the float32 softmax, strongest first; a stable sort, not topk: ties keep memory order
+        # (oldest first, as argmax), whatever the batch's padding
+        top_weights, top_slots = probs.sort(dim=-1, descending=True, stable=True)
+        top_weights, top_slots = top_weights[:, :RECALL_TOP_K], top_slots[:, :RECALL_TOP_K]
+        top_slots = top_slots.masked_fill(top_slots >= lengths[:, None], -1)  # past a row's memory: no slot
+        distances = torch.where(has_memory, lengths - top_slots[:, 0], 0)
+        return Recall(prompts, distances, top_slots, top_weights.masked_fill(top_slots < 0, 0.0))
 
     def _segment_embeds(self, prompts: Tensor, sensory: Tensor | None, tokens: Tensor) -> Tensor:
         p = prompts[:, None, :].to(self.dtype)
@@ -270,6 +316,7 @@ class HMTModel(nn.Module):
         distances: list[Tensor] = []
         sensory: Tensor | None = None
         no_recall = torch.zeros(batch, dtype=torch.long, device=self.device)
+        no_slots = torch.zeros(batch, 0, device=self.device)
         starts = range(0, ids.shape[1], cfg.segment_tokens)
         queries = self._all_summary_queries(ids, starts) if mode == "hmt" else []
         for index, start in enumerate(starts):
@@ -279,7 +326,7 @@ class HMTModel(nn.Module):
                 continue
             if mode == "rmt":
                 prompts = memories[-1] if memories else self.initial_memory.to(self.dtype).expand(batch, self.dim)
-                recalled = Recall(prompts, no_recall)
+                recalled = Recall(prompts, no_recall, no_slots.long(), no_slots)
             else:
                 ltm = torch.stack(memories[-cfg.ltm_context:], dim=1) if memories else \
                     torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
@@ -316,15 +363,15 @@ class HMTModel(nn.Module):
         state.check_model(self.fingerprint, self.hmt_config, self.dim, self.vocab_size)
 
     @torch.no_grad()
-    def commit_windows(self, states: Sequence[SessionState]) -> tuple[list[SessionState], Tensor]:
+    def commit_windows(self, states: Sequence[SessionState]) -> tuple[list[SessionState], list[SegmentRecall]]:
         """Commit the full windows of several sessions in one backbone pass per step.
 
-        Returns the new states and each commit's recall distance. The result equals committing
-        them one at a time (rows only differ in sensory length 0 vs k, grouped, never padded).
+        Returns the new states and each commit's recall (top slots, weights, distance). The result
+        equals committing them one at a time (rows only differ in sensory length 0 vs k, grouped, never padded).
         """
         cfg = self.hmt_config
         if not states:
-            return [], torch.zeros(0, dtype=torch.long)
+            return [], []
         for state in states:
             self.check_session(state)
             if len(state.window) != cfg.segment_tokens:
@@ -340,7 +387,7 @@ class HMTModel(nn.Module):
                 if sensory_len else None
             new_memories[index] = self.segment_memories(recalled.prompts[index], sensory, windows[index])
         committed = [state.after_commit(new_memories[row], cfg) for row, state in enumerate(states)]
-        return committed, recalled.distances.cpu()
+        return committed, recalled.traces([s.segments_committed for s in states], [s.ltm.shape[0] for s in states])
 
     def append(self, state: SessionState, tokens: Sequence[int] | Tensor) -> SessionState:
         """Append tokens to a session, committing full windows lazily. Returns a new state."""

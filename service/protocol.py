@@ -94,6 +94,44 @@ class AppendResponse(Totals):
     segments_committed: int
 
 
+class RecallEntry(BaseModel):
+    """The recall of one committed segment: the earlier segments whose memories it attended to
+    most, strongest first, and the softmax weight of each (the top few of the whole distribution)."""
+
+    segment: int = Field(description="this segment's index (0-based)")
+    slots: list[int] = Field(description="earlier segments (by index) whose memories the recall weighted most, "
+                                         "strongest first; at most recall_top_k, each < segment; empty when "
+                                         "long-term memory was empty")
+    weights: list[float] = Field(description="their softmax weights: each in [0, 1], descending, summing to <= 1")
+    distance: int = Field(description="segments back to the strongest weight (segment - slots[0]); 0: no recall")
+
+
+class SegmentProgress(BaseModel):
+    """The data of an append stream's `segment` event: one per committed segment."""
+
+    segments_committed: int = Field(description="by this request so far")
+    segments_total: int
+    tokens_seen: int
+    recall_distance: int
+    recall: RecallEntry
+
+
+class SessionMemory(Totals):
+    """What a session holds, next to what a KV cache of the same history would need."""
+
+    id: str
+    state_bytes: int = Field(description="the stored state's size: constant once long-term memory is full")
+    memories: int = Field(description="memories in long-term memory now")
+    memory_capacity: int = Field(description="long-term memory's capacity (ltm_context)")
+    segment_tokens: int
+    kv_cache_bytes_per_token: int = Field(description="2 x layers x KV heads x head dim x dtype bytes of the "
+                                                      "backbone")
+    kv_cache_bytes: int = Field(description="what a KV cache of tokens_seen tokens would need")
+    recall_top_k: int = Field(description="the most slots reported per segment")
+    recalls: list[RecallEntry] = Field(description="the recall of each of the last committed segments, oldest "
+                                                   "first (bounded: see the last parameter)")
+
+
 class Usage(BaseModel):
     """Both APIs' usage: prompt_tokens are the tokens the model read for this request (in a
     conversation only its new part), completion_tokens those it generated."""

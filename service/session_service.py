@@ -23,6 +23,7 @@ from fastapi import Request
 from hmt_core import CorruptStateError, HMTModel, InvalidInputError, SamplingParams, SessionState
 from service import metrics
 from service.errors import APIError
+from service.memory import RECALL_FIELD, merge_history
 from service.protocol import SessionInfo
 from service.settings import Settings
 from service.store import Lease, SessionStore, SideWrites, StoreUnavailableError
@@ -149,13 +150,18 @@ class Service:
 
     async def _complete(self, lease: Lease, owner: str, job: Job,
                         side: Callable[[JobResult], SideWrites] | None) -> JobResult:
-        """Wait for the worker, save with compare-and-set, release; runs even if the client left."""
+        """Wait for the worker, save with compare-and-set, release; runs even if the client left.
+        The recall history of the segments the job committed is saved with the state."""
         metrics.ACTIVE_SESSIONS.inc()
         renewer = asyncio.create_task(self._renew(lease))
         try:
             result: JobResult = await job.done
-            await self.store.save(lease, self.encode(result.state), result.state.version,
-                                  side(result) if side else None)
+            writes = side(result) if side else None
+            if result.recalls:
+                raw = await self.store.field(lease.session_id, owner, RECALL_FIELD)  # under the lease
+                writes = writes or SideWrites()
+                writes.fields[RECALL_FIELD] = merge_history(raw, job.state.segments_committed, result.recalls)
+            await self.store.save(lease, self.encode(result.state), result.state.version, writes)
             return result
         finally:
             renewer.cancel()

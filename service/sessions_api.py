@@ -8,19 +8,23 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from hmt_core import InvalidInputError
+from hmt_core.model import RECALL_TOP_K
 from service.conversation import CONVERSATION_FIELD
 from service.errors import error_payload
+from service.memory import RECALL_FIELD, RECALL_HISTORY, entry, read_history
 from service.protocol import (
     AppendRequest,
     AppendResponse,
     CreateSession,
     GenerateRequest,
     GenerateResponse,
+    SegmentProgress,
     SessionInfo,
+    SessionMemory,
     Usage,
     check_session_id,
 )
@@ -47,6 +51,24 @@ def create_router(service: Service) -> APIRouter:
         data, _ = await service.store.get(session_id, owner)
         return service.info(session_id, service.state_from(data), len(data))
 
+    @router.get("/sessions/{session_id}/memory", response_model=SessionMemory)
+    async def get_memory(session_id: str, owner: str = owner_dep,
+                         last: int = Query(RECALL_HISTORY, ge=1, le=RECALL_HISTORY,
+                                           description="recall entries of at most this many last segments")
+                         ) -> SessionMemory:
+        """Tokens seen, segments committed, the state's size next to a KV cache's for the same
+        history, and the top recall weights of the last committed segments."""
+        raw = await service.store.field(session_id, owner, RECALL_FIELD)  # before the state: never newer
+        data, _ = await service.store.get(session_id, owner)
+        state, model = service.state_from(data), service.model
+        per_token = model.kv_cache_bytes_per_token
+        return SessionMemory(id=session_id, tokens_seen=state.tokens_seen, segments_total=state.segments_committed,
+                             window_tokens=len(state.window), state_bytes=len(data), memories=state.ltm.shape[0],
+                             memory_capacity=model.hmt_config.ltm_context,
+                             segment_tokens=model.hmt_config.segment_tokens, kv_cache_bytes_per_token=per_token,
+                             kv_cache_bytes=per_token * state.tokens_seen, recall_top_k=RECALL_TOP_K,
+                             recalls=[entry(r) for r in read_history(raw, state.segments_committed)[-last:]])
+
     @router.delete("/sessions/{session_id}")
     async def delete_session(session_id: str, owner: str = owner_dep) -> dict[str, Any]:
         await service.store.delete(session_id, owner)
@@ -70,14 +92,15 @@ def create_router(service: Service) -> APIRouter:
             data = service.encode(state)
             # the imported state is not the conversation the chat record describes: forget it
             await service.store.save(lease, data, state.version,
-                                     SideWrites(fields={CONVERSATION_FIELD: b""}, clear_states=True))
+                                     SideWrites(fields={CONVERSATION_FIELD: b"", RECALL_FIELD: b""}, clear_states=True))
         return service.info(session_id, state, len(data))
 
     @router.post("/sessions/{session_id}/append", response_model=AppendResponse,
               responses={200: {"content": {"text/event-stream": {}}}})
     async def append(session_id: str, body: AppendRequest, request: Request, owner: str = owner_dep) -> Any:
         """Append text or token ids. With `Accept: text/event-stream`: a `segment` event per
-        committed segment, then a `summary` event with the response body."""
+        committed segment (data: a SegmentProgress, with the segment's recall as a RecallEntry),
+        then a `summary` event with the response body."""
         tokens = await service.tokens_of(body.text, body.tokens)
         if not tokens:
             raise InvalidInputError("nothing to append: the input is empty")
@@ -96,7 +119,8 @@ def create_router(service: Service) -> APIRouter:
         async def stream() -> AsyncIterator[str]:
             while (event := await job.events.get()) is not END:
                 if isinstance(event, SegmentEvent):
-                    yield sse(asdict(event), "segment")
+                    progress = SegmentProgress(**{**asdict(event), "recall": entry(event.recall)})
+                    yield sse(progress.model_dump(), "segment")
             try:
                 yield sse(summary(await task).model_dump(), "summary")
             except Exception as exc:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hmt_core import HMTModel, SamplingParams, SessionState
+from hmt_core import HMTModel, SamplingParams, SegmentRecall, SessionState
 from hmt_core.engine import AppendTask, DecodeEngine, DecodeRow, advance_appends, begin_append
 from service import metrics
 
@@ -35,6 +35,7 @@ class SegmentEvent:
     segments_total: int
     tokens_seen: int
     recall_distance: int
+    recall: SegmentRecall
 
 
 @dataclass
@@ -50,6 +51,7 @@ class JobResult:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # generate: "stop", "length" or "cancelled" (client went away)
+    recalls: list[SegmentRecall] = field(default_factory=list)  # of every segment the job committed, in order
 
 
 def deliver(events: Sequence[tuple[Job, Any]]) -> None:
@@ -104,6 +106,14 @@ class Job:
     @property
     def segments(self) -> int:
         return self.task.segments if self.task is not None else 0
+
+    def result(self, state: SessionState, row: DecodeRow | None = None, finish_reason: str | None = None) -> JobResult:
+        """The job's result: its input's commits, then (with `row`) the reply's."""
+        recalls = list(self.task.recalls) if self.task is not None else []
+        if row is None:
+            return JobResult(state, self.segments, finish_reason=finish_reason, recalls=recalls)
+        return JobResult(state, self.segments, list(row.tokens), row.text.released, finish_reason,
+                         recalls + row.commit_recalls)
 
 
 class ModelWorker:
@@ -196,10 +206,11 @@ class ModelWorker:
             metrics.SEGMENTS.inc(len(advanced))
             by_task = {id(j.task): j for j in batch}
             for advanced_task in advanced:
-                metrics.RECALL_DISTANCE.observe(advanced_task.distances[-1])
+                recall = advanced_task.recalls[-1]
+                metrics.RECALL_DISTANCE.observe(recall.distance)
                 by_task[id(advanced_task)].emit(SegmentEvent(
                     advanced_task.segments, advanced_task.state.segments_committed,
-                    advanced_task.state.tokens_seen, advanced_task.distances[-1]))
+                    advanced_task.state.tokens_seen, recall.distance, recall))
             # round-robin: the sessions served this round go to the back
             self._reading = [j for j in self._reading if j not in batch] + batch
         for job in list(self._reading):
@@ -210,9 +221,9 @@ class ModelWorker:
             elif not task.done:
                 continue
             elif job.params is None:
-                job.finish(JobResult(task.state, task.segments))
+                job.finish(job.result(task.state))
             elif job.cancelled:  # the client left during its prompt: the prompt is applied, no reply
-                job.finish(JobResult(task.state, task.segments, finish_reason="cancelled"))
+                job.finish(job.result(task.state, finish_reason="cancelled"))
             else:
                 self._waiting.append(job)
             self._reading.remove(job)
@@ -225,7 +236,7 @@ class ModelWorker:
         while self._waiting and self.engine.has_room:
             job = self._waiting.pop(0)
             if job.cancelled:
-                job.finish(JobResult(job.task.state, job.segments, finish_reason="cancelled"))  # type: ignore[union-attr]
+                job.finish(job.result(job.task.state, finish_reason="cancelled"))  # type: ignore[union-attr]
                 continue
             try:
                 job.row = self.engine.add(job.task.state, job.params)  # type: ignore[union-attr,arg-type]
@@ -264,4 +275,4 @@ class ModelWorker:
         for distance in row.commit_distances:  # windows that filled up mid-reply
             metrics.RECALL_DISTANCE.observe(distance)
         self._decoding.pop(row, None)
-        job.finish(JobResult(row.state, job.segments, list(row.tokens), row.text.released, reason))
+        job.finish(job.result(row.state, row, reason))

@@ -154,7 +154,8 @@ def test_batched_commit_equals_sequential(model: HMTModel) -> None:
     states = [_history(model, seg, 1), _history(model, 2 * seg, 2), _history(model, 7 * seg, 3)]
     assert [len(s.sensory) for s in states] == [0, 3, 3]
     assert [s.ltm.shape[0] for s in states] == [0, 1, 4]
-    batched, distances = model.commit_windows(states)
+    batched, recalls = model.commit_windows(states)
+    distances = [recall.distance for recall in recalls]
     for state, together in zip(states, batched, strict=True):
         (alone,), _ = model.commit_windows([state])
         assert_states_equal(together, alone)
