@@ -36,12 +36,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.model_path()  # fail fast, before the slow imports and Redis, when there is no model
+    from service.store import EmbeddedRedis, SessionStore, parse_redis_url
+
+    if settings.redis_url is not None:
+        try:
+            parse_redis_url(settings.redis_url)
+        except ValueError as exc:
+            raise SystemExit(f"hmt-serve: --redis-url: {exc}") from None
 
     import torch
     import uvicorn
 
     from service.app import Service, create_app
-    from service.store import EmbeddedRedis, SessionStore
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -57,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = load_model(settings)
         log.info("model %s loaded: fingerprint %s", settings.model_path(), model.fingerprint)
         store = SessionStore(url, settings.key_prefix, settings.session_ttl_s, settings.lock_ttl_s,
-                             settings.lock_wait_s)
+                             settings.lock_wait_s, settings.redis_wait_replicas, settings.redis_wait_s)
         app = create_app(Service(settings, model, store))
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                     timeout_graceful_shutdown=5)

@@ -25,9 +25,19 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device: auto (cuda when available), cpu, cuda, cuda:1, mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
-    redis_url: str | None = Field(None, description="Redis URL; default: start an embedded redis-server")
+    redis_url: str | None = Field(None, description="Redis URL: redis://[:password@]host:6379/0, rediss:// (TLS), "
+                                                     "unix:///path.sock, redis+cluster://host:port[,host:port...] "
+                                                     "(Redis Cluster), redis+sentinel://[:password@]host:26379"
+                                                     "[,host:26379...]/<master name>[/db] (Sentinel); default: "
+                                                     "start an embedded redis-server")
+    redis_wait_replicas: int = Field(0, ge=0, description="after each write of a session (create, save, delete), "
+                                                          "wait until this many replicas have it (Redis WAIT); not "
+                                                          "confirmed within --redis-wait-s is 503; 0: do not wait "
+                                                          "(asynchronous replication)")
+    redis_wait_s: float = Field(1.0, gt=0, le=60, description="how long a write waits for --redis-wait-replicas")
     data_dir: Path = Field(Path("hmt-data"), description="where the embedded Redis keeps its append-only file")
-    key_prefix: str = Field("hmt:", description="prefix of every Redis key")
+    key_prefix: str = Field("hmt:", pattern=r"^[^{}]*$", description="prefix of every Redis key (no braces: they "
+                                                                    "mark Redis Cluster hash tags)")
     session_ttl_s: float = Field(0.0, ge=0, description="expire sessions idle this long; 0: never")
     lock_ttl_s: float = Field(5.0, gt=0, description="a writer's lock expires after this unless renewed (every "
                                                      "third of it while the writer lives): a dead writer's "

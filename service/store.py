@@ -1,17 +1,25 @@
 """Redis session store: one hash per session, whole-value writes fenced by the state's version,
 one writer per session through a lock with expiry, and an embedded redis-server when no URL is given.
 
-Layout, where {sid} is the session id, or `{owner}/{id}` with API keys (each key's ids are its own
-namespace: another key's id is simply not there): `{prefix}session:{sid}` hash {state:
+Layout, where <sid> is the session id, or `<owner>/<id>` with API keys (each key's ids are its own
+namespace: another key's id is simply not there): `<prefix>session:{<sid>}` hash {state:
 SessionState bytes, version, owner, created, and for
 chat sessions conversation: the hash chain record of service.conversation};
-`{prefix}snapshots:{sid}` hash {message count: SessionState bytes at the end of that chat turn};
-`{prefix}lock:{sid}` a random token with a PX expiry; `{prefix}chat:{owner}:{chain hash}` the id of
+`<prefix>snapshots:{<sid>}` hash {message count: SessionState bytes at the end of that chat turn};
+`<prefix>lock:{<sid>}` a random token with a PX expiry; `<prefix>chat:<owner>:<chain hash>` the id of
 the session whose turn ended at that hash (a hint for clients that send no session id), listed in
-the set `{prefix}hints:{sid}` so that deleting the session deletes them.
+the set `<prefix>hints:{<sid>}` so that deleting the session deletes them.
+The braces are a Redis Cluster hash tag: every key of one session is in the same hash slot, so the
+scripts over several of them run on a cluster too. The chat hints, addressed by chain hash, are
+spread over the slots and only ever touched one key at a time.
 A save is a compare-and-set in Lua on the stored version, so a writer whose lock expired (and
 whose state is older) can never overwrite; the conversation record and snapshots change in the
 same script, so they always describe the saved state.
+
+Connections (`parse_redis_url`, `connect`): redis://, rediss://, unix:// one server;
+redis+cluster:// a Redis Cluster; redis+sentinel:// the master that Redis Sentinel names, followed
+across failovers. Keys of the earlier layout (no hash tag) are renamed to these names before the
+store's first operation (`SessionStore._start`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
+import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -27,12 +38,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, Literal, cast
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from service import metrics
+
+log = logging.getLogger("hmt-serve.store")
 
 
 class StoreError(Exception):
@@ -80,6 +98,109 @@ class SideWrites:
     drop_states: list[str] = field(default_factory=list)  # labels to delete
 
 
+# ----- connections -----------------------------------------------------------------------------
+
+URL_FORMS = ("redis://[[user]:password@]host[:6379][/db], rediss:// (TLS), unix:///path/redis.sock[?db=N], "
+             "redis+cluster://[[user]:password@]host:port[,host:port...], "
+             "redis+sentinel://[[user]:password@]host:26379[,host:26379...]/<master name>[/db]"
+             "[?sentinel_password=...] (rediss+cluster://, rediss+sentinel:// for TLS)")
+_DEFAULT_PORT = {"cluster": 6379, "sentinel": 26379}
+_HOST_PORT = re.compile(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]/]+)(?::(\d+))?")
+TIMEOUT_S = 2.0  # socket connect and read timeout: a dead Redis is a quick 503, not a hung request
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed --redis-url: which Redis topology, where, and the credentials."""
+
+    mode: Literal["single", "cluster", "sentinel"]
+    url: str  # single: the URL itself, which redis-py parses
+    nodes: tuple[tuple[str, int], ...] = ()  # cluster: nodes to discover it from; sentinel: the sentinels
+    master: str = ""  # sentinel: the name of the monitored master
+    db: int = 0
+    username: str | None = None  # of the Redis servers (not the sentinels)
+    password: str | None = None
+    tls: bool = False
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """The URL forms of URL_FORMS; ValueError (without the password) for anything else."""
+    scheme, separator, _ = url.partition("://")
+    scheme = scheme.lower()
+    if scheme in ("redis", "rediss", "unix") and separator:
+        return RedisTarget("single", url)
+    base, _, kind = scheme.partition("+")
+    if not separator or base not in ("redis", "rediss") or kind not in ("cluster", "sentinel"):
+        raise ValueError(f"unknown Redis URL scheme {scheme + separator!r}; the forms are {URL_FORMS}")
+    mode: Literal["cluster", "sentinel"] = "cluster" if kind == "cluster" else "sentinel"
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, colon, secret = userinfo.partition(":")
+    nodes = []
+    for item in hosts.split(","):
+        match = _HOST_PORT.fullmatch(item.strip())
+        port = int((match[2] or match[4]) or _DEFAULT_PORT[mode]) if match else 0
+        if match is None or not 0 < port < 65536:
+            raise ValueError(f"{scheme}:// needs host:port[,host:port...]; got {item.strip()!r}")
+        nodes.append((match[1] or match[3], port))
+    path = [unquote(segment) for segment in parts.path.split("/") if segment]
+    options = parse_qs(parts.query, keep_blank_values=True)
+    allowed = {"sentinel_username", "sentinel_password"} if mode == "sentinel" else set()
+    if set(options) - allowed:
+        raise ValueError(f"unknown option(s) {sorted(set(options) - allowed)} in the {scheme}:// URL")
+    if mode == "cluster":
+        if path not in ([], ["0"]):
+            raise ValueError("a Redis Cluster has only database 0: redis+cluster://host:port[,host:port...]")
+        master, db = "", "0"
+    else:
+        if len(path) not in (1, 2):
+            raise ValueError("redis+sentinel:// needs the master's name: "
+                             "redis+sentinel://host:26379[,host:26379...]/<master name>[/db]")
+        master, db = path[0], path[1] if len(path) == 2 else "0"
+    if not db.isdigit():
+        raise ValueError(f"the database in a {scheme}:// URL is a number, not {db!r}")
+
+    def option(name: str) -> str | None:
+        values = options.get(name)
+        return values[-1] if values else None
+
+    return RedisTarget(mode, url, tuple(nodes), master, int(db), unquote(user) or None,
+                       unquote(secret) if colon else None, base == "rediss",
+                       option("sentinel_username"), option("sentinel_password"))
+
+
+def _retry() -> Retry:
+    """Two quick retries (a dropped idle connection, a refused connect while a failover is under way)
+    with jittered backoff under 0.5 s, then the error: a request never waits long on a dead Redis."""
+    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2)
+
+
+def connect(target: RedisTarget, read_timeout_s: float = TIMEOUT_S) -> tuple[aioredis.Redis | RedisCluster,
+                                                                              Sentinel | None]:
+    """A client for the target (and the Sentinel object behind it, which the caller closes too)."""
+    if target.mode == "single":
+        return aioredis.Redis.from_url(target.url, socket_timeout=read_timeout_s, socket_connect_timeout=TIMEOUT_S,
+                                       health_check_interval=5, retry=_retry()), None
+    if target.mode == "cluster":
+        # redis-py finds every node and slot from any one of these, and follows MOVED and failovers
+        return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+                            username=target.username, password=target.password, ssl=target.tls,
+                            socket_timeout=read_timeout_s, socket_connect_timeout=TIMEOUT_S,
+                            health_check_interval=5, retry=_retry()), None
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs={
+        "socket_timeout": TIMEOUT_S, "socket_connect_timeout": TIMEOUT_S, "retry": _retry(), "ssl": target.tls,
+        "username": target.sentinel_username, "password": target.sentinel_password})
+    # Every new connection asks the sentinels where the master is now; a connection to a demoted
+    # master (READONLY) is dropped: after a failover the client follows the new master by itself.
+    master = sentinel.master_for(target.master, db=target.db, username=target.username, password=target.password,
+                                 ssl=target.tls, socket_timeout=read_timeout_s, socket_connect_timeout=TIMEOUT_S,
+                                 health_check_interval=5, retry=_retry())
+    return master, sentinel
+
+
+# ----- scripts ---------------------------------------------------------------------------------
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'version', ARGV[2], 'owner', ARGV[3], 'created', ARGV[4])
@@ -133,25 +254,54 @@ return 0
 """
 
 
+# The earlier layout's keys (no hash tag) to their new names, once (SessionStore._migrate).
+# One server: KEYS[1] old name, KEYS[2] new name; RENAME keeps the value and its TTL.
+_MOVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+return 1
+"""
+
+# A cluster (old and new name in different slots): the key was copied with DUMP/RESTORE; delete it
+# only if it is still what was copied (ARGV[1], the SHA-1 of the DUMP).
+_DROP_COPIED = """
+local dump = redis.call('DUMP', KEYS[1])
+if dump and redis.sha1hex(dump) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_LEGACY_KINDS = ("session", "snapshots", "hints")  # old lock keys are left to expire (PX, seconds)
+_MIGRATE_BATCH = 16  # keys per round trip (a cluster copies values through the service: bounded memory)
+
+
 class SessionStore:
     def __init__(self, url: str, prefix: str = "hmt:", ttl_s: float = 0.0, lock_ttl_s: float = 5.0,
-                 lock_wait_s: float = 2.0) -> None:
-        # Short timeouts: a dead Redis must turn into a quick 503, not a hung request.
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
-                                             health_check_interval=5)
+                 lock_wait_s: float = 2.0, wait_replicas: int = 0, wait_s: float = 1.0) -> None:
+        """`url`: any form of URL_FORMS. With wait_replicas > 0 every write of a session (create,
+        save, delete) is followed by WAIT on its connection; a write that fewer replicas confirmed
+        within wait_s is a StoreUnavailableError (it is on the primary but a failover may lose it)."""
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the key prefix may not contain { or }: they mark Redis Cluster hash tags")
+        self.target = parse_redis_url(url)
+        # a read must outlast a WAIT's own timeout
+        self.redis, self._sentinel = connect(self.target, max(TIMEOUT_S, wait_s + 1.0))
         self.prefix = prefix
         self.ttl_ms = int(ttl_s * 1000)
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self.lock_wait_s = lock_wait_s
-        self._create = self.redis.register_script(_CREATE)
-        self._save = self.redis.register_script(_SAVE)
+        self.wait_replicas = wait_replicas
+        self.wait_ms = max(1, int(wait_s * 1000))
         self._release = self.redis.register_script(_RELEASE)
         self._renew = self.redis.register_script(_RENEW)
+        self._started = False
+        self._starting = asyncio.Lock()
 
     @staticmethod
     def _scoped(owner: str, session_id: str) -> str:
-        """Each API key's ids are its own namespace ('/' is not allowed in ids); no key: the bare id."""
-        return f"{owner}/{session_id}" if owner else session_id
+        """Each API key's ids are its own namespace ('/' is not allowed in ids); no key: the bare id.
+        In braces: a hash tag, so that every key of one session is in one cluster slot."""
+        return "{" + (f"{owner}/{session_id}" if owner else session_id) + "}"
 
     def _key(self, owner: str, session_id: str) -> str:
         return f"{self.prefix}session:{self._scoped(owner, session_id)}"
@@ -170,19 +320,42 @@ class SessionStore:
 
     @contextlib.asynccontextmanager
     async def _op(self, name: str) -> AsyncIterator[None]:
-        """Time one Redis operation and turn connection failures into StoreUnavailableError."""
+        """Time one Redis operation and turn connection failures into StoreUnavailableError.
+        The first one also readies the store (_start)."""
         assert name in metrics.STORE_OPS, name  # a new op needs its series initialised in metrics
         start = time.perf_counter()
         try:
+            if not self._started:
+                await self._start()
             yield
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             metrics.STORE_ERRORS.labels(name).inc()
             raise StoreUnavailableError(f"session store unavailable: {exc.__class__.__name__}") from None
         finally:
             metrics.STORE_SECONDS.labels(name).observe(time.perf_counter() - start)
 
+    async def _start(self) -> None:
+        """Once, before the first operation (retried by the next one while Redis is unreachable):
+        refuse a cluster node behind a plain URL, and move keys of the earlier layout."""
+        async with self._starting:
+            if self._started:
+                return
+            if not isinstance(self.redis, RedisCluster):
+                info = cast("dict[str, Any]", await self.redis.info("cluster"))
+                if info.get("cluster_enabled"):
+                    message = "this Redis is a cluster node: give its URL as redis+cluster://host:port[,host:port...]"
+                    log.error(message)
+                    raise StoreUnavailableError(f"session store unavailable: {message}")
+            moved, kept = await self._migrate()
+            if moved or kept:
+                log.log(logging.WARNING if kept else logging.INFO, "moved %d keys of the earlier layout to "
+                        "hash-tagged names; %d kept (see above)", moved, kept)
+            self._started = True
+
     async def close(self) -> None:
         await self.redis.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     async def ping(self) -> bool:
         try:
@@ -191,12 +364,40 @@ class SessionStore:
         except StoreUnavailableError:
             return False
 
+    async def _write(self, key: str, *commands: tuple[Any, ...], wait: bool = True) -> tuple[list[Any], bool]:
+        """Commands on keys of one session (one hash slot, that of `key`) in one round trip on one
+        connection: their results, and whether wait_replicas replicas confirmed them (Redis WAIT
+        counts the writes of the connection it runs on, so it goes down the same pipeline)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        waiting = wait and self.wait_replicas > 0
+        if waiting:
+            if isinstance(self.redis, RedisCluster):  # to the node of the slot, not a random one
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms,
+                                     target_nodes=self.redis.get_node_from_key(key))
+            else:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
+        results = list(await pipe.execute())
+        confirmed = not waiting or int(results.pop()) >= self.wait_replicas
+        return results, confirmed
+
+    def _unconfirmed(self, what: str) -> StoreUnavailableError:
+        metrics.STORE_ERRORS.labels("write").inc()
+        log.warning("%s: not confirmed by %d replica(s) within %d ms", what, self.wait_replicas, self.wait_ms)
+        return StoreUnavailableError(f"session store unavailable: {what} was not confirmed by {self.wait_replicas} "
+                                     f"replica(s) within {self.wait_ms} ms; the primary has it but a failover "
+                                     "may lose it: read the session to see its version")
+
     async def create(self, session_id: str, owner: str, data: bytes, version: int) -> None:
+        key = self._key(owner, session_id)
         async with self._op("create"):
-            created = await self._create(keys=[self._key(owner, session_id)],
-                                         args=[data, version, owner, time.time(), self.ttl_ms])
+            (created,), confirmed = await self._write(
+                key, ("EVAL", _CREATE, 1, key, data, version, owner, time.time(), self.ttl_ms))
         if not created:
             raise SessionConflictError(f"session {session_id!r} already exists")
+        if not confirmed:
+            raise self._unconfirmed(f"the creation of session {session_id!r}")
         metrics.STATE_BYTES.observe(len(data))
 
     async def get(self, session_id: str, owner: str) -> tuple[bytes, int]:
@@ -278,31 +479,41 @@ class SessionStore:
             for label, state in side.states.items():
                 args += [label, state]
             args += side.drop_states
+        key = self._key(lease.owner, lease.session_id)
         async with self._op("write"):
-            result = await self._save(keys=[self._key(lease.owner, lease.session_id),
-                                            self._snapshots_key(lease.owner, lease.session_id)], args=args)
+            (result,), confirmed = await self._write(
+                key, ("EVAL", _SAVE, 2, key, self._snapshots_key(lease.owner, lease.session_id), *args))
         if result == -1:
             raise SessionNotFoundError(f"session {lease.session_id!r} was deleted meanwhile")
         if result == 0:
             raise SessionConflictError(f"session {lease.session_id!r} was changed by another writer; retry")
         lease.version = version
+        if not confirmed:
+            raise self._unconfirmed(f"the save of session {lease.session_id!r} at version {version}")
         metrics.STATE_BYTES.observe(len(data))
 
     async def delete(self, session_id: str, owner: str) -> None:
         async with self.leased(session_id, owner):
+            key = self._key(owner, session_id)
             async with self._op("write"):
-                await self.redis.delete(self._key(owner, session_id), self._snapshots_key(owner, session_id))
+                _, confirmed = await self._write(key, ("DEL", key, self._snapshots_key(owner, session_id)))
             await self._forget_hints(owner, session_id)
+        if not confirmed:
+            raise self._unconfirmed(f"the deletion of session {session_id!r}")
 
     async def _forget_hints(self, owner: str, session_id: str) -> None:
-        """Delete the chat hints that still point at a deleted session (plain commands, no script
-        over keys of other hash slots: Redis Cluster stays possible)."""
+        """Delete the chat hints that still point at a deleted session, each alone (compare and delete
+        in one script per key: the hints are spread over the cluster's slots), then their list."""
+        listing = self._hints_key(owner, session_id)
         with contextlib.suppress(StoreUnavailableError):
             async with self._op("write"):
-                hints = sorted(await self.redis.smembers(self._hints_key(owner, session_id)))
-                targets = await self.redis.mget(hints) if hints else []
-                stale = [key for key, target in zip(hints, targets, strict=True) if target == session_id.encode()]
-                await self.redis.delete(self._hints_key(owner, session_id), *stale)
+                hints = sorted(cast("set[bytes]", await self.redis.smembers(listing)))
+                if hints:
+                    pipe = self.redis.pipeline(transaction=False)  # a cluster sends each node its part
+                    for hint in hints:
+                        pipe.execute_command("EVAL", _RELEASE, 1, hint, session_id)
+                    await pipe.execute()
+                await self.redis.delete(listing)
 
     async def field(self, session_id: str, owner: str, name: str) -> bytes | None:
         """A field written beside the state (SideWrites); read it under a lease so it matches the state."""
@@ -319,8 +530,12 @@ class SessionStore:
         """The longest prefix chain[:n] at which some session's chat turn ended: (n, session id)."""
         if not chain:
             return None
+        keys = [self._hint_key(owner, h) for h in chain]
         async with self._op("read"):
-            found = cast("list[bytes | None]", await self.redis.mget([self._hint_key(owner, h) for h in chain]))
+            if isinstance(self.redis, RedisCluster):  # one MGET per slot
+                found = cast("list[bytes | None]", await self.redis.mget_nonatomic(keys))
+            else:
+                found = cast("list[bytes | None]", await self.redis.mget(keys))
         for n in range(len(chain), 0, -1):
             target = found[n - 1]
             if target is not None:
@@ -328,15 +543,107 @@ class SessionStore:
         return None
 
     async def remember_chat(self, owner: str, chain_hash: str, session_id: str) -> None:
-        """A hint only (checked on use), so a failure to write it is no error."""
+        """A hint only (checked on use), so a failure to write it is no error. Listed with the
+        session first (its slot), then written (its own slot): no hint outlives its session."""
         hint, hints = self._hint_key(owner, chain_hash), self._hints_key(owner, session_id)
+        listing: list[tuple[Any, ...]] = [("SADD", hints, hint)]
+        if self.ttl_ms:
+            listing.append(("PEXPIRE", hints, self.ttl_ms))
         with contextlib.suppress(StoreUnavailableError):
-            async with self._op("write"), self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(hint, session_id, px=self.ttl_ms or None)
-                pipe.sadd(hints, hint)  # deleted with the session (the hint keys with it)
-                if self.ttl_ms:
-                    pipe.pexpire(hints, self.ttl_ms)
-                await pipe.execute()
+            async with self._op("write"):
+                await self._write(hints, *listing, wait=False)
+                await self.redis.set(hint, session_id, px=self.ttl_ms or None)
+
+    # ----- the earlier layout ------------------------------------------------------------------
+
+    async def _migrate(self) -> tuple[int, int]:
+        """Rename the keys of sessions, snapshots and hint lists of the layout before hash tags
+        (`<prefix>session:<sid>`) to `<prefix>session:{<sid>}`, keeping their TTLs: RENAME on one
+        server, DUMP/RESTORE then a checked delete on a cluster (SCAN of every primary). Idempotent
+        and safe to run from several replicas at once: a new name that exists is never overwritten;
+        an old key whose twin holds the same content is deleted (an interrupted earlier run), one
+        whose twin differs is kept and reported. Returns (keys moved, keys kept)."""
+        moved = kept = 0
+        for kind in _LEGACY_KINDS:
+            head = f"{self.prefix}{kind}:".encode()
+            batch: list[bytes] = []
+            async for key in self.redis.scan_iter(match=_glob_escape(head) + b"*", count=1000):
+                if not key[len(head):].startswith(b"{"):
+                    batch.append(key)
+                if len(batch) == _MIGRATE_BATCH:
+                    done, left = await self._move(head, batch)
+                    moved, kept, batch = moved + done, kept + left, []
+            if batch:
+                done, left = await self._move(head, batch)
+                moved, kept = moved + done, kept + left
+        return moved, kept
+
+    async def _move(self, head: bytes, keys: list[bytes]) -> tuple[int, int]:
+        pairs = [(key, head + b"{" + key[len(head):] + b"}") for key in keys]
+        moved = kept = 0
+        clashes: list[tuple[bytes, bytes]] = []
+        if not isinstance(self.redis, RedisCluster):
+            pipe = self.redis.pipeline(transaction=False)
+            for old, new in pairs:
+                pipe.execute_command("EVAL", _MOVE, 2, old, new)
+            for pair, result in zip(pairs, await pipe.execute(), strict=True):
+                moved += result == 1
+                if result == -1:
+                    clashes.append(pair)
+        else:
+            reads = self.redis.pipeline(transaction=False)
+            for old, _ in pairs:
+                reads.dump(old)
+                reads.pttl(old)
+            got = await reads.execute()
+            copies = [(old, new, payload, ttl) for (old, new), payload, ttl in zip(pairs, got[::2], got[1::2],
+                                                                                    strict=True)
+                      if payload is not None and ttl != -2]
+            restores = self.redis.pipeline(transaction=False)
+            for _, new, payload, ttl in copies:
+                restores.restore(new, max(ttl, 0), payload)  # no REPLACE: an existing new key wins
+            copied = []
+            for (old, new, payload, _), result in zip(copies, await restores.execute(raise_on_error=False),
+                                                          strict=True):
+                if isinstance(result, ResponseError) and str(result).startswith("BUSYKEY"):
+                    clashes.append((old, new))
+                elif isinstance(result, ResponseError):  # e.g. a DUMP of a newer Redis version
+                    log.error("cannot copy %r to %r: %s; it stays under its old name", old, new, result)
+                    kept += 1
+                elif isinstance(result, Exception):
+                    raise result
+                else:
+                    copied.append((old, hashlib.sha1(payload).hexdigest()))  # redis.sha1hex, in _DROP_COPIED
+            if copied:
+                drops = self.redis.pipeline(transaction=False)
+                for old, digest in copied:
+                    drops.execute_command("EVAL", _DROP_COPIED, 1, old, digest)
+                await drops.execute()
+                moved += len(copied)
+        for old, new in clashes:
+            before, after = await self._content(old), await self._content(new)
+            if before is not None and before == after:
+                await self.redis.delete(old)
+                moved += 1
+            elif before is not None:
+                log.warning("both %r and %r exist and differ: the new one is served, the old one kept for you "
+                            "to inspect (an old-version replica still writing?)", old, new)
+                kept += 1
+        return moved, kept
+
+    async def _content(self, key: bytes) -> object:
+        """What a key holds, to compare two copies across nodes (a DUMP may differ in encoding)."""
+        kind = cast(bytes, await self.redis.type(key))
+        if kind == b"hash":
+            return cast("dict[bytes, bytes]", await self.redis.hgetall(key))
+        if kind == b"set":
+            return cast("set[bytes]", await self.redis.smembers(key))
+        return None if kind == b"none" else await self.redis.dump(key)
+
+
+def _glob_escape(text: bytes) -> bytes:
+    """`text` matched literally by SCAN's MATCH pattern."""
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", text)
 
 
 class EmbeddedRedis:

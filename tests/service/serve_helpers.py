@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -67,11 +68,16 @@ def build_model(directory: Path, seed: int) -> None:
 
 
 class RedisServer:
-    """A real redis-server on a loopback port; stop() and start() again to simulate an outage."""
+    """A real redis-server on a loopback port; stop() and start() again to simulate an outage.
+    `args` are more options (a cluster node, a replica), `config` a config file read first (Sentinel
+    needs one, which it rewrites)."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
+    def __init__(self, data_dir: Path, port: int | None = None, args: Sequence[str] = (),
+                 config: Path | None = None) -> None:
+        self.port = port or free_port()
         self.data_dir = data_dir
+        self.args = list(args)
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,8 +86,9 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-             "--appendonly", "yes", "--save", "", "--daemonize", "no"], stdout=subprocess.DEVNULL)
+            [redis_binary(), *([str(self.config)] if self.config else []), "--port", str(self.port),
+             "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--appendonly", "yes", "--save", "",
+             "--daemonize", "no", *self.args], stdout=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
         while True:

@@ -222,15 +222,15 @@ def test_state_export_import_and_bad_imports_change_nothing(client: httpx.Client
 def test_stored_state_of_another_model_is_409(client: httpx.Client, redis_server: RedisServer, local_model) -> None:
     sid = new_session(client)
     foreign = SessionState.empty(local_model.dim, "f" * 32).to_bytes()
-    redis_server.client().hset(f"hmt:session:{sid}", "state", foreign)
+    redis_server.client().hset(f"hmt:session:{{{sid}}}", "state", foreign)
     assert error_of(client.post(f"/sessions/{sid}/append", json={"tokens": [1]}), 409) == "model_mismatch"
     assert error_of(client.get(f"/sessions/{sid}"), 409) == "model_mismatch"
-    assert redis_server.client().hget(f"hmt:session:{sid}", "state") == foreign  # untouched
+    assert redis_server.client().hget(f"hmt:session:{{{sid}}}", "state") == foreign  # untouched
 
 
 def test_busy_session_is_409_after_a_short_wait(client: httpx.Client, redis_server: RedisServer) -> None:
     sid = new_session(client)
-    lock = f"hmt:lock:{sid}"
+    lock = f"hmt:lock:{{{sid}}}"
     redis_server.client().set(lock, "someone-else", px=10_000)
     start = time.monotonic()
     assert error_of(client.post(f"/sessions/{sid}/append", json={"tokens": [1]}), 409) == "session_busy"

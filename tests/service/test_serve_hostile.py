@@ -180,10 +180,10 @@ def test_chat_hints_are_deleted_with_their_session(client: httpx.Client, redis_s
     response = client.post("/v1/chat/completions", json={"model": model_id, "messages": messages, "max_tokens": 3})
     assert response.headers["x-session-id"] == sid
     redis = redis_server.client()
-    hints = redis.smembers(f"hmt:hints:{sid}")
+    hints = redis.smembers(f"hmt:hints:{{{sid}}}")
     assert len(hints) == 2 and all(redis.get(key) == sid.encode() for key in hints)
     assert client.delete(f"/sessions/{sid}").status_code == 200
-    assert not redis.exists(f"hmt:hints:{sid}") and not any(redis.exists(key) for key in hints)
+    assert not redis.exists(f"hmt:hints:{{{sid}}}") and not any(redis.exists(key) for key in hints)
     # the same history again starts a new session instead of finding the deleted one
     response = client.post("/v1/chat/completions", json={"model": model_id, "messages": messages, "max_tokens": 3})
     assert response.status_code == 200 and response.headers["x-session-id"] != sid

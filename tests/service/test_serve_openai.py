@@ -152,7 +152,7 @@ def test_snapshots_are_bounded(sdk: openai.OpenAI, redis_server: RedisServer, mo
         messages.append({"role": "user", "content": "hello"})
         text, _, _ = chat(sdk, model_id, messages, session="oa-bounded", max_tokens=1)
         messages.append({"role": "assistant", "content": text})
-    keys = sorted(int(k) for k in redis_server.client().hkeys("hmt:snapshots:oa-bounded"))
+    keys = sorted(int(k) for k in redis_server.client().hkeys("hmt:snapshots:{oa-bounded}"))
     assert len(keys) == 16 and keys[0] == 0 and keys[-1] == len(messages)
 
 
