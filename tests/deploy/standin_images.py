@@ -13,12 +13,15 @@ Docker bridge.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import html
 import http.server
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -84,6 +87,19 @@ def ensure_standin(tag: str, kind: str) -> str:
 
 def classic_builder_env() -> dict[str, str]:
     return {**os.environ, "DOCKER_BUILDKIT": "0"}
+
+
+def bridge_gateway() -> str:
+    """The host's address on Docker's default bridge, where build containers reach it. IPAM names
+    it on some engines; otherwise it is the bridge interface's own address."""
+    gateway = docker("network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Gateway}}{{end}}").strip()
+    if gateway:
+        return gateway
+    interface = docker("network", "inspect", "bridge", "-f",
+                       '{{index .Options "com.docker.network.bridge.name"}}').strip() or "docker0"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack("256s", interface.encode()[:15])
+        return socket.inet_ntoa(fcntl.ioctl(probe.fileno(), 0x8915, request)[20:24])  # SIOCGIFADDR
 
 
 def _project(filename: str) -> str:
