@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics, openai_api, sessions_api
@@ -20,6 +22,12 @@ from service.protocol import ErrorBody
 from service.session_service import Service
 
 __all__ = ["Service", "create_app"]
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # the playground, shipped as package data
+# the playground loads nothing from elsewhere; this makes the browser hold it to that
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 class BodyLimit:
@@ -138,6 +146,17 @@ def create_app(service: Service) -> FastAPI:
             metrics.MODEL_MEMORY_BYTES.set(sum(p.numel() * p.element_size() for p in model.parameters()))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        """The web playground (static; it asks for the API key itself when keys are on)."""
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/playground.json", include_in_schema=False)
+    async def playground_config() -> dict[str, bool]:
+        """What the playground must know before it has a key: whether it needs one."""
+        return {"keys": bool(settings.keys)}
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(sessions_api.create_router(service))
     app.include_router(openai_api.create_router(service))
     return app

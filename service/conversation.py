@@ -137,6 +137,42 @@ class Conversation:
         return cls(list(raw["chain"]), str(raw["pending"]), {int(k): str(v) for k, v in raw["snapshots"].items()})
 
 
+TRANSCRIPT_FIELD = "transcript"  # the session hash field with the messages' text (for clients that resume)
+MAX_TRANSCRIPT_CHARS = 1_000_000  # a transcript keeps its newest messages up to this many characters
+
+
+@dataclass
+class Transcript:
+    """The text of a chat session's messages, stored beside its state so a client (the playground)
+    can show and resend them after a reload. Bounded: past MAX_TRANSCRIPT_CHARS the oldest messages
+    are dropped and `complete` turns false (the state itself never needs it)."""
+
+    messages: list[Message] = field(default_factory=list)
+    complete: bool = True  # every message the session absorbed through the chat API is here
+
+    def to_bytes(self) -> bytes:
+        messages, complete, chars = list(self.messages), self.complete, 0
+        for start in range(len(messages) - 1, -1, -1):
+            chars += len(messages[start].content)
+            if chars > MAX_TRANSCRIPT_CHARS:
+                messages, complete = messages[start + 1:], False
+                break
+        rows = [m.template_dict() for m in messages]
+        return json.dumps({"messages": rows, "complete": complete}, ensure_ascii=False).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> Transcript:
+        """A missing or damaged field reads as empty (and complete only when missing)."""
+        if not data:
+            return cls()
+        try:
+            raw = json.loads(data)
+            messages = [Message(str(m["role"]), str(m["content"]), m.get("name")) for m in raw["messages"]]
+            return cls(messages, bool(raw["complete"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls([], False)
+
+
 EMPTY = -1  # Plan.base for a fresh, empty state
 
 

@@ -31,10 +31,12 @@ from service.conversation import (
     CONVERSATION_FIELD,
     EMPTY,
     ROOT_HASH,
+    TRANSCRIPT_FIELD,
     ChatTemplate,
     Conversation,
     Message,
     Plan,
+    Transcript,
     after_turn,
     chain_hashes,
     plan_turn,
@@ -190,7 +192,12 @@ class OpenAIFrontend:
                 state = service.state_from(lease.data)
                 raw = await store.field(session_id, owner, CONVERSATION_FIELD)
                 record = _record(raw) if raw else None
+            history = Transcript(list(messages))  # the whole conversation, for the transcript
             if delta:
+                if lease.version >= 0:
+                    history = Transcript.from_bytes(await store.field(session_id, owner, TRANSCRIPT_FIELD))
+                    history.complete &= len(history.messages) == len(record.chain if record else [])
+                    history.messages += messages
                 prior = record.chain if record else []
                 chain = prior + chain_hashes(messages, prior[-1] if prior else ROOT_HASH)
                 plan = Plan("continued" if record else "new", None, len(prior), record.pending if record else "")
@@ -226,7 +233,9 @@ class OpenAIFrontend:
                 new_record, drop = after_turn(record, plan, full_chain, pending, max_snapshots)
                 turn.end_hash = full_chain[-1]
                 snapshots = {n: s for n, s in keep.items() if n in new_record.snapshots}
-                return SideWrites(fields={CONVERSATION_FIELD: new_record.to_bytes()}, state_as=str(len(full_chain)),
+                transcript = Transcript([*history.messages, Message("assistant", result.text)], history.complete)
+                return SideWrites(fields={CONVERSATION_FIELD: new_record.to_bytes(),
+                                          TRANSCRIPT_FIELD: transcript.to_bytes()}, state_as=str(len(full_chain)),
                                   states={str(n): s for n, s in snapshots.items()}, drop_states=[str(n) for n in drop])
 
             turn.job, turn.task = service.launch(lease, owner, state, tokens, params, chat_record)

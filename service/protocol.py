@@ -112,6 +112,8 @@ class SegmentProgress(BaseModel):
     segments_committed: int = Field(description="by this request so far")
     segments_total: int
     tokens_seen: int
+    segments_expected: int = Field(description="segments this request commits in all (progress: "
+                                               "segments_committed / segments_expected)")
     recall_distance: int
     recall: RecallEntry
 
@@ -130,6 +132,31 @@ class SessionMemory(Totals):
     recall_top_k: int = Field(description="the most slots reported per segment")
     recalls: list[RecallEntry] = Field(description="the recall of each of the last committed segments, oldest "
                                                    "first (bounded: see the last parameter)")
+
+
+class ListedSession(BaseModel):
+    id: str
+    last_used: float = Field(description="unix time of the session's last write")
+
+
+class SessionList(BaseModel):
+    sessions: list[ListedSession] = Field(description="this API key's sessions, most recently used first")
+
+
+class TranscriptMessage(BaseModel):
+    role: str
+    content: str
+    name: str | None = None
+
+
+class SessionMessages(BaseModel):
+    """The text of the messages a session read through the chat API (/v1/chat/completions), and
+    its replies: what a client shows and resends after a reload."""
+
+    id: str
+    messages: list[TranscriptMessage]
+    complete: bool = Field(description="false when older messages were dropped (a bounded transcript) or were "
+                                       "never recorded: then only continue with X-HMT-Messages: new")
 
 
 class Usage(BaseModel):

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from hmt_core import InvalidInputError
 from hmt_core.model import RECALL_TOP_K
-from service.conversation import CONVERSATION_FIELD
+from service.conversation import CONVERSATION_FIELD, TRANSCRIPT_FIELD, Transcript
 from service.errors import error_payload
 from service.memory import RECALL_FIELD, RECALL_HISTORY, entry, read_history
 from service.protocol import (
@@ -22,9 +22,13 @@ from service.protocol import (
     CreateSession,
     GenerateRequest,
     GenerateResponse,
+    ListedSession,
     SegmentProgress,
     SessionInfo,
+    SessionList,
     SessionMemory,
+    SessionMessages,
+    TranscriptMessage,
     Usage,
     check_session_id,
 )
@@ -45,6 +49,13 @@ def create_router(service: Service) -> APIRouter:
         data = service.encode(state)
         await service.store.create(session_id, owner, data, state.version)
         return service.info(session_id, state, len(data))
+
+    @router.get("/sessions", response_model=SessionList)
+    async def list_sessions(owner: str = owner_dep,
+                            limit: int = Query(100, ge=1, le=1000, description="at most this many")) -> SessionList:
+        """The sessions of the caller's API key (all sessions without keys), most recently used first."""
+        listed = await service.store.list_sessions(owner, limit)
+        return SessionList(sessions=[ListedSession(id=sid, last_used=used) for sid, used in listed])
 
     @router.get("/sessions/{session_id}", response_model=SessionInfo)
     async def get_session(session_id: str, owner: str = owner_dep) -> SessionInfo:
@@ -69,6 +80,15 @@ def create_router(service: Service) -> APIRouter:
                              kv_cache_bytes=per_token * state.tokens_seen, recall_top_k=RECALL_TOP_K,
                              recalls=[entry(r) for r in read_history(raw, state.segments_committed)[-last:]])
 
+    @router.get("/sessions/{session_id}/messages", response_model=SessionMessages)
+    async def get_messages(session_id: str, owner: str = owner_dep) -> SessionMessages:
+        """The chat transcript (empty for a session that never chatted)."""
+        raw = await service.store.field(session_id, owner, TRANSCRIPT_FIELD)
+        await service.store.get(session_id, owner)  # 404 for an unknown session (or another key's)
+        transcript = Transcript.from_bytes(raw)
+        return SessionMessages(id=session_id, complete=transcript.complete, messages=[
+            TranscriptMessage(role=m.role, content=m.content, name=m.name) for m in transcript.messages])
+
     @router.delete("/sessions/{session_id}")
     async def delete_session(session_id: str, owner: str = owner_dep) -> dict[str, Any]:
         await service.store.delete(session_id, owner)
@@ -90,9 +110,10 @@ def create_router(service: Service) -> APIRouter:
             # The version only grows, so writers fenced on an older version stay fenced off.
             state = replace(state, version=max(state.version, lease.version + 1))
             data = service.encode(state)
-            # the imported state is not the conversation the chat record describes: forget it
-            await service.store.save(lease, data, state.version,
-                                     SideWrites(fields={CONVERSATION_FIELD: b"", RECALL_FIELD: b""}, clear_states=True))
+            # the imported state is not the conversation the chat record (and transcript, and recall
+            # history) describe: forget them
+            forget = {CONVERSATION_FIELD: b"", TRANSCRIPT_FIELD: b"", RECALL_FIELD: b""}
+            await service.store.save(lease, data, state.version, SideWrites(fields=forget, clear_states=True))
         return service.info(session_id, state, len(data))
 
     @router.post("/sessions/{session_id}/append", response_model=AppendResponse,
@@ -116,10 +137,14 @@ def create_router(service: Service) -> APIRouter:
         if "text/event-stream" not in request.headers.get("accept", ""):
             return summary(await task)
 
+        # lazy commit: the window's tokens and the new ones, less the last, fill whole segments
+        expected = (len(job.state.window) + len(tokens) - 1) // service.model.hmt_config.segment_tokens
+
         async def stream() -> AsyncIterator[str]:
             while (event := await job.events.get()) is not END:
                 if isinstance(event, SegmentEvent):
-                    progress = SegmentProgress(**{**asdict(event), "recall": entry(event.recall)})
+                    progress = SegmentProgress(**{**asdict(event), "recall": entry(event.recall)},
+                                               segments_expected=expected)
                     yield sse(progress.model_dump(), "segment")
             try:
                 yield sse(summary(await task).model_dump(), "summary")

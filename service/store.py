@@ -8,7 +8,8 @@ chat sessions conversation: the hash chain record of service.conversation};
 `<prefix>snapshots:{<sid>}` hash {message count: SessionState bytes at the end of that chat turn};
 `<prefix>lock:{<sid>}` a random token with a PX expiry; `<prefix>chat:<owner>:<chain hash>` the id of
 the session whose turn ended at that hash (a hint for clients that send no session id), listed in
-the set `<prefix>hints:{<sid>}` so that deleting the session deletes them.
+the set `<prefix>hints:{<sid>}` so that deleting the session deletes them; `<prefix>sessions:<owner>` a
+sorted set of the owner's session ids by time of last write (GET /sessions; checked on reading).
 The braces are a Redis Cluster hash tag: every key of one session is in the same hash slot, so the
 scripts over several of them run on a cluster too. The chat hints, addressed by chain hash, are
 spread over the slots and only ever touched one key at a time.
@@ -318,6 +319,9 @@ class SessionStore:
     def _hints_key(self, owner: str, session_id: str) -> str:
         return f"{self.prefix}hints:{self._scoped(owner, session_id)}"
 
+    def _listing_key(self, owner: str) -> str:
+        return f"{self.prefix}sessions:{owner}"
+
     @contextlib.asynccontextmanager
     async def _op(self, name: str) -> AsyncIterator[None]:
         """Time one Redis operation and turn connection failures into StoreUnavailableError.
@@ -396,6 +400,7 @@ class SessionStore:
                 key, ("EVAL", _CREATE, 1, key, data, version, owner, time.time(), self.ttl_ms))
         if not created:
             raise SessionConflictError(f"session {session_id!r} already exists")
+        await self._list(owner, session_id)
         if not confirmed:
             raise self._unconfirmed(f"the creation of session {session_id!r}")
         metrics.STATE_BYTES.observe(len(data))
@@ -488,6 +493,7 @@ class SessionStore:
         if result == 0:
             raise SessionConflictError(f"session {lease.session_id!r} was changed by another writer; retry")
         lease.version = version
+        await self._list(lease.owner, lease.session_id)
         if not confirmed:
             raise self._unconfirmed(f"the save of session {lease.session_id!r} at version {version}")
         metrics.STATE_BYTES.observe(len(data))
@@ -498,6 +504,9 @@ class SessionStore:
             async with self._op("write"):
                 _, confirmed = await self._write(key, ("DEL", key, self._snapshots_key(owner, session_id)))
             await self._forget_hints(owner, session_id)
+            with contextlib.suppress(StoreUnavailableError):
+                async with self._op("write"):
+                    await self.redis.zrem(self._listing_key(owner), session_id)
         if not confirmed:
             raise self._unconfirmed(f"the deletion of session {session_id!r}")
 
@@ -523,6 +532,32 @@ class SessionStore:
     async def labelled_state(self, session_id: str, owner: str, label: str) -> bytes | None:
         async with self._op("read"):
             return cast("bytes | None", await self.redis.hget(self._snapshots_key(owner, session_id), label))
+
+    # ----- each owner's sessions (GET /sessions) -----------------------------------------------
+
+    async def _list(self, owner: str, session_id: str) -> None:
+        """List the session under its owner, by time of last write. A listing only (another slot
+        than the session's, so not in its script): checked on reading, a failure to write it is no error."""
+        with contextlib.suppress(StoreUnavailableError):
+            async with self._op("write"):
+                await self.redis.zadd(self._listing_key(owner), {session_id: time.time()})
+
+    async def list_sessions(self, owner: str, limit: int) -> list[tuple[str, float]]:
+        """The owner's sessions that still exist, most recently written first: (id, unix time)."""
+        listing = self._listing_key(owner)
+        async with self._op("read"):
+            rows = cast("list[tuple[bytes, float]]", await self.redis.zrevrange(listing, 0, limit - 1,
+                                                                                withscores=True))
+            pipe = self.redis.pipeline(transaction=False)  # a cluster sends each node its part
+            for member, _ in rows:
+                pipe.exists(self._key(owner, member.decode()))
+            alive = await pipe.execute() if rows else []
+        gone = [member for (member, _), exists in zip(rows, alive, strict=True) if not exists]
+        if gone:  # expired (TTL) or deleted meanwhile
+            with contextlib.suppress(StoreUnavailableError):
+                async with self._op("write"):
+                    await self.redis.zrem(listing, *gone)
+        return [(member.decode(), score) for (member, score), exists in zip(rows, alive, strict=True) if exists]
 
     # ----- chat hints (service.openai_api) -----------------------------------------------------
 
