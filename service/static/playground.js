@@ -94,6 +94,7 @@ function bytes(n) {
 }
 
 const count = (n) => n.toLocaleString("en-US");
+const percent = (weight) => (weight > 0 && weight < 0.005 ? "<1%" : `${Math.round(weight * 100)}%`);
 
 function ago(unixSeconds) {
   const seconds = Math.max(0, Date.now() / 1000 - unixSeconds);
@@ -496,7 +497,7 @@ function drawRecalls() {
   list.replaceChildren(...recalls.slice().reverse().map((recall) => {
     const item = document.createElement("li");
     item.className = "recall-entry";
-    const top = recall.slots.map((slot, i) => `${slot} (${Math.round(recall.weights[i] * 100)}%)`);
+    const top = recall.slots.map((slot, i) => `${slot} (${percent(recall.weights[i])})`);
     item.textContent = top.length ? `segment ${recall.segment} recalled ${top.join(", ")}` : `segment ${recall.segment}: memory empty`;
     return item;
   }));

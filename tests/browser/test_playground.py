@@ -126,6 +126,7 @@ def test_a_reply_streams_in_and_a_reload_restores_it_from_the_server(playground:
     pg.page.locator("#session-id").filter(has_text=sid).wait_for()
     pg.wait_idle(4)
     assert pg.texts() == shown == pg.transcript()
+    pg.screenshot("playground-chat.png")
     pg.assert_clean()
 
 
@@ -176,7 +177,7 @@ def test_stop_ends_a_reply_and_keeps_what_was_said(playground: Any) -> None:
 def test_a_long_document_fills_the_progress_bar_and_the_memory_panel(playground: Any) -> None:
     pg = playground().open()
     pg.new_session()
-    document = " ".join(SENTENCES * 120)  # about 5,000 tokens: hundreds of segments
+    document = " ".join(SENTENCES * 120)  # about 5,000 tokens: hundreds of the tiny model's segments
     pg.page.click("#document summary")
     pg.page.fill("#doc-text", document)
     pg.page.click("#doc-append")
@@ -190,7 +191,7 @@ def test_a_long_document_fills_the_progress_bar_and_the_memory_panel(playground:
     entries.first.wait_for()
     with pg.server.client(KEY) as client:
         memory = client.get(f"/sessions/{pg.session_id}/memory").json()
-    assert entries.count() == len(memory["recalls"]) == 64
+    assert entries.count() == len(memory["recalls"]) == min(64, memory["segments_total"])
     newest = memory["recalls"][-1]
     assert entries.first.inner_text().startswith(f"segment {newest['segment']} recalled {newest['slots'][0]} (")
     assert pg.page.inner_text("#m-segments") == f"{memory['segments_total']:,}"
