@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics, openai_api, sessions_api
 from service.errors import ERRORS, APIError, error_payload, error_response
-from service.protocol import ErrorBody
+from service.protocol import ErrorBody, SegmentProgress
 from service.session_service import Service
 
 __all__ = ["Service", "create_app"]
@@ -75,6 +75,22 @@ def create_app(service: Service) -> FastAPI:
                   openapi_url="/openapi.json" if open_docs else None,
                   docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None)
     app.state.service = service
+    generate_openapi = app.openapi
+
+    def openapi_with_events() -> dict[str, Any]:
+        """The schema, plus the models of server-sent event data (no route returns them as JSON)."""
+        schema = app.openapi_schema
+        if schema is None:
+            schema = generate_openapi()  # cached by FastAPI: the additions below are made once
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            event = SegmentProgress.model_json_schema(ref_template="#/components/schemas/{model}",
+                                                      mode="serialization")
+            for name, model in event.pop("$defs", {}).items():
+                schemas.setdefault(name, model)  # RecallEntry: already there, from GET .../memory
+            schemas[SegmentProgress.__name__] = event
+        return schema
+
+    app.openapi = openapi_with_events  # type: ignore[method-assign]  # FastAPI's documented override
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception) -> JSONResponse:

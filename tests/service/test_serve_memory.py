@@ -124,5 +124,6 @@ def test_memory_is_in_the_openapi_schema(client: httpx.Client) -> None:
     route = schema["paths"]["/sessions/{session_id}/memory"]["get"]
     assert route["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SessionMemory")
     components = schema["components"]["schemas"]
-    assert {"SessionMemory", "RecallEntry"} <= set(components)
+    assert {"SessionMemory", "RecallEntry", "SegmentProgress"} <= set(components)  # the append stream's events too
+    assert components["SegmentProgress"]["properties"]["recall"]["$ref"].endswith("/RecallEntry")
     assert set(components["RecallEntry"]["properties"]) == {"segment", "slots", "weights", "distance"}
