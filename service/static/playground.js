@@ -208,6 +208,8 @@ async function listSessions() {
 function busy() { return state.controller !== null; }
 
 function setBusy(on) {
+  document.body.dataset.busy = String(on);
+  if (!on) document.body.dataset.done = String(Number(document.body.dataset.done || 0) + 1); // requests finished
   $("send").disabled = on;
   $("stop").disabled = !on;
   $("doc-append").disabled = on;
@@ -351,11 +353,13 @@ async function reply(messages, newOnly) {
     if (!stopped) fail(error);
   } finally {
     item.classList.remove("streaming");
-    state.controller = null;
-    setBusy(false);
+    $("stop").disabled = true;
   }
+  // still busy until the page shows what the server saved: no other request may overtake it
   await settle(messages.length + 1, stopped);
-  listSessions();
+  await listSessions();
+  state.controller = null;
+  setBusy(false);
 }
 
 // After a reply, show what the server saved: a stopped reply is saved once the model thread sees
@@ -443,12 +447,11 @@ async function appendDocument() {
     $("doc-text").value = "";
   } catch (error) {
     fail(error);
-  } finally {
-    state.controller = null;
-    setBusy(false);
   }
   await refreshMemory();
-  listSessions();
+  await listSessions();
+  state.controller = null;
+  setBusy(false);
 }
 
 async function loadFile() {

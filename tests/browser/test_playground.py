@@ -35,6 +35,7 @@ class Playground:
     def __init__(self, page: Any, server: Server, shots: Path) -> None:
         self.page, self.server, self.shots = page, server, shots
         self.errors: list[str] = []
+        self.marked: int | None = None  # requests the page had finished before the one awaited
         page.on("console", lambda message: self.errors.append(message.text) if message.type == "error" else None)
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.set_default_timeout(TIMEOUT_MS)
@@ -64,12 +65,20 @@ class Playground:
     def session_id(self) -> str:
         return str(self.page.inner_text("#session-id"))
 
+    def mark(self) -> None:
+        """Before an action that makes a request: wait_idle then waits for that request to finish."""
+        self.marked = int(self.page.evaluate("Number(document.body.dataset.done || 0)"))
+
     def send(self, text: str) -> None:
         self.page.fill("#prompt", text)
+        self.mark()
         self.page.press("#prompt", "Enter")
 
     def wait_idle(self, messages: int) -> None:
-        """The reply is over and the page shows the server's transcript of `messages` messages."""
+        """The request is over and the page shows the server's transcript of `messages` messages."""
+        if self.marked is not None:
+            self.page.wait_for_function(f"() => Number(document.body.dataset.done || 0) > {self.marked}")
+            self.marked = None
         self.page.locator("#send:enabled").wait_for()
         self.page.wait_for_function(f"() => document.querySelectorAll('#messages .message').length === {messages}")
 
@@ -139,6 +148,7 @@ def test_regenerate_and_edit_branch_from_the_snapshots(playground: Any) -> None:
     pg.send("jumps over the lazy dog")
     pg.wait_idle(4)
     before = pg.texts()
+    pg.mark()
     with pg.page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as regenerated:
         pg.page.click("#messages .message.assistant >> nth=-1 >> button.regenerate")
     assert regenerated.value.headers["x-hmt-continuation"] == "branched"
@@ -148,6 +158,7 @@ def test_regenerate_and_edit_branch_from_the_snapshots(playground: Any) -> None:
     # edit the first message: the conversation continues from the state before it
     pg.page.click("#messages .message.user >> nth=0 >> button.edit")
     pg.page.fill("#messages .message.user >> nth=0 >> textarea", "hierarchical memory")
+    pg.mark()
     with pg.page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as edited:
         pg.page.press("#messages .message.user >> nth=0 >> textarea", "Enter")
     assert edited.value.headers["x-hmt-continuation"] == "branched"
@@ -180,8 +191,10 @@ def test_a_long_document_fills_the_progress_bar_and_the_memory_panel(playground:
     document = " ".join(SENTENCES * 120)  # about 5,000 tokens: hundreds of the tiny model's segments
     pg.page.click("#document summary")
     pg.page.fill("#doc-text", document)
+    pg.mark()
     pg.page.click("#doc-append")
-    pg.page.locator("#doc-status").filter(has_text="Read").wait_for()
+    pg.wait_idle(0)
+    assert "Read" in pg.page.inner_text("#doc-status")
     progress = pg.page.evaluate("window.progress")
     assert progress[-1] == 1 and any(0 < value < 1 for value in progress), progress[-20:]
     assert progress == sorted(progress)
@@ -201,6 +214,25 @@ def test_a_long_document_fills_the_progress_bar_and_the_memory_panel(playground:
     pg.send("what did the fox do?")
     pg.wait_idle(2)
     pg.screenshot("playground-memory.png")
+    pg.assert_clean()
+
+
+def test_a_text_file_is_uploaded_into_the_session(playground: Any, tmp_path: Path) -> None:
+    pg = playground().open()
+    pg.new_session()
+    book = tmp_path / "book.txt"
+    book.write_text(" ".join(SENTENCES * 20))
+    pg.page.click("#document summary")
+    pg.page.set_input_files("#doc-file", str(book))
+    pg.page.locator("#doc-status").filter(has_text="book.txt").wait_for()
+    assert pg.page.input_value("#doc-text") == book.read_text()
+    pg.mark()
+    pg.page.click("#doc-append")
+    pg.wait_idle(0)
+    assert "Read" in pg.page.inner_text("#doc-status")
+    assert pg.page.evaluate("document.getElementById('doc-progress').value") == 1
+    with pg.server.client(KEY) as client:
+        assert client.get(f"/sessions/{pg.session_id}").json()["tokens_seen"] > 500
     pg.assert_clean()
 
 
@@ -271,12 +303,25 @@ def test_the_keyboard_alone(playground: Any) -> None:
     page.keyboard.type("0")
     tab_to("prompt")
     page.keyboard.type("typed without a mouse")
+    pg.mark()
     page.keyboard.press("Enter")
     pg.wait_idle(2)
     assert pg.texts()[0] == ("user", "typed without a mouse")
     tab_to("toggle-memory")
     page.keyboard.press("Enter")
     assert page.get_attribute("#toggle-memory", "aria-expanded") == "true"
+    tab_to("max-tokens")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("4000")
+    tab_to("prompt")
+    page.keyboard.type("a long one, stopped with Esc")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => (document.querySelector('.message.streaming .text') || {textContent: ''})"
+                           ".textContent.length > 20")
+    pg.mark()
+    page.keyboard.press("Escape")
+    page.locator("#messages .message.assistant.stopped").wait_for()
+    pg.wait_idle(4)
     pg.assert_clean()
 
 

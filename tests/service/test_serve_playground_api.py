@@ -49,9 +49,13 @@ def test_a_transcript_follows_the_chat_turns(client: httpx.Client) -> None:
     second = chat(client, sid, [*history, {"role": "user", "content": "again"}])
     assert transcript(client, sid) == ([("user", "hello"), ("assistant", first), ("user", "again"),
                                         ("assistant", second)], True)
-    # regenerate: the history up to the last question again; the transcript follows the branch
+    # regenerate: the history up to the last question again; the transcript follows the branch,
+    # and so does the recall history (the old branch's segments are not shown as this one's)
     third = chat(client, sid, [*history, {"role": "user", "content": "again"}])
     assert transcript(client, sid)[0][2:] == [("user", "again"), ("assistant", third)]
+    memory = client.get(f"/sessions/{sid}/memory").json()
+    assert memory["segments_total"] > 2
+    assert [r["segment"] for r in memory["recalls"]] == list(range(memory["segments_total"]))
     # only the new message (X-HMT-Messages: new): appended to the stored transcript
     fourth = chat(client, sid, [{"role": "user", "content": "more"}], new_only=True)
     messages, complete = transcript(client, sid)
