@@ -1,6 +1,6 @@
 """`docker compose up` for real: the images built, redis + hmt + prometheus started by Compose on a
-Docker engine, and the service used over HTTP as a client would. Sessions survive `restart hmt`
-and `restart redis` byte for byte, two replicas serve one session, Prometheus scrapes both and
+Docker engine, and the service used over HTTP as a client would. Sessions survive `restart hmt`,
+`restart redis` and `down`/`up` byte for byte, two replicas serve one session, Prometheus scrapes both and
 evaluates every rule; `down -v` at the end.
 
 Base images come from standin_images (Debian stand-ins tagged with the official names) when the
@@ -119,8 +119,8 @@ class Stack:
         published = self.compose("port", "--index", str(replica + 1), "hmt", "8000").strip()
         return httpx.Client(base_url=f"http://{published}", timeout=120)
 
-    def prometheus(self, path: str) -> Any:
-        response = httpx.get(f"http://127.0.0.1:{self.prometheus_port}{path}", timeout=30)
+    def prometheus(self, path: str, params: dict[str, str] | None = None) -> Any:
+        response = httpx.get(f"http://127.0.0.1:{self.prometheus_port}{path}", params=params, timeout=30)
         response.raise_for_status()
         return response.json()["data"]
 
@@ -243,6 +243,15 @@ def test_restart_redis_keeps_state(stack: Stack, session: str) -> None:
     assert _state(stack, session) == before
 
 
+def test_down_and_up_keep_state(stack: Stack, session: str) -> None:
+    """`down` removes the containers, not the volumes: Redis's AOF brings every session back."""
+    before = _state(stack, session)
+    stack.compose("down")
+    stack.compose("up", "-d", *SERVICES)
+    stack.wait_healthy(SERVICES)
+    assert _state(stack, session) == before
+
+
 def test_two_replicas_serve_one_session(stack: Stack, session: str) -> None:
     stack.compose("up", "-d", "--no-recreate", "--scale", "hmt=2", "hmt")
     stack.wait_healthy(["hmt"], replicas=2)
@@ -279,6 +288,8 @@ def test_prometheus_scrapes_both_replicas_and_evaluates_every_rule(stack: Stack,
     expected = sum(len(group["rules"]) for path in sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
                    for group in load_yaml(path)["groups"])
     assert len(rules) == expected
-    series = stack.prometheus("/api/v1/query?query=up%7Bjob%3D%22hmt%22%7D")["result"]
+    # the current replicas only: series of containers gone with `down` linger in the kept TSDB
+    instances = "|".join(t["labels"]["instance"] for t in targets)
+    series = stack.prometheus("/api/v1/query", {"query": f'up{{job="hmt",instance=~"{instances}"}}'})["result"]
     assert len(series) == 2 and all(s["value"][1] == "1" for s in series)
 
