@@ -395,12 +395,13 @@ class SessionStore:
 
     async def create(self, session_id: str, owner: str, data: bytes, version: int) -> None:
         key = self._key(owner, session_id)
+        # listed first: whoever sees the session (or a later write) sees it listed at least this recently
+        await self._list(owner, session_id)
         async with self._op("create"):
             (created,), confirmed = await self._write(
                 key, ("EVAL", _CREATE, 1, key, data, version, owner, time.time(), self.ttl_ms))
         if not created:
             raise SessionConflictError(f"session {session_id!r} already exists")
-        await self._list(owner, session_id)
         if not confirmed:
             raise self._unconfirmed(f"the creation of session {session_id!r}")
         metrics.STATE_BYTES.observe(len(data))
@@ -485,6 +486,8 @@ class SessionStore:
                 args += [label, state]
             args += side.drop_states
         key = self._key(lease.owner, lease.session_id)
+        # listed before the write, so the listing's order follows the order clients see writes in
+        await self._list(lease.owner, lease.session_id)
         async with self._op("write"):
             (result,), confirmed = await self._write(
                 key, ("EVAL", _SAVE, 2, key, self._snapshots_key(lease.owner, lease.session_id), *args))
@@ -493,7 +496,6 @@ class SessionStore:
         if result == 0:
             raise SessionConflictError(f"session {lease.session_id!r} was changed by another writer; retry")
         lease.version = version
-        await self._list(lease.owner, lease.session_id)
         if not confirmed:
             raise self._unconfirmed(f"the save of session {lease.session_id!r} at version {version}")
         metrics.STATE_BYTES.observe(len(data))

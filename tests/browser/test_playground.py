@@ -49,16 +49,20 @@ class Playground:
         self.page.evaluate(WATCH)
         return self
 
+    # Every wait_for_function polls each 100 ms: its default, requestAnimationFrame, stalls while the
+    # headless page is not the one in front (seen in CI: a list already right, never noticed).
     def wait_connected(self) -> None:
-        self.page.wait_for_function("() => document.getElementById('model-name').textContent !== ''")
+        self.page.wait_for_function("() => document.getElementById('model-name').textContent !== ''", polling=100)
 
     def settings(self, temperature: str = "0", max_tokens: str = "48") -> None:
         self.page.fill("#temperature", temperature)  # greedy: the tiny model never stops early
         self.page.fill("#max-tokens", max_tokens)
 
     def new_session(self) -> str:
+        before = self.session_id  # "none" before the first; a new id shows only once it is created
         self.page.click("#new-session")
-        self.page.locator("#session-id").filter(has_not_text="none").wait_for()
+        self.page.wait_for_function("before => document.getElementById('session-id').textContent !== before",
+                                    arg=before, polling=100)
         return self.session_id
 
     @property
@@ -77,10 +81,11 @@ class Playground:
     def wait_idle(self, messages: int) -> None:
         """The request is over and the page shows the server's transcript of `messages` messages."""
         if self.marked is not None:
-            self.page.wait_for_function(f"() => Number(document.body.dataset.done || 0) > {self.marked}")
+            self.page.wait_for_function(f"() => Number(document.body.dataset.done || 0) > {self.marked}", polling=100)
             self.marked = None
         self.page.locator("#send:enabled").wait_for()
-        self.page.wait_for_function(f"() => document.querySelectorAll('#messages .message').length === {messages}")
+        self.page.wait_for_function(f"() => document.querySelectorAll('#messages .message').length === {messages}",
+                                    polling=100)
 
     def texts(self) -> list[tuple[str, str]]:
         rows = self.page.eval_on_selector_all(
@@ -173,7 +178,7 @@ def test_stop_ends_a_reply_and_keeps_what_was_said(playground: Any) -> None:
     pg.new_session()
     pg.send("tell me everything")
     pg.page.wait_for_function("() => (document.querySelector('.message.streaming .text') || {textContent: ''})"
-                              ".textContent.length > 40")
+                              ".textContent.length > 40", polling=100)
     pg.page.click("#stop")
     pg.page.locator("#messages .message.assistant.stopped").wait_for()
     pg.wait_idle(2)
@@ -245,7 +250,8 @@ def test_sessions_are_listed_and_resumed(playground: Any) -> None:
     second = pg.new_session()
     assert pg.texts() == []
     # most recently used first
-    pg.page.wait_for_function(f"() => document.querySelector('#session-list button')?.dataset.id === '{second}'")
+    pg.page.wait_for_function(f"() => document.querySelector('#session-list button')?.dataset.id === '{second}'",
+                              polling=100)
     listed = pg.page.locator("#session-list button")
     listed.filter(has_text=first[:12]).click()
     pg.page.locator("#session-id").filter(has_text=first).wait_for()
@@ -317,7 +323,7 @@ def test_the_keyboard_alone(playground: Any) -> None:
     page.keyboard.type("a long one, stopped with Esc")
     page.keyboard.press("Enter")
     page.wait_for_function("() => (document.querySelector('.message.streaming .text') || {textContent: ''})"
-                           ".textContent.length > 20")
+                           ".textContent.length > 20", polling=100)
     pg.mark()
     page.keyboard.press("Escape")
     page.locator("#messages .message.assistant.stopped").wait_for()
