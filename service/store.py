@@ -273,6 +273,7 @@ return 0
 """
 
 _LEGACY_KINDS = ("session", "snapshots", "hints")  # old lock keys are left to expire (PX, seconds)
+_LAYOUT = b"hash-tagged"  # <prefix>layout once no key of the earlier layout is left (SessionStore._start)
 _MIGRATE_BATCH = 16  # keys per round trip (a cluster copies values through the service: bounded memory)
 
 
@@ -322,6 +323,9 @@ class SessionStore:
     def _listing_key(self, owner: str) -> str:
         return f"{self.prefix}sessions:{owner}"
 
+    def _layout_key(self) -> str:
+        return f"{self.prefix}layout"
+
     @contextlib.asynccontextmanager
     async def _op(self, name: str) -> AsyncIterator[None]:
         """Time one Redis operation and turn connection failures into StoreUnavailableError.
@@ -350,10 +354,15 @@ class SessionStore:
                     message = "this Redis is a cluster node: give its URL as redis+cluster://host:port[,host:port...]"
                     log.error(message)
                     raise StoreUnavailableError(f"session store unavailable: {message}")
-            moved, kept = await self._migrate()
-            if moved or kept:
-                log.log(logging.WARNING if kept else logging.INFO, "moved %d keys of the earlier layout to "
-                        "hash-tagged names; %d kept (see above)", moved, kept)
+            # A scan walks the whole keyspace (2.2 s at 400k keys): once it has left nothing of the
+            # earlier layout, a marker spares every later start of every replica another one.
+            if await self.redis.get(self._layout_key()) != _LAYOUT:
+                moved, kept = await self._migrate()
+                if moved or kept:
+                    log.log(logging.WARNING if kept else logging.INFO, "moved %d keys of the earlier layout to "
+                            "hash-tagged names; %d kept (see above)", moved, kept)
+                if not kept:
+                    await self.redis.set(self._layout_key(), _LAYOUT)
             self._started = True
 
     async def close(self) -> None:
@@ -601,15 +610,18 @@ class SessionStore:
         an old key whose twin holds the same content is deleted (an interrupted earlier run), one
         whose twin differs is kept and reported. Returns (keys moved, keys kept)."""
         moved = kept = 0
-        for kind in _LEGACY_KINDS:
-            head = f"{self.prefix}{kind}:".encode()
-            batch: list[bytes] = []
-            async for key in self.redis.scan_iter(match=_glob_escape(head) + b"*", count=1000):
-                if not key[len(head):].startswith(b"{"):
-                    batch.append(key)
-                if len(batch) == _MIGRATE_BATCH:
-                    done, left = await self._move(head, batch)
-                    moved, kept, batch = moved + done, kept + left, []
+        heads = [f"{self.prefix}{kind}:".encode() for kind in _LEGACY_KINDS]
+        batches: dict[bytes, list[bytes]] = {head: [] for head in heads}
+        # one pass over the prefix for every kind: a SCAN visits the whole keyspace whatever it matches
+        async for key in self.redis.scan_iter(match=_glob_escape(self.prefix.encode()) + b"*", count=1000):
+            head = next((h for h in heads if key.startswith(h)), None)
+            if head is None or key[len(head):].startswith(b"{"):
+                continue
+            batches[head].append(key)
+            if len(batches[head]) == _MIGRATE_BATCH:
+                done, left = await self._move(head, batches[head])
+                moved, kept, batches[head] = moved + done, kept + left, []
+        for head, batch in batches.items():
             if batch:
                 done, left = await self._move(head, batch)
                 moved, kept = moved + done, kept + left

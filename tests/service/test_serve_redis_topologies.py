@@ -361,10 +361,34 @@ def test_legacy_keys_move_on_one_server(redis_server: RedisServer) -> None:
         first, second = SessionStore(redis_server.url, prefix="old1:"), SessionStore(redis_server.url, prefix="old1:")
         await asyncio.gather(first.ping(), second.ping())  # two replicas starting at once
         check_migrated(client, "old1:")
+        assert client.get("old1:layout") is None, "a key was kept: later starts must look again"
         await use_migrated(first)
         again = SessionStore(redis_server.url, prefix="old1:")  # idempotent: nothing left to move
         assert await again._migrate() == (0, 1)
         for store in (first, second, again):
+            await store.close()
+
+    run(scenario())
+
+
+def test_a_finished_migration_is_not_scanned_again(redis_server: RedisServer) -> None:
+    """A pass that leaves no key of the earlier layout marks the layout, and later starts skip the
+    scan (a SCAN walks the whole keyspace, on every replica's start)."""
+    client = redis_server.client()
+
+    async def scenario() -> None:
+        first = SessionStore(redis_server.url, prefix="old3:")
+        await first.create("a", "", b"v0", 0)
+        assert client.get("old3:layout") == b"hash-tagged"
+        client.hset("old3:session:late", mapping={"state": b"s", "version": "1"})  # a stray earlier-layout key
+        second = SessionStore(redis_server.url, prefix="old3:")
+        await second.ping()
+        assert client.exists("old3:session:late") and not client.exists("old3:session:{late}"), "scanned again"
+        client.delete("old3:layout")
+        third = SessionStore(redis_server.url, prefix="old3:")
+        await third.ping()
+        assert client.exists("old3:session:{late}") and client.get("old3:layout") == b"hash-tagged"
+        for store in (first, second, third):
             await store.close()
 
     run(scenario())
@@ -381,6 +405,7 @@ def test_legacy_keys_move_on_a_cluster(cluster: Cluster) -> None:
         first, second = SessionStore(cluster.url, prefix="old2:"), SessionStore(cluster.url, prefix="old2:")
         await asyncio.gather(first.ping(), second.ping())
         check_migrated(client, "old2:")
+        assert client.get("old2:layout") is None
         await use_migrated(first)
         again = SessionStore(cluster.url, prefix="old2:")
         assert await again._migrate() == (0, 1)
