@@ -80,11 +80,12 @@ def wait_for(check, timeout: float, what: str) -> None:
 
 
 class Cluster:
-    """Three masters, no replicas, slots spread by redis-cli --cluster create."""
+    """Three masters (and `replicas` replicas of each), slots spread by redis-cli --cluster create."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, replicas: int = 0) -> None:
+        self.replicas = replicas
         self.nodes = []
-        for i in range(3):
+        for i in range(3 * (1 + replicas)):
             (base / f"node{i}").mkdir()
             self.nodes.append(RedisServer(base / f"node{i}", port=cluster_port(), args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
@@ -100,9 +101,13 @@ class Cluster:
         binaries = _binaries()
         assert binaries is not None
         subprocess.run([binaries[1], "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"], check=True, capture_output=True,
+                       timeout=60)
         for node in self.nodes:
             wait_for(lambda n=node: n.client().cluster("info")["cluster_state"] == "ok", 30, "the cluster")
+        for node in self.nodes:  # every replica attached and in sync
+            wait_for(lambda n=node: (lambda r: r["role"] == "master" or r["master_link_status"] == "up")(
+                n.client().info("replication")), 30, "the replicas")
 
     def client(self) -> RedisCluster:
         return RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
@@ -414,6 +419,57 @@ def test_legacy_keys_move_on_a_cluster(cluster: Cluster) -> None:
 
     run(scenario())
     client.close()
+
+
+def test_store_follows_a_cluster_failover(tmp_path: Path) -> None:
+    """A master of a cluster with replicas is killed: its replica is promoted, and the same store
+    serves the session again without a restart, with the save WAIT confirmed before the kill."""
+    nodes = Cluster(tmp_path, replicas=1)
+    try:
+        nodes.start()
+        client = nodes.client()
+
+        async def scenario() -> None:
+            store = SessionStore(nodes.url, prefix="fo:", wait_replicas=1, wait_s=2)
+            await store.create("s", "", b"v0", 0)
+            async with store.leased("s", "") as lease:
+                await store.save(lease, b"v1", 1)
+            port = int(client.get_node_from_key("fo:session:{s}").port)
+            (master,) = [node for node in nodes.nodes if node.port == port]
+            assert master.process is not None
+            master.process.kill()
+            master.process.wait()
+            master.process = None
+            start, outage = time.monotonic(), 0
+            while True:  # clean 503s until a replica takes over the slot, then the same store serves
+                try:
+                    assert await store.get("s", "") == (b"v1", 1), "the confirmed save survived"
+                    break
+                except StoreUnavailableError:
+                    outage += 1
+                    assert time.monotonic() - start < 45, "no failover"
+                    await asyncio.sleep(0.2)
+            assert outage, "the request right after the kill should have failed"
+            # the promoted master has no replica left: a write lands there but is not confirmed (503)
+            async with store.leased("s", "") as lease:
+                with pytest.raises(StoreUnavailableError, match="not confirmed by 1 replica"):
+                    await store.save(lease, b"v2", 2)
+            assert await store.get("s", "") == (b"v2", 2)
+            master.start()  # the old master comes back as the new one's replica
+            wait_for(lambda: master.client().info("replication").get("master_link_status") == "up", 30,
+                     "the old master to rejoin as a replica")
+            async with store.leased("s", "") as lease:
+                await store.save(lease, b"v3", 3)
+            replica = redis.Redis(port=master.port, single_connection_client=True)
+            replica.execute_command("READONLY")  # a cluster replica answers reads of its master's slots
+            assert replica.hget("fo:session:{s}", "version") == b"3", "confirmed: the replica has it"
+            replica.close()
+            await store.close()
+
+        run(scenario())
+        client.close()
+    finally:
+        nodes.stop()
 
 
 # ----- the store through Sentinel --------------------------------------------------------------
