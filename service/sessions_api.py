@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -143,8 +143,10 @@ def create_router(service: Service) -> APIRouter:
         async def stream() -> AsyncIterator[str]:
             while (event := await job.events.get()) is not END:
                 if isinstance(event, SegmentEvent):
-                    progress = SegmentProgress(**{**asdict(event), "recall": entry(event.recall)},
-                                               segments_expected=expected)
+                    progress = SegmentProgress(segments_committed=event.segments_committed,
+                                               segments_total=event.segments_total, tokens_seen=event.tokens_seen,
+                                               segments_expected=expected, recall_distance=event.recall.distance,
+                                               recall=entry(event.recall))
                     yield sse(progress.model_dump(), "segment")
             try:
                 yield sse(summary(await task).model_dump(), "summary")

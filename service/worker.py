@@ -34,7 +34,6 @@ class SegmentEvent:
     segments_committed: int  # by this request so far
     segments_total: int
     tokens_seen: int
-    recall_distance: int
     recall: SegmentRecall
 
 
@@ -210,7 +209,7 @@ class ModelWorker:
                 metrics.RECALL_DISTANCE.observe(recall.distance)
                 by_task[id(advanced_task)].emit(SegmentEvent(
                     advanced_task.segments, advanced_task.state.segments_committed,
-                    advanced_task.state.tokens_seen, recall.distance, recall))
+                    advanced_task.state.tokens_seen, recall))
             # round-robin: the sessions served this round go to the back
             self._reading = [j for j in self._reading if j not in batch] + batch
         for job in list(self._reading):
