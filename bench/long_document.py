@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import fmt_bytes, print_table
+from common import fmt_bytes, print_table, random_tokens, setup
 
 from hmt_core import HMTModel
 
@@ -56,14 +56,13 @@ def peak_above(start: int) -> int:
     return max(0, _status_bytes("VmHWM") - start)
 
 
-def load(model_dir: str, threads: int) -> HMTModel:
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)  # as hmt-serve does: subnormal floats slow CPU matmuls
-    return HMTModel.from_pretrained(model_dir, device="cpu").eval()
+def load(args: argparse.Namespace) -> HMTModel:
+    setup(argparse.Namespace(threads=args.threads, device="cpu", dtype="float32", seed=args.seed))
+    return HMTModel.from_pretrained(args.model, device="cpu").eval()
 
 
 def measure_hmt(model: HMTModel, tokens: int, seed: int) -> dict[str, Any]:
-    ids = torch.randint(0, model.vocab_size, (tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids = random_tokens(tokens, torch.Generator().manual_seed(seed), model.vocab_size)
     loaded = start_peak()
     start = time.perf_counter()
     state = model.append(model.new_session(), ids)
@@ -104,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.part:
-        model = load(args.model, args.threads)
+        model = load(args)
         result = measure_hmt(model, args.tokens, args.seed) if args.part == "hmt" else measure_dense(model, args.seed)
         print(json.dumps(result))
         return

@@ -3,9 +3,9 @@
 The state is measured from real appends (model.append of random token ids, every full window
 committed through the backbone). The KV cache is materialized as a real transformers
 DynamicCache at the smallest point and checked against the closed form
-2 * layers * kv_heads * head_dim * T * bytes_per_elem, which gives the larger points (a 100k
-token KV cache of this model does not fit a prefill on a small CPU box, and is not needed to
-know its size).
+2 * layers * kv_heads * head_dim * T * bytes_per_elem (HMTModel.kv_cache_bytes_per_token, which the
+service reports too), which gives the larger points (a 100k token KV cache of this model does not
+fit a prefill on a small CPU box, and is not needed to know its size).
 
     python bench/state_vs_kv.py                       # 4k, 32k, 100k tokens
     python bench/state_vs_kv.py --max-tokens 32768    # quicker
@@ -26,20 +26,12 @@ from common import (
     print_table,
     random_tokens,
     setup,
-    smollm_config,
     sync,
 )
 
 from hmt_core import HMTModel, SessionState
 
 DEFAULT_POINTS = (4096, 32768, 100_000)
-
-
-def kv_bytes_formula(tokens: int, dtype: torch.dtype) -> int:
-    cfg = smollm_config()
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * tokens * elem
 
 
 @torch.no_grad()
@@ -101,14 +93,14 @@ def main() -> None:
     kv_tokens = args.measure_kv_tokens
     ids = random_tokens(kv_tokens, torch.Generator().manual_seed(args.seed + 1), model.vocab_size)
     measured = kv_bytes_measured(model, ids)
-    closed = kv_bytes_formula(kv_tokens, dtype)
+    closed = model.kv_cache_bytes_per_token * kv_tokens  # the closed form GET /sessions/{id}/memory uses
     if measured != closed:
         raise SystemExit(f"DynamicCache holds {measured} bytes at {kv_tokens} tokens, closed form says {closed}")
 
     rows = []
     for point in points:
         state_bytes = len(states[point].to_bytes())
-        kv = measured if point == kv_tokens else kv_bytes_formula(point, dtype)
+        kv = measured if point == kv_tokens else model.kv_cache_bytes_per_token * point
         source = "DynamicCache (= formula)" if point == kv_tokens else "formula"
         note = " (LTM now full)" if point == full_at else ""
         rows.append([f"{point:,}{note}", states[point].segments_committed, states[point].ltm.shape[0],
