@@ -18,7 +18,6 @@ import functools
 import html
 import http.server
 import os
-import re
 import shutil
 import socket
 import struct
@@ -29,6 +28,8 @@ import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+
+from packaging.utils import canonicalize_name
 
 HERE = Path(__file__).resolve().parent / "standin-images"
 BASE_IMAGE = "hmt-standin/debian:bookworm"
@@ -102,10 +103,6 @@ def bridge_gateway() -> str:
         return socket.inet_ntoa(fcntl.ioctl(probe.fileno(), 0x8915, request)[20:24])  # SIOCGIFADDR
 
 
-def _project(filename: str) -> str:
-    return re.sub(r"[-_.]+", "-", filename.split("-")[0]).lower()
-
-
 def write_torch_mirror(root: Path, torch_version: str) -> Path:
     """A simple index at root/simple with torch==torch_version and its dependencies, as this
     machine's pip configuration resolves them (here: the local CPU build)."""
@@ -113,7 +110,7 @@ def write_torch_mirror(root: Path, torch_version: str) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
                     f"torch=={torch_version}", "-d", str(files)], check=True, capture_output=True, timeout=900)
     for wheel in sorted(files.iterdir()):
-        page = root / "simple" / _project(wheel.name) / "index.html"
+        page = root / "simple" / canonicalize_name(wheel.name.split("-")[0]) / "index.html"
         page.parent.mkdir(parents=True, exist_ok=True)
         with page.open("a") as out:
             out.write(f'<a href="../../files/{urllib.parse.quote(wheel.name)}">{html.escape(wheel.name)}</a>\n')

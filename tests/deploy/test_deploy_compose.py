@@ -24,7 +24,6 @@ from deploy_helpers import (
     load_yaml,
     repository_path,
     require_tool,
-    stages,
 )
 
 from service.settings import Settings
@@ -113,10 +112,7 @@ def test_build_arguments_reach_the_dockerfiles() -> None:
     raw = load_yaml(COMPOSE_FILE)["services"]
     for name in ("hmt", "hmt-gpu"):
         build = raw[name]["build"]
-        dockerfile = ROOT / build["dockerfile"]
-        declared: dict[str, str] = {}
-        for _, steps in stages(dockerfile):
-            declared |= {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else "" for k, a in steps if k == "ARG"}
+        declared = arg_defaults(dockerfile_instructions(ROOT / build["dockerfile"]))  # all stages' ARGs
         args = build["args"]
         assert set(args) == {"TORCH_VERSION", "TORCH_INDEX_URL", "PIP_TRUSTED_HOST", "UID"} <= set(declared)
         for arg, value in args.items():

@@ -9,7 +9,6 @@ import http.server
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from deploy_helpers import (
     stages,
 )
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from serve_helpers import free_port
 
 from hmt_core import backbones
@@ -123,17 +123,13 @@ def test_builds_without_buildkit_or_a_frontend_image() -> None:
 CONSTRAINTS = ROOT / "docker" / "constraints.txt"
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _pins() -> dict[str, str]:
     pins = {}
     for line in CONSTRAINTS.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
             assert version, f"constraints.txt: {line!r} is not an exact pin"
-            pins[_canonical(name)] = version.strip()
+            pins[canonicalize_name(name)] = version.strip()
     return pins
 
 
@@ -146,7 +142,7 @@ def test_constraints_lock_every_runtime_dependency() -> None:
     assert "torch" not in pins
     for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
         requirement = Requirement(line)
-        name = _canonical(requirement.name)
+        name = canonicalize_name(requirement.name)
         if name == "torch" or (requirement.marker and not requirement.marker.evaluate()):
             continue
         assert name in pins, f"{name} is not pinned: rerun docker/update-constraints.sh"
@@ -165,7 +161,8 @@ def test_constraints_lock_every_runtime_dependency() -> None:
             needed = Requirement(line)
             if needed.marker and not needed.marker.evaluate({"extra": ""}):
                 continue
-            assert _canonical(needed.name) in pins | {"torch": ""}, f"{name} needs {needed.name}, which is not pinned"
+            assert canonicalize_name(needed.name) in pins | {"torch": ""}, \
+                f"{name} needs {needed.name}, which is not pinned"
     assert checked, "no pinned version is installed here: the closure went unchecked"
 
 

@@ -141,7 +141,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     timings: dict[str, float] = {}
     start = time.monotonic()
     spec = load_yaml(COMPOSE_FILE)["services"]
-    python_image = arg_defaults(dockerfile_instructions(DOCKERFILE))["PYTHON_IMAGE"]
+    build_args = arg_defaults(dockerfile_instructions(DOCKERFILE))
+    python_image = build_args["PYTHON_IMAGE"]
     used = {
         python_image: ensure_standin(python_image, "python"),
         spec["redis"]["image"]: ensure_standin(spec["redis"]["image"], "redis"),
@@ -151,9 +152,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     print(f"\nbase images: {used}")
 
     gateway = bridge_gateway()
-    torch_version = arg_defaults(dockerfile_instructions(DOCKERFILE))["TORCH_VERSION"]
     mirror = tmp_path_factory.mktemp("torch-mirror")
-    write_torch_mirror(mirror, torch_version)
+    write_torch_mirror(mirror, build_args["TORCH_VERSION"])
     first_port, prometheus_port = _free_port_pair(), free_port()
     env = {**classic_builder_env(),
            "COMPOSE_PROJECT_NAME": f"hmtlive{uuid.uuid4().hex[:6]}",
