@@ -132,16 +132,13 @@ function setSession(id) {
   }
 }
 
-function randomId() {
-  const bytes = crypto.getRandomValues(new Uint8Array(16));
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
+// the server picks the id (a random one when the body names none)
+async function createSession() { setSession((await json("/sessions", { method: "POST", body: {} })).id); }
 
 async function newSession() {
   if (busy()) return;
   try {
-    const created = await json("/sessions", { method: "POST", body: { id: randomId() } });
-    setSession(created.id);
+    await createSession();
     state.messages = [];
     state.complete = true;
     state.recalls = [];
@@ -269,10 +266,7 @@ function settings() {
 }
 
 async function ensureSession() {
-  if (!state.sessionId) {
-    const created = await json("/sessions", { method: "POST", body: { id: randomId() } });
-    setSession(created.id);
-  }
+  if (!state.sessionId) await createSession();
 }
 
 async function send(text) {
