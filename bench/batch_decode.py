@@ -7,9 +7,10 @@ and through HTTP/SSE, and time to first token early and late in 32 concurrent ch
    same run (n = 1: each of the first --solo-sessions sessions decoded alone, aggregated).
 2. HTTP: a live hmt-serve (`--max-batch 64`, embedded Redis) on the same model; n clients stream
    `POST /sessions/{id}/generate` at once. Steady-state decode tokens/s as received over SSE
-   (tokens arriving while all n streams decode), against the engine's decode rate: HTTP / engine
-   is what the HTTP, scheduler and SSE layers cost. The engine's rate with the prefill of the
-   open windows included is printed too.
+   (tokens arriving while all n streams decode), against the engine's decode rate measured just
+   before it (`--repeats` such pairs; the median ratio): HTTP / engine is what the HTTP,
+   scheduler and SSE layers cost. The engine's rate with the prefill of the open windows
+   included is printed too.
 3. Chats: 32 concurrent chats of turns (a 24-token user message, a 16-token streamed reply),
    started at turn 2 and at turn 200 (a 199-turn history appended first: the same state as having
    had the turns, by the chunking invariance); p50/p99 time to first token of the next turns.
@@ -125,15 +126,23 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def http_part(url: str, model: HMTModel, counts: list[int], args: argparse.Namespace, rng: random.Random,
-                    history_lists: list[list[int]]) -> tuple[dict[int, float], dict[str, list[float]]]:
-    rates: dict[int, float] = {}
+                    history_lists: list[list[int]], states: list[SessionState],
+                    ) -> tuple[dict[int, list[tuple[float, float]]], dict[str, list[float]]]:
+    """Per session count, `--repeats` pairs of (engine decode rate, HTTP rate), measured one right
+    after the other so that both sides of each ratio see the same machine (run-to-run noise on
+    this shared box is as large as the HTTP layer's cost); then the chats' first tokens."""
+    pairs: dict[int, list[tuple[float, float]]] = {}
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         for n in counts:
             sessions = await create_sessions(http, history_lists[:n])  # the engine's sessions
             await http_rate(http, sessions[:1], 2)  # warm the path
-            rates[n] = await http_rate(http, sessions, args.tokens)
-            print(f"http   {n:3d} sessions: {rates[n]:8.1f} tokens/s", flush=True)
+            pairs[n] = []
+            for _ in range(args.repeats):
+                engine = decode_rate(model, states, n, args, with_prefill=False)
+                pairs[n].append((engine, await http_rate(http, sessions, args.tokens)))
+                print(f"http   {n:3d} sessions: {pairs[n][-1][1]:8.1f} tokens/s, engine {engine:8.1f}: "
+                      f"{pairs[n][-1][1] / engine:.0%}", flush=True)
         ttft: dict[str, list[float]] = {}
         chats = args.chats
         per_turn = USER_TOKENS + REPLY_TOKENS
@@ -144,7 +153,15 @@ async def http_part(url: str, model: HMTModel, counts: list[int], args: argparse
             ttft[label] = await chat_ttft(http, sessions, args.chat_turns, rng, model.vocab_size)
             print(f"chats  {label}: p50 {percentile(ttft[label], 50) * 1000:.0f} ms, "
                   f"p99 {percentile(ttft[label], 99) * 1000:.0f} ms", flush=True)
-    return rates, ttft
+    return pairs, ttft
+
+
+def decode_rate(model: HMTModel, states: list[SessionState], n: int, args: argparse.Namespace,
+                with_prefill: bool) -> float:
+    """The engine's aggregate rate at n sessions (n = 1: the first --solo-sessions decoded alone)."""
+    if n == 1:
+        return solo_rate(model, states[:args.solo_sessions], args.tokens, with_prefill)
+    return engine_rate(model, states[:n], args.tokens, with_prefill)
 
 
 def main() -> None:
@@ -157,6 +174,8 @@ def main() -> None:
     parser.add_argument("--chat-turns", type=int, default=4, help="measured turns per chat")
     parser.add_argument("--solo-sessions", type=int, default=8,
                         help="the 1-session engine rate averages this many sessions decoded alone")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="engine/HTTP pairs per session count, each pair measured back to back")
     parser.add_argument("--no-http", action="store_true", help="engine only")
     args = parser.parse_args()
     device, dtype = setup(args)
@@ -176,14 +195,12 @@ def main() -> None:
     decode, end_to_end = {}, {}
     engine_rate(model, all_states[:1], 4, with_prefill=False)  # warm-up
     for n in counts:
-        rate = solo_rate if n == 1 else engine_rate
-        decode[n] = rate(model, all_states[:args.solo_sessions] if n == 1 else all_states[:n], args.tokens, False)
-        end_to_end[n] = rate(model, all_states[:args.solo_sessions] if n == 1 else all_states[:n], args.tokens,
-                             True)
+        decode[n] = decode_rate(model, all_states, n, args, with_prefill=False)
+        end_to_end[n] = decode_rate(model, all_states, n, args, with_prefill=True)
         print(f"engine {n:3d} sessions: {decode[n]:8.1f} tokens/s decode, {end_to_end[n]:8.1f} with prefill",
               flush=True)
 
-    http_rates: dict[int, float] = {}
+    pairs: dict[int, list[tuple[float, float]]] = {}
     ttft: dict[str, list[float]] = {}
     if not args.no_http:
         with tempfile.TemporaryDirectory() as work:
@@ -194,21 +211,24 @@ def main() -> None:
             process, url = start_server(model_dir, str(Path(work) / "redis"), args.threads, "--max-batch",
                                         str(max(64, max(counts))), "--device", str(device), "--dtype", args.dtype)
             try:
-                http_rates, ttft = asyncio.run(http_part(url, model, counts, args, rng, history_lists))
+                pairs, ttft = asyncio.run(http_part(url, model, counts, args, rng, history_lists, all_states))
             finally:
                 process.terminate()
                 process.wait(timeout=30)
 
     print(f"\n{title}; {args.tokens} tokens per session, greedy\n")
     headers = ["sessions", "engine decode tok/s", "x 1 session", "engine incl. prefill tok/s"]
-    if http_rates:
-        headers += ["HTTP/SSE tok/s", "x 1 session", "HTTP / engine"]
+    if pairs:
+        headers += ["HTTP/SSE tok/s", "x 1 session", f"HTTP / engine (median of {args.repeats} pairs)",
+                    "pairs' range"]
     rows = []
     for n in counts:
         row = [n, f"{decode[n]:.1f}", f"{decode[n] / decode[counts[0]]:.2f}x", f"{end_to_end[n]:.1f}"]
-        if http_rates:
-            row += [f"{http_rates[n]:.1f}", f"{http_rates[n] / http_rates[counts[0]]:.2f}x",
-                    f"{http_rates[n] / decode[n]:.0%}"]
+        if pairs:
+            ratios = [h / e for e, h in pairs[n]]
+            http_n, http_1 = (statistics.median(h for _, h in pairs[k]) for k in (n, counts[0]))
+            row += [f"{http_n:.1f}", f"{http_n / http_1:.2f}x", f"{statistics.median(ratios):.0%}",
+                    f"{min(ratios):.0%}-{max(ratios):.0%}"]
         rows.append(row)
     print_table(headers, rows)
     if ttft:

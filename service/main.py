@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from service.settings import Settings, parse_args
 
@@ -13,11 +14,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hmt-serve")
 
+T = TypeVar("T")
+
+
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """fn() on a thread that ends when it returns, so the OpenMP team it starts ends with it."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as exc:  # SystemExit too: re-raised on the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="hmt-model-load")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
 
 def load_model(settings: Settings) -> HMTModel:
     import torch
 
     from hmt_core import CheckpointError, HMTModel
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
 
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     device = settings.device
@@ -49,9 +74,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from service.app import Service, create_app
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    torch.set_flush_denormal(True)  # CPU: subnormal activations make matmuls up to 10x slower (measured)
+    # The model worker thread runs the model with these threads. The loading runs on a passing
+    # thread and the event loop's own torch ops (state checks) on one thread, so that only the
+    # worker keeps an OpenMP team (see service/worker.py).
+    settings = settings.model_copy(update={"threads": settings.threads or torch.get_num_threads()})
+    torch.set_num_threads(1)
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
     if url is None:
@@ -60,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         url = embedded.url
         log.info("embedded redis-server at %s (AOF in %s)", url, embedded.data_dir)
     try:
-        model = load_model(settings)
+        model = in_passing_thread(lambda: load_model(settings))
         log.info("model %s loaded: fingerprint %s", settings.model_path(), model.fingerprint)
         store = SessionStore(url, settings.key_prefix, settings.session_ttl_s, settings.lock_ttl_s,
                              settings.lock_wait_s, settings.redis_wait_replicas, settings.redis_wait_s)

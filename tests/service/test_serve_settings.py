@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,52 @@ def test_model_path_needs_a_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     (tmp_path / "models" / "hmt-smollm2" / "model_card.json").write_text('{"name": "hmt-smollm2-135m"}')
     assert parse_args([]).model_name() == "hmt-smollm2-135m"
     assert parse_args(["--served-model-name", "mine"]).model_name() == "mine"
+
+
+def test_model_load_failure_is_a_clear_exit_from_the_passing_thread(tmp_path: Path) -> None:
+    """The model loads on a passing thread (so its OpenMP team ends with it); a broken model
+    directory must still end hmt-serve with the message, not a thread traceback."""
+    from service.main import in_passing_thread, load_model
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "hmt_config.json").write_text("{not json")
+    settings = parse_args(["--model", str(broken), "--threads", "1"])
+    with pytest.raises(SystemExit, match="cannot load model"):
+        in_passing_thread(lambda: load_model(settings))
+    assert in_passing_thread(lambda: 41 + 1) == 42
+
+
+def test_the_worker_thread_runs_torch_with_its_own_thread_count() -> None:
+    """OpenMP thread counts are per thread: the model worker sets its own, and the caller's
+    (the event loop's, kept at one by hmt-serve) is left as it was."""
+    import asyncio
+    import threading
+
+    import torch
+
+    from hmt_core.testing import tiny_hmt_model
+    from service.worker import ModelWorker
+
+    before = torch.get_num_threads()
+    unusual = max(before, os.cpu_count() or 1) + 1  # neither the caller's count nor a new thread's default
+    worker = ModelWorker(tiny_hmt_model(), max_batch=2, threads=unusual)
+    seen: list[int] = []
+    original = worker._round
+
+    def spy(inbox: list) -> None:  # records the count the worker thread runs the model with
+        seen.append(torch.get_num_threads())
+        original(inbox)
+
+    worker._round = spy  # type: ignore[method-assign]
+    worker.start()
+    try:
+        async def one_append() -> None:
+            job = worker.submit(worker.model.new_session(), [1, 2, 3], None)
+            await job.done
+
+        asyncio.run(one_append())
+    finally:
+        worker.stop()
+    assert seen and set(seen) == {worker.threads}
+    assert torch.get_num_threads() == before and threading.current_thread() is threading.main_thread()
