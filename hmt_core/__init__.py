@@ -3,6 +3,7 @@
 from hmt_core.config import HMTConfig
 from hmt_core.errors import CheckpointError, CorruptStateError, HMTError, InvalidInputError, ModelMismatchError
 from hmt_core.generation import GeneratedToken, Generation, SamplingParams
+from hmt_core.memory import Memory, MemoryKind, memory_of
 from hmt_core.model import HMTModel, ScoreOutput, SegmentRecall
 from hmt_core.session import SessionState
 
@@ -15,9 +16,12 @@ __all__ = [
     "HMTError",
     "HMTModel",
     "InvalidInputError",
+    "Memory",
+    "MemoryKind",
     "ModelMismatchError",
     "SamplingParams",
     "ScoreOutput",
     "SegmentRecall",
     "SessionState",
+    "memory_of",
 ]

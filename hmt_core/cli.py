@@ -45,7 +45,8 @@ def _info(args: argparse.Namespace) -> int:
         "model": str(args.model), "fingerprint": model.fingerprint, "hmt": model.hmt_config.to_dict(),
         "backbone": backbone.model_type, "hidden_size": model.dim, "vocab_size": model.vocab_size,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "session_state_bytes_max": model.hmt_config.ltm_context * model.dim * 4,
+        "memory": model.hmt_config.memory,
+        "session_state_bytes_max": model.hmt_config.memory_rows * model.dim * 4,
         "tokenizer": model.tokenizer is not None,
         "backbone_weights": backbones.origin_of(model.backbone),
     }, indent=2))

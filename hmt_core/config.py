@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hmt_core.errors import CheckpointError, InvalidInputError
+from hmt_core.memory import MEMORY_KINDS, memory_of
 
 RecallScale = Literal["auto", "sqrt", "linear"]
 RECALL_DTYPES = ("bfloat16", "float16", "float32", "float64")  # torch dtypes recall may run in
@@ -20,6 +21,8 @@ class HMTConfig:
     recall_dtype: the reference computes recall in bfloat16 and its weights were trained so.
     recall_scale: "auto" reproduces the reference's training/eval path, which divides scores by
     recall_dim instead of sqrt(recall_dim) when hidden size and recall_dim are both >= 4096.
+    memory: the kind of memory sessions keep (`hmt_core.memory`): "hmt" (the paper's), "rmt" (the
+    previous segment's memory, no recall) or "window" (none: each window read alone).
     """
 
     segment_tokens: int = 256
@@ -29,6 +32,7 @@ class HMTConfig:
     sum_fraction: float = 0.5
     recall_dtype: str = "bfloat16"
     recall_scale: RecallScale = "auto"
+    memory: str = "hmt"
 
     def __post_init__(self) -> None:
         if self.segment_tokens < 1:
@@ -49,6 +53,18 @@ class HMTConfig:
                 f"recall_dtype must be one of {', '.join(RECALL_DTYPES)}, got {self.recall_dtype!r}")
         if self.recall_scale not in ("auto", "sqrt", "linear"):
             raise InvalidInputError(f"recall_scale must be auto, sqrt or linear, got {self.recall_scale!r}")
+        if self.memory not in MEMORY_KINDS:
+            raise InvalidInputError(f"memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
+
+    @property
+    def memory_rows(self) -> int:
+        """Memories a session keeps: N for HMT, the last one for RMT, none for the window."""
+        return memory_of(self.memory).rows_kept(self.ltm_context)
+
+    @property
+    def sensory_tokens(self) -> int:
+        """Tokens of the previous window read again before the next (k; none for the window-only kind)."""
+        return self.num_sensory if memory_of(self.memory).has_sensory else 0
 
     @property
     def summary_tokens(self) -> int:
@@ -56,7 +72,10 @@ class HMTConfig:
         return round(self.segment_tokens * self.sum_fraction)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["memory"] == "hmt":  # the default is left out: HMT models' files and fingerprints stay as they were
+            del data["memory"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HMTConfig:

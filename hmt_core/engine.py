@@ -387,10 +387,14 @@ class DecodeEngine:
         the summary of W[:s]. The slot holds [p, E(sensory), E(W)] at the same positions, so when
         p was recalled from those same s tokens (the generate request began with at least s tokens
         in W, as a chat reply crossing a segment boundary does), p == p_n and the commit needs only
-        the trailing p_n: one more position in the decode forward instead of two long forwards."""
+        the trailing p_n: one more position in the decode forward instead of two long forwards.
+        A memory whose prompt does not read the window (RMT) always has p == p_n."""
+        if row.prompt is None:  # no prompt read: the canonical commit (which has no forward then)
+            return False
+        if not self.model.memory.prompt_reads_window:  # p depends on the committed state, unchanged since
+            return True
         summary = self.model.hmt_config.summary_tokens
-        return (row.prompt is not None and len(row.query) >= summary
-                and row.query[:summary] == row.state.window[:summary])
+        return len(row.query) >= summary and row.query[:summary] == row.state.window[:summary]
 
     def _commit(self, rows: list[DecodeRow]) -> tuple[list[DecodeRow], list[DecodeRow]]:
         """Rows whose window was full before their new token: commit (batched), then take the token.
@@ -436,13 +440,16 @@ class DecodeEngine:
 
     def _prefill_batch(self, rows: list[DecodeRow]) -> None:
         model, cache = self.model, self._ensure_buffers()
-        recalled = model.recall_for([r.state.ltm for r in rows], [r.query for r in rows])
-        prompts = recalled.prompts
         sequences = [list(r.state.sensory) + list(r.state.window) for r in rows]
         width = max(len(s) for s in sequences)
         ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], dtype=torch.long, device=model.device)
-        embeds = torch.cat([prompts[:, None, :].to(model.dtype), model.embed(ids)], dim=1)
-        positions = torch.arange(width + 1, device=model.device).expand(len(rows), -1)
+        embeds = model.embed(ids)
+        recalled = None
+        if model.memory.has_prompt:
+            recalled = model.recall_for([r.state.ltm for r in rows], [r.query for r in rows])
+            embeds = torch.cat([recalled.prompts[:, None, :].to(model.dtype), embeds], dim=1)
+        lead = embeds.shape[1] - width  # 1 with a memory prompt, else 0
+        positions = torch.arange(embeds.shape[1], device=model.device).expand(len(rows), -1)
         slots = torch.tensor([r.slot for r in rows], device=model.device)
         cache.prefill_slots = slots
         try:
@@ -450,13 +457,15 @@ class DecodeEngine:
                                       use_cache=True).last_hidden_state
         finally:
             cache.prefill_slots = None
-        ends = torch.tensor([len(s) for s in sequences], device=model.device)  # index of each row's last position
+        ends = torch.tensor([lead + len(s) - 1 for s in sequences], device=model.device)  # each row's last position
         last = hidden[torch.arange(len(rows), device=model.device), ends]
         self._logits[slots] = model.lm_logits(last).float()  # type: ignore[index]
-        traces = recalled.traces([r.state.segments_committed for r in rows], [r.state.ltm.shape[0] for r in rows])
+        if recalled is not None:
+            traces = recalled.traces([r.state.segments_committed for r in rows], [r.state.ltm.shape[0] for r in rows])
         for i, (row, sequence) in enumerate(zip(rows, sequences, strict=True)):
-            row.length = 1 + len(sequence)
-            row.prompt, row.prompt_recall = prompts[i], traces[i]
+            row.length = lead + len(sequence)
+            if recalled is not None:
+                row.prompt, row.prompt_recall = recalled.prompts[i], traces[i]
 
     def _decode(self, rows: list[DecodeRow],
                 committing: list[DecodeRow]) -> tuple[list[DecodeRow], list[DecodeRow]]:

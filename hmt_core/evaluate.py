@@ -25,10 +25,11 @@ from hmt_core.exercises import (
     passkey_answer_correct,
 )
 from hmt_core.generation import SamplingParams, continuation_log_probs, decode_one_token
-from hmt_core.model import HMTModel, MemoryMode
+from hmt_core.memory import MemoryKind
+from hmt_core.model import HMTModel
 from hmt_core.session import SessionState
 
-READERS: tuple[MemoryMode, ...] = ("window", "rmt", "hmt")
+READERS: tuple[MemoryKind, ...] = ("window", "rmt", "hmt")
 PasskeyReader = Literal["window", "full", "hmt"]
 PasskeyWordingChoice = Literal["standard", "held-out"]
 READER_LABELS = {"window": "backbone (L-token window)", "full": "backbone (full context)",
@@ -59,7 +60,7 @@ class PerplexityReport:
 
 
 @torch.no_grad()
-def segment_losses(model: HMTModel, documents: torch.Tensor, mode: MemoryMode | Literal["full"]) -> torch.Tensor:
+def segment_losses(model: HMTModel, documents: torch.Tensor, mode: MemoryKind | Literal["full"]) -> torch.Tensor:
     """Per-token next-token loss [B, T-1] reshaped by segment: returns [S] mean loss per segment.
     mode "full": the bare backbone reading each whole document (its upper bound where it fits)."""
     if mode == "full":
@@ -69,7 +70,7 @@ def segment_losses(model: HMTModel, documents: torch.Tensor, mode: MemoryMode | 
                                     f"{limit} positions: no full-context reading")
         logits = model.backbone(input_ids=documents.to(model.device), use_cache=False).logits.float()
     else:
-        logits = model.forward_segments(documents, mode=mode).logits.float()
+        logits = model.forward_segments(documents, memory=mode).logits.float()
     targets = documents[:, 1:].to(logits.device)
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
     seg = model.hmt_config.segment_tokens
@@ -90,7 +91,7 @@ def perplexity(readers: dict[str, HMTModel], documents: torch.Tensor, batch_size
     # overall loss weights each segment by its number of predicted tokens
     weights = torch.bincount(torch.arange(1, documents.shape[1]) // report.segment_tokens).float()
     for mode, model in readers.items():
-        reading = cast("MemoryMode | Literal['full']", mode)  # the keys name reading modes
+        reading = cast("MemoryKind | Literal['full']", mode)  # the keys name reading modes
         per_batch = [segment_losses(model, documents[i:i + batch_size], reading) * len(documents[i:i + batch_size])
                      for i in range(0, len(documents), batch_size)]
         by_segment = torch.stack(per_batch).sum(0) / len(documents)

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,9 +23,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from hmt_core.config import HMTConfig
 from hmt_core.errors import InvalidInputError
+from hmt_core.memory import Memory, MemoryKind, memory_of
 from hmt_core.session import SessionState
-
-MemoryMode = Literal["hmt", "rmt", "window"]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -111,6 +110,11 @@ class HMTModel(nn.Module):
     @property
     def dim(self) -> int:
         return self.initial_memory.shape[1]
+
+    @property
+    def memory(self) -> Memory:
+        """The kind of memory this model's sessions keep (its configuration's)."""
+        return memory_of(self.hmt_config.memory)
 
     @property
     def vocab_size(self) -> int:
@@ -243,6 +247,10 @@ class HMTModel(nn.Module):
         parts += [self.embed(tokens), p]
         return torch.cat(parts, dim=1)
 
+    def window_logits(self, tokens: Tensor) -> Tensor:
+        """A window read with no memory at all (the window-only kind): the bare backbone's logits."""
+        return self.backbone(input_ids=tokens.to(self.device), use_cache=False).logits
+
     def segment_memories(self, prompts: Tensor, sensory: Tensor | None, tokens: Tensor) -> Tensor:
         """Step 3 when only the new memory m_n is wanted (commits): no logits computed."""
         return self._last_hidden(self._segment_embeds(prompts, sensory, tokens))
@@ -256,20 +264,23 @@ class HMTModel(nn.Module):
         return self.lm_logits(hidden[:, -t - 1:-1]), hidden[:, -1]
 
     def recall_for(self, ltms: Sequence[Tensor], query_tokens: Sequence[Sequence[int]]) -> Recall:
-        """Steps 1-2 for several sessions: summary queries from query_tokens[:s] (rows of equal
-        length share a forward, never padded), then recall over each session's long-term memory."""
-        summary = self.hmt_config.summary_tokens
-        heads = [list(tokens)[:summary] for tokens in query_tokens]
-        queries = torch.empty(len(heads), self.dim, dtype=self.dtype, device=self.device)
-        for length in sorted({len(head) for head in heads}):
-            rows = [i for i, head in enumerate(heads) if len(head) == length]
-            ids = torch.tensor([heads[i] for i in rows], dtype=torch.long, device=self.device)
-            queries[torch.tensor(rows, device=self.device)] = self.summary_queries(ids)
+        """Steps 1-2 for several sessions: the memory prompts of their windows, by this model's
+        memory. For HMT: summary queries from query_tokens[:s] (rows of equal length share a
+        forward, never padded), then recall over each session's long-term memory."""
+        queries = None
+        if self.memory.prompt_reads_window:
+            summary = self.hmt_config.summary_tokens
+            heads = [list(tokens)[:summary] for tokens in query_tokens]
+            queries = torch.empty(len(heads), self.dim, dtype=self.dtype, device=self.device)
+            for length in sorted({len(head) for head in heads}):
+                rows = [i for i, head in enumerate(heads) if len(head) == length]
+                ids = torch.tensor([heads[i] for i in rows], dtype=torch.long, device=self.device)
+                queries[torch.tensor(rows, device=self.device)] = self.summary_queries(ids)
         lengths = torch.tensor([ltm.shape[0] for ltm in ltms], device=self.device)
         memories = torch.zeros(len(ltms), int(lengths.max()), self.dim, dtype=self.dtype, device=self.device)
         for row, ltm in enumerate(ltms):
             memories[row, :ltm.shape[0]] = ltm.to(self.device, self.dtype)
-        return self.recall(queries, memories, lengths)
+        return self.memory.prompts(self, memories, lengths, queries)
 
     # ----- whole-sequence scoring (teacher-forced, as the reference evaluates) ------------
 
@@ -296,18 +307,19 @@ class HMTModel(nn.Module):
         """Logits at every position and the memory written by every segment, as the reference."""
         return self.forward_segments(self.check_tokens(input_ids))
 
-    def forward_segments(self, input_ids: Tensor, mode: MemoryMode = "hmt",
+    def forward_segments(self, input_ids: Tensor, memory: Memory | MemoryKind | None = None,
                          bptt_depth: int | None = None) -> ScoreOutput:
         """Teacher-forced pass over [B, T] tokens, segment by segment (differentiable).
 
-        mode "hmt": the reference's four steps. "rmt": no recall, each segment's memory prompt is
-        the previous segment's memory (HMT's stage-1 training, RMT-style). "window": the backbone
-        alone on each L-token segment, no memory or sensory tokens (the baseline).
+        memory: how segments are linked (`hmt_core.memory`); default this model's own. "hmt": the
+        reference's four steps; "rmt": each segment's memory prompt is the previous segment's memory
+        (HMT's stage-1 training); "window": the backbone alone on each L-token segment (the baseline).
         bptt_depth: memories written before the last bptt_depth segments are detached, so gradients
         flow back through at most that many segments of memory (the reference's truncation).
         """
         if input_ids.dim() != 2:
             raise InvalidInputError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        reader = self.memory if memory is None else memory if isinstance(memory, Memory) else memory_of(memory)
         ids = input_ids.to(self.device)
         cfg = self.hmt_config
         batch = ids.shape[0]
@@ -315,29 +327,26 @@ class HMTModel(nn.Module):
         logits: list[Tensor] = []
         distances: list[Tensor] = []
         sensory: Tensor | None = None
-        no_recall = torch.zeros(batch, dtype=torch.long, device=self.device)
-        no_slots = torch.zeros(batch, 0, device=self.device)
         starts = range(0, ids.shape[1], cfg.segment_tokens)
-        queries = self._all_summary_queries(ids, starts) if mode == "hmt" else []
+        queries = self._all_summary_queries(ids, starts) if reader.prompt_reads_window else []
+        kept = reader.rows_kept(cfg.ltm_context)
         for index, start in enumerate(starts):
             segment = ids[:, start:start + cfg.segment_tokens]
-            if mode == "window":
-                logits.append(self.backbone(input_ids=segment, use_cache=False).logits)
+            if not reader.has_prompt:
+                logits.append(self.window_logits(segment))
                 continue
-            if mode == "rmt":
-                prompts = memories[-1] if memories else self.initial_memory.to(self.dtype).expand(batch, self.dim)
-                recalled = Recall(prompts, no_recall, no_slots.long(), no_slots)
-            else:
-                ltm = torch.stack(memories[-cfg.ltm_context:], dim=1) if memories else \
-                    torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
-                recalled = self.recall(queries[index], ltm, torch.full((batch,), ltm.shape[1], device=self.device))
-            segment_logits, memory = self.segment_logits(recalled.prompts, sensory, segment)
+            ltm = torch.stack(memories[-kept:], dim=1) if memories else \
+                torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
+            recalled = reader.prompts(self, ltm, torch.full((batch,), ltm.shape[1], device=self.device),
+                                      queries[index] if queries else None)
+            segment_logits, new_memory = self.segment_logits(recalled.prompts, sensory, segment)
             if bptt_depth is not None and index < len(starts) - bptt_depth:
-                memory = memory.detach()  # only the last bptt_depth segments' memory writes get gradients
+                new_memory = new_memory.detach()  # only the last bptt_depth segments' memory writes get gradients
             logits.append(segment_logits)
-            memories.append(memory)
+            memories.append(new_memory)
             distances.append(recalled.distances)
-            sensory = segment[:, segment.shape[1] - cfg.num_sensory:] if cfg.num_sensory else None
+            keep = cfg.num_sensory if reader.has_sensory else 0
+            sensory = segment[:, segment.shape[1] - keep:] if keep else None
         empty = torch.zeros(batch, 0, device=self.device)
         return ScoreOutput(torch.cat(logits, dim=1),
                            torch.stack(memories, dim=1) if memories else empty[..., None],
@@ -356,7 +365,7 @@ class HMTModel(nn.Module):
     # ----- sessions ----------------------------------------------------------------------
 
     def new_session(self) -> SessionState:
-        return SessionState.empty(self.dim, self.fingerprint)
+        return SessionState.empty(self.dim, self.fingerprint, self.hmt_config.memory)
 
     def check_session(self, state: SessionState) -> None:
         """Raises ModelMismatchError or CorruptStateError for a state this model could not have made."""
@@ -377,6 +386,9 @@ class HMTModel(nn.Module):
             if len(state.window) != cfg.segment_tokens:
                 raise InvalidInputError(
                     f"only a full window can be committed ({len(state.window)} of {cfg.segment_tokens} tokens)")
+        if not self.memory.has_prompt:  # nothing is read or written: the window is just let go
+            return ([state.after_commit(None, cfg) for state in states],
+                    [SegmentRecall(state.segments_committed, (), ()) for state in states])
         windows = torch.tensor([s.window for s in states], dtype=torch.long, device=self.device)
         recalled = self.recall_for([s.ltm for s in states], [s.window for s in states])
         new_memories = torch.empty(len(states), self.dim, dtype=self.dtype, device=self.device)

@@ -1,7 +1,7 @@
 """A session's whole state (serving-semantics.md) and its safe, versioned byte format.
 
 Bytes are a safetensors file (no pickle): tensors `ltm` float32 [n, d], `sensory` and `window`
-int64, and a metadata header with the format version, model fingerprint, counters and a
+int64, and a metadata header with the format version, memory kind, model fingerprint, counters and a
 SHA-256 checksum over everything else, so truncation or damage is detected, not loaded. With a
 key, an HMAC of that checksum too: then a state edited by anyone without the key is refused.
 """
@@ -23,6 +23,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from hmt_core.errors import CorruptStateError, ModelMismatchError
+from hmt_core.memory import MEMORY_KINDS, memory_of
 
 if TYPE_CHECKING:
     from hmt_core.config import HMTConfig
@@ -42,10 +43,11 @@ class SessionState:
     tokens_seen: int
     version: int  # bumped on every change; the store's compare-and-set fence
     fingerprint: str  # the model that made it
+    memory: str = "hmt"  # the kind of memory it keeps (hmt_core.memory)
 
     @classmethod
-    def empty(cls, dim: int, fingerprint: str) -> SessionState:
-        return cls(torch.zeros(0, dim), (), (), 0, 0, 0, fingerprint)
+    def empty(cls, dim: int, fingerprint: str, memory: str = "hmt") -> SessionState:
+        return cls(torch.zeros(0, dim), (), (), 0, 0, 0, fingerprint, memory)
 
     @property
     def dim(self) -> int:
@@ -54,30 +56,33 @@ class SessionState:
     def bumped(self) -> SessionState:
         return replace(self, version=self.version + 1)
 
-    def after_commit(self, memory: Tensor, config: HMTConfig) -> SessionState:
-        """Step 4: the window is committed and memory m_n was written."""
-        ltm = torch.cat([self.ltm.to(memory.device, memory.dtype), memory.reshape(1, -1)])
-        sensory = self.window[len(self.window) - config.num_sensory:] if config.num_sensory else ()
-        return replace(self, ltm=ltm[-config.ltm_context:], sensory=tuple(sensory), window=(),
-                       segments_committed=self.segments_committed + 1)
+    def after_commit(self, memory: Tensor | None, config: HMTConfig) -> SessionState:
+        """Step 4: the window is committed and memory m_n was written (None: a kind that keeps none)."""
+        ltm = self.ltm if memory is None else memory_of(config.memory).write(self.ltm, memory, config.ltm_context)
+        keep = config.sensory_tokens
+        sensory = self.window[len(self.window) - keep:] if keep else ()
+        return replace(self, ltm=ltm, sensory=tuple(sensory), window=(), segments_committed=self.segments_committed + 1)
 
     def check_model(self, fingerprint: str, config: HMTConfig, dim: int, vocab_size: int | None = None) -> None:
         """Refuse a state this model could not have made: another model's, one that does not fit its
         configuration, inconsistent counters, token ids outside the vocabulary, non-finite memory.
         States arrive from clients (import), so each of these is checked, not assumed."""
+        if self.memory != config.memory:
+            raise ModelMismatchError(f"session state keeps {self.memory} memory, and this model keeps "
+                                     f"{config.memory} memory: a state is read only by a model of its kind")
         if self.fingerprint != fingerprint:
             raise ModelMismatchError(
                 f"session state belongs to model {self.fingerprint}, this model is {fingerprint}")
-        if self.dim != dim or self.ltm.shape[0] > config.ltm_context or \
-                len(self.window) > config.segment_tokens or len(self.sensory) > config.num_sensory:
+        if self.dim != dim or self.ltm.shape[0] > config.memory_rows or \
+                len(self.window) > config.segment_tokens or len(self.sensory) > config.sensory_tokens:
             raise CorruptStateError("session state does not fit this model's HMT configuration")
         segments = self.segments_committed
         if not 0 <= segments < MAX_COUNTER or not 0 <= self.version < MAX_COUNTER:
             raise CorruptStateError("session state counters are out of range")
         if self.tokens_seen != segments * config.segment_tokens + len(self.window):
             raise CorruptStateError("session state counters disagree with its window and segments")
-        if self.ltm.shape[0] != min(segments, config.ltm_context) or \
-                len(self.sensory) != (config.num_sensory if segments else 0):
+        if self.ltm.shape[0] != min(segments, config.memory_rows) or \
+                len(self.sensory) != (config.sensory_tokens if segments else 0):
             raise CorruptStateError("session state memory disagrees with its segment count")
         if vocab_size is not None:
             for tokens in (self.window, self.sensory):
@@ -96,7 +101,7 @@ class SessionState:
             "sensory": torch.tensor(self.sensory, dtype=torch.int64),
             "window": torch.tensor(self.window, dtype=torch.int64),
         }
-        meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION),
+        meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION), "memory": self.memory,
                 "fingerprint": self.fingerprint, **{k: str(getattr(self, k)) for k in _COUNTERS}}
         meta["checksum"] = _checksum(meta, tensors)
         if key is not None:
@@ -136,8 +141,11 @@ class SessionState:
             counters = {k: int(meta[k]) for k in _COUNTERS}
         except (KeyError, ValueError):
             raise CorruptStateError("session state counters are missing or malformed") from None
+        memory = meta.get("memory", "hmt")  # states written before memory kinds existed are HMT's
+        if memory not in MEMORY_KINDS:
+            raise CorruptStateError(f"session state names an unknown memory kind {memory!r}")
         state = cls(ltm, tuple(sensory.tolist()), tuple(window.tolist()), fingerprint=meta["fingerprint"],
-                    **counters)
+                    memory=memory, **counters)
         if fingerprint is not None and state.fingerprint != fingerprint:
             raise ModelMismatchError(
                 f"session state belongs to model {state.fingerprint}, this model is {fingerprint}")

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from hmt_core.errors import CheckpointError, InvalidInputError
-from hmt_core.model import HMTModel, MemoryMode
+from hmt_core.memory import MemoryKind
+from hmt_core.model import HMTModel
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -68,7 +69,8 @@ class TrainConfig:
                                     "0 <= schedule_offset and schedule_offset + steps <= schedule_steps")
 
     @property
-    def mode(self) -> MemoryMode:
+    def memory(self) -> MemoryKind:
+        """How segments are linked while training: stage 1 without recall, stage 2 with it."""
         return "rmt" if self.stage == 1 else "hmt"
 
     def outcome_fields(self) -> dict[str, Any]:
@@ -245,7 +247,7 @@ def train(model: HMTModel, samples: Tensor, config: TrainConfig, out_dir: str | 
         batch = samples[rows].to(model.device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        out = model.forward_segments(batch, mode=config.mode, bptt_depth=config.bptt_depth)
+        out = model.forward_segments(batch, memory=config.memory, bptt_depth=config.bptt_depth)
         loss = language_model_loss(out.logits, batch, None if weights is None else weights[rows])
         if config.memory_bow_weight:
             loss = loss + config.memory_bow_weight * memory_bag_of_words_loss(model, out.memories, batch)

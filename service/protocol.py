@@ -123,8 +123,11 @@ class SessionMemory(Totals):
 
     id: str
     state_bytes: int = Field(description="the stored state's size: constant once long-term memory is full")
+    memory_kind: str = Field(description="the kind of memory the model keeps: hmt, rmt (the previous segment's "
+                                         "memory, no recall) or window (none)")
     memories: int = Field(description="memories in long-term memory now")
-    memory_capacity: int = Field(description="long-term memory's capacity (ltm_context)")
+    memory_capacity: int = Field(description="long-term memory's capacity (ltm_context for hmt, 1 for rmt, 0 for "
+                                             "window)")
     segment_tokens: int
     kv_cache_bytes_per_token: int = Field(description="2 x layers x KV heads x head dim x dtype bytes of the "
                                                       "backbone")

@@ -66,15 +66,15 @@ class Service:
     def imported(self, data: bytes) -> SessionState:
         """A state a client sent: verified whole (signature when there is a secret, then every
         invariant) before anything is written."""
-        state = SessionState.from_bytes(data, self.fingerprint, key=self._state_key)
-        self.model.check_session(state)
+        state = SessionState.from_bytes(data, key=self._state_key)
+        self.model.check_session(state)  # memory kind, then model, then every invariant
         return state
 
     def state_from(self, data: bytes) -> SessionState:
         """A stored state, checked against this model (409 if another model made it)."""
         try:
-            state = SessionState.from_bytes(data, self.fingerprint)
-            self.model.check_session(state)
+            state = SessionState.from_bytes(data)
+            self.model.check_session(state)  # memory kind, then model, then every invariant
         except CorruptStateError as exc:
             raise APIError(409, "corrupt_state", f"the stored session state is unusable: {exc}") from None
         return state

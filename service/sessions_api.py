@@ -75,7 +75,7 @@ def create_router(service: Service) -> APIRouter:
         per_token = model.kv_cache_bytes_per_token
         return SessionMemory(id=session_id, tokens_seen=state.tokens_seen, segments_total=state.segments_committed,
                              window_tokens=len(state.window), state_bytes=len(data), memories=state.ltm.shape[0],
-                             memory_capacity=model.hmt_config.ltm_context,
+                             memory_kind=state.memory, memory_capacity=model.hmt_config.memory_rows,
                              segment_tokens=model.hmt_config.segment_tokens, kv_cache_bytes_per_token=per_token,
                              kv_cache_bytes=per_token * state.tokens_seen, recall_top_k=RECALL_TOP_K,
                              recalls=[entry(r) for r in read_history(raw, state.segments_committed)[-last:]])

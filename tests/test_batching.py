@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from hmt_core import CorruptStateError, HMTModel, SamplingParams, SessionState
+from hmt_core import CorruptStateError, HMTConfig, HMTModel, SamplingParams, SessionState
 from hmt_core.engine import DecodeEngine, DecodeRow, advance_appends, begin_append
 from hmt_core.sampling import sample_tokens, seed_key
 from hmt_core.testing import assert_states_equal, tiny_hmt_model
@@ -58,6 +58,34 @@ def test_greedy_rows_equal_their_solo_decoding(family: str, batch: int) -> None:
         assert row.tokens == _alone(model, state, param)
         assert row.finish_reason == "length"
         assert_states_equal(row.state, model.append(state, row.tokens), atol=CHAINED_COMMIT_ATOL[family])
+
+
+@pytest.mark.parametrize("kind", ["rmt", "window"])
+def test_other_memory_kinds_batch_as_they_decode_alone(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RMT's prompt does not read the window, so every commit is read from the slot; the
+    window-only kind commits without a forward. Either way a row's tokens and state are its own."""
+    model = tiny_hmt_model("llama", config=HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4,
+                                                    recall_dim=16, memory=kind))
+    seg = model.hmt_config.segment_tokens
+    states = _sessions(model, 9)
+    params = [SamplingParams(max_tokens=1 + (i * 5) % (3 * seg), ignore_eos=True) for i in range(9)]
+    canonical_commits = []
+    real_commit = DecodeEngine._commit
+    monkeypatch.setattr(DecodeEngine, "_commit", lambda engine, rows: (
+        canonical_commits.extend(rows), real_commit(engine, rows))[1])
+    rows = _batched(model, states, params)
+    monkeypatch.undo()
+    for state, param, row in zip(states, params, rows, strict=True):
+        assert row.state.memory == kind
+        assert_states_equal(row.state, model.append(state, row.tokens))
+        assert row.tokens == _alone(model, state, param)
+    committing = [row for state, row in zip(states, rows, strict=True)
+                  if row.state.segments_committed > state.segments_committed]
+    assert len(committing) > 3
+    if kind == "rmt":
+        assert canonical_commits == []
+    else:
+        assert set(canonical_commits) == set(committing)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])

@@ -38,7 +38,7 @@ def fresh_model(tokenizer: PreTrainedTokenizerFast) -> HMTModel:
 
 def eval_loss(model: HMTModel, samples: torch.Tensor, mode: str) -> float:
     with torch.no_grad():
-        return float(language_model_loss(model.forward_segments(samples, mode=mode).logits, samples))  # type: ignore[arg-type]
+        return float(language_model_loss(model.forward_segments(samples, memory=mode).logits, samples))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("stage, backbone_training", [(1, "full"), (2, "lora"), (2, "frozen")])
@@ -48,12 +48,13 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path: Path, tok
     samples = token_samples(model, iter(CORPUS), 32)
     config = TrainConfig(stage=stage, steps=15, batch_size=4, segments_per_sample=4, learning_rate=3e-3,
                          warmup_steps=2, backbone_training=backbone_training, save_every=100)  # type: ignore[arg-type]
-    before = eval_loss(model, samples, config.mode)
+    before = eval_loss(model, samples, config.memory)
     result = train(model, samples, config, tmp_path / "out", progress=False)
-    assert eval_loss(model, samples, config.mode) < before
+    assert eval_loss(model, samples, config.memory) < before
     loaded = HMTModel.from_pretrained(tmp_path / "out")
     assert loaded.fingerprint == model.fingerprint
-    assert eval_loss(loaded, samples, config.mode) == pytest.approx(eval_loss(model, samples, config.mode), rel=1e-4)
+    expected = eval_loss(model, samples, config.memory)
+    assert eval_loss(loaded, samples, config.memory) == pytest.approx(expected, rel=1e-4)
     assert len(result.losses) == 15
     state = loaded.append(loaded.new_session(), tokenizer.encode("hello memory"))
     assert len(loaded.generate(state, SamplingParams(max_tokens=5, ignore_eos=True)).run().tokens) == 5
@@ -173,7 +174,7 @@ def test_bptt_depth_truncates_memory_gradients(mode: str) -> None:
 
     def grad_into_initial_memory(depth: int | None) -> float:
         model.zero_grad()
-        model.forward_segments(ids, mode=mode, bptt_depth=depth).logits[:, -1].sum().backward()  # type: ignore[arg-type]
+        model.forward_segments(ids, memory=mode, bptt_depth=depth).logits[:, -1].sum().backward()  # type: ignore[arg-type]
         return float(model.initial_memory.grad.abs().sum())
 
     # the initial memory feeds segment 0 only: 6 segments back from the last logits
@@ -199,7 +200,7 @@ def test_memory_bag_of_words_loss_is_each_memory_predicting_its_segment(tmp_path
     samples = token_samples(model, iter(CORPUS), 32)[:4]
     segment = model.hmt_config.segment_tokens
     with torch.no_grad():
-        out = model.forward_segments(samples, mode="hmt")
+        out = model.forward_segments(samples, memory="hmt")
         log_probs = torch.log_softmax(model.backbone.get_output_embeddings()(out.memories).float(), -1)
         expected = -torch.stack([log_probs[b, s, samples[b, s * segment + j]] for b in range(4)
                                  for s in range(32 // segment) for j in range(segment)]).mean()
@@ -209,7 +210,8 @@ def test_memory_bag_of_words_loss_is_each_memory_predicting_its_segment(tmp_path
     # training with it makes memories predict their segments' tokens better
     def bow() -> float:
         with torch.no_grad():
-            return float(memory_bag_of_words_loss(model, model.forward_segments(samples, mode="hmt").memories, samples))
+            memories = model.forward_segments(samples, memory="hmt").memories
+            return float(memory_bag_of_words_loss(model, memories, samples))
 
     before = bow()
     config = TrainConfig(stage=2, steps=15, batch_size=4, segments_per_sample=4, learning_rate=3e-3, warmup_steps=2,

@@ -86,6 +86,7 @@ def test_memory_sizes(client: httpx.Client, local_model) -> None:
     assert memory["id"] == sid and memory["state_bytes"] == info["state_bytes"]
     assert (memory["tokens_seen"], memory["segments_total"], memory["window_tokens"]) == (20 * SEG + 5, 20, 5)
     assert (memory["memories"], memory["memory_capacity"], memory["segment_tokens"]) == (LTM, LTM, SEG)
+    assert memory["memory_kind"] == "hmt"
     # llama, 2 layers, 2 KV heads of 16 dims, float32: keys and values
     assert memory["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4 == local_model.kv_cache_bytes_per_token
     assert memory["kv_cache_bytes"] == memory["kv_cache_bytes_per_token"] * memory["tokens_seen"]

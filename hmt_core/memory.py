@@ -1,0 +1,119 @@
+"""A session's memory: what it contributes to a window, and what a commit does to it.
+
+The model (`hmt_core.model`) runs the segment loop, one window of L tokens at a time, read as
+`[p, E(sensory), E(W), p]`. A `Memory` decides the parts that differ between kinds:
+- the memory prompt p of a window (the contribution): HMT recalls it from long-term memory with the
+  window's summary query; RMT takes the previous segment's memory; the window-only baseline has
+  none (the window is read bare, without sensory tokens either);
+- what a commit leaves in the session's state: the new memory m_n (the last hidden state at the
+  trailing p), of which HMT keeps the last N, RMT the last one, the window-only baseline nothing.
+
+The kind is part of the model's configuration (`HMTConfig.memory`), so the fingerprint covers
+it, and every session state names its kind: a state of one kind is refused by a model of another.
+This is where other kinds of memory plug in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from hmt_core.model import HMTModel, Recall
+
+MemoryKind = Literal["hmt", "rmt", "window"]
+MEMORY_KINDS: tuple[MemoryKind, ...] = get_args(MemoryKind)
+
+
+class Memory(ABC):
+    kind: ClassVar[MemoryKind]
+    has_prompt: ClassVar[bool] = True  # the window is read between memory prompts, [p, ..., p]
+    has_sensory: ClassVar[bool] = True  # the last k tokens of the previous window are read again
+    # p depends on the window's own first tokens (HMT's summary query), so a window's prompt is only
+    # known once those tokens are in; otherwise p depends on the committed state alone
+    prompt_reads_window: ClassVar[bool] = False
+
+    @abstractmethod
+    def rows_kept(self, ltm_context: int) -> int:
+        """How many memories a session keeps (the long-term memory's capacity)."""
+
+    def write(self, ltm: Tensor, memory: Tensor, ltm_context: int) -> Tensor:
+        """A commit: the memory m_n [d] written by the window joins the kept memories [n, d]."""
+        keep = self.rows_kept(ltm_context)
+        if keep == 0:
+            return ltm[:0]
+        return torch.cat([ltm.to(memory.device, memory.dtype), memory.reshape(1, -1)])[-keep:]
+
+    @abstractmethod
+    def prompts(self, model: HMTModel, memories: Tensor, lengths: Tensor, queries: Tensor | None) -> Recall:
+        """The memory prompt of each row's window. memories [B, n, d] left-aligned, row b valid up to
+        lengths[b]; queries [B, d]: the windows' summary queries (when `prompt_reads_window`)."""
+
+
+class HMTMemory(Memory):
+    """The paper's: cross-attention recall over the last N memories, keyed by the summary query."""
+
+    kind = "hmt"
+    prompt_reads_window = True
+
+    def rows_kept(self, ltm_context: int) -> int:
+        return ltm_context
+
+    def prompts(self, model: HMTModel, memories: Tensor, lengths: Tensor, queries: Tensor | None) -> Recall:
+        if queries is None:
+            raise ValueError("HMT's recall needs the windows' summary queries")
+        return model.recall(queries, memories, lengths)
+
+
+class RMTMemory(Memory):
+    """Recurrent memory without recall (HMT's stage-1 training, the RMT baseline): the prompt is the
+    previous segment's memory, or the learned initial memory before the first commit."""
+
+    kind = "rmt"
+
+    def rows_kept(self, ltm_context: int) -> int:
+        return 1
+
+    def prompts(self, model: HMTModel, memories: Tensor, lengths: Tensor, queries: Tensor | None) -> Recall:
+        from hmt_core.model import Recall
+
+        batch, device = memories.shape[0], model.device
+        lengths = lengths.to(device)
+        has_memory = lengths > 0
+        initial = model.initial_memory.to(model.dtype).expand(batch, model.dim)
+        if memories.shape[1] == 0:
+            prompts = initial
+        else:
+            last = memories.to(device, model.dtype)[torch.arange(batch, device=device), (lengths - 1).clamp(min=0)]
+            prompts = torch.where(has_memory[:, None], last, initial)
+        # the trace names the memory read, with all the weight: one segment back
+        slots = torch.where(has_memory, lengths - 1, -1)[:, None]
+        return Recall(prompts, has_memory.long(), slots, has_memory.float()[:, None])
+
+
+class WindowMemory(Memory):
+    """No memory: each window is read by the bare backbone alone (the baseline HMT is measured against)."""
+
+    kind = "window"
+    has_prompt = False
+    has_sensory = False
+
+    def rows_kept(self, ltm_context: int) -> int:
+        return 0
+
+    def prompts(self, model: HMTModel, memories: Tensor, lengths: Tensor, queries: Tensor | None) -> Recall:
+        raise TypeError("the window-only memory has no prompt")
+
+
+_MEMORIES: dict[str, Memory] = {m.kind: m for m in (HMTMemory(), RMTMemory(), WindowMemory())}
+
+
+def memory_of(kind: str) -> Memory:
+    """The memory of a kind; ValueError naming the known kinds otherwise."""
+    try:
+        return _MEMORIES[kind]
+    except KeyError:
+        raise ValueError(f"unknown memory kind {kind!r}: one of {', '.join(MEMORY_KINDS)}") from None

@@ -1,0 +1,76 @@
+"""Memory kinds over HTTP: a model directory of another kind is served as it reads, and a state of
+one kind is refused by a server of another, with a clear 409."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import Server, error_of
+
+from hmt_core import HMTModel, SamplingParams, SessionState
+
+SEG = 8  # segment_tokens of the test model
+
+
+def tokens(n: int, start: int = 5) -> list[int]:
+    return [(start + 13 * i) % 250 + 1 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def rmt_model(local_model: HMTModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[HMTModel, Path]:
+    """The test model's weights, with RMT memory: a model directory of another kind."""
+    directory = tmp_path_factory.mktemp("rmt-model")
+    rmt = HMTModel(local_model.backbone, dataclasses.replace(local_model.hmt_config, memory="rmt"),
+                   local_model.tokenizer)
+    rmt.load_state_dict(local_model.state_dict())
+    rmt.save_pretrained(directory)
+    return HMTModel.from_pretrained(directory), directory
+
+
+@pytest.fixture(scope="module")
+def rmt_client(rmt_model: tuple[HMTModel, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    base = tmp_path_factory.mktemp("rmt-server")
+    server = Server(["--model", str(rmt_model[1]), "--data-dir", str(base / "data")], base / "server.log").start()
+    try:
+        with server.client() as client:
+            yield client
+    finally:
+        server.stop()
+
+
+def test_an_rmt_model_is_served_as_it_reads(rmt_client: httpx.Client, rmt_model: tuple[HMTModel, Path]) -> None:
+    model = rmt_model[0]
+    history = tokens(3 * SEG + 2)
+    sid = rmt_client.post("/sessions", json={}).json()["id"]
+    for start in range(0, len(history), 5):  # appended in pieces that straddle windows
+        assert rmt_client.post(f"/sessions/{sid}/append", json={"tokens": history[start:start + 5]}).status_code == 200
+    reply = rmt_client.post(f"/sessions/{sid}/generate", json={"max_tokens": 2 * SEG, "ignore_eos": True}).json()
+    expected = model.generate(model.append(model.new_session(), history),
+                              SamplingParams(max_tokens=2 * SEG, ignore_eos=True)).run()
+    assert reply["tokens"] == expected.tokens
+    state = SessionState.from_bytes(rmt_client.get(f"/sessions/{sid}/state").content)
+    assert state.memory == "rmt" and state.ltm.shape[0] == 1 and state.segments_committed >= 4
+    memory = rmt_client.get(f"/sessions/{sid}/memory").json()
+    assert (memory["memory_kind"], memory["memories"], memory["memory_capacity"]) == ("rmt", 1, 1)
+    # RMT reads the previous segment's memory: every recall after the first is one segment back
+    assert [r["distance"] for r in memory["recalls"]] == [0] + [1] * (len(memory["recalls"]) - 1)
+
+
+def test_a_state_of_another_kind_is_refused(client: httpx.Client, rmt_client: httpx.Client,
+                                            local_model: HMTModel) -> None:
+    hmt_sid = client.post("/sessions", json={}).json()["id"]
+    assert client.post(f"/sessions/{hmt_sid}/append", json={"tokens": tokens(11)}).status_code == 200
+    hmt_state = client.get(f"/sessions/{hmt_sid}/state").content
+    response = rmt_client.put("/sessions/from-hmt/state", content=hmt_state)
+    assert error_of(response, 409) == "model_mismatch"
+    assert "keeps hmt memory, and this model keeps rmt memory" in response.json()["error"]["message"]
+    assert rmt_client.get("/sessions/from-hmt").status_code == 404  # nothing half-written
+    # even under this model's own fingerprint, a state of another kind is not read
+    forged = SessionState.empty(local_model.dim, local_model.fingerprint, memory="window").to_bytes()
+    response = client.put(f"/sessions/{hmt_sid}/state", content=forged)
+    assert error_of(response, 409) == "model_mismatch" and "keeps window memory" in response.json()["error"]["message"]
+    assert client.get(f"/sessions/{hmt_sid}/state").content == hmt_state

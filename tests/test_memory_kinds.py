@@ -1,0 +1,134 @@
+"""Memory as an interface (hmt_core.memory): HMT, RMT and window-only sessions on one code path."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from hmt_core import CorruptStateError, HMTConfig, HMTModel, ModelMismatchError, SamplingParams, SessionState
+from hmt_core.errors import InvalidInputError
+from hmt_core.memory import MEMORY_KINDS, memory_of
+from hmt_core.session import _checksum, _read_metadata
+from hmt_core.testing import assert_states_equal, tiny_hmt_model
+
+CONFIG = HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4, recall_dim=16)
+
+
+def model_of(kind: str, family: str = "llama") -> HMTModel:
+    """The same random weights (seed 0) under each kind of memory."""
+    return tiny_hmt_model(family, config=dataclasses.replace(CONFIG, memory=kind))
+
+
+def append_in_random_chunks(model: HMTModel, tokens: list[int], rng: random.Random) -> SessionState:
+    state = model.new_session()
+    position = 0
+    while position < len(tokens):
+        step = rng.randint(1, 2 * model.hmt_config.segment_tokens)
+        state = model.append(state, tokens[position:position + step])
+        position += step
+    return state
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+def test_each_kind_serves_what_it_scores(kind: str, family: str) -> None:
+    """Chunked appends, the first generated logits and a generated reply agree with the
+    teacher-forced reading of the same kind: serving runs the same memory as training and eval."""
+    model = model_of(kind, family)
+    seg = model.hmt_config.segment_tokens
+    rng = random.Random(7)
+    tokens = [rng.randrange(model.vocab_size) for _ in range(3 * seg + 3)]
+    out = model.score(torch.tensor([tokens]))
+    state = append_in_random_chunks(model, tokens, rng)
+    assert (state.segments_committed, len(state.window), state.memory) == (3, 3, kind)
+    assert state.ltm.shape[0] == {"hmt": 3, "rmt": 1, "window": 0}[kind]
+    assert len(state.sensory) == (0 if kind == "window" else 3)
+    if kind != "window":  # the kept memories are the last ones the reading wrote
+        torch.testing.assert_close(state.ltm, out.memories[0, 3 - state.ltm.shape[0]:3], atol=1e-5, rtol=1e-4)
+    generation = model.generate(state, SamplingParams(max_tokens=2 * seg, ignore_eos=True))
+    torch.testing.assert_close(generation._logits, out.logits[0, -1], atol=1e-4, rtol=1e-4)
+    reply = [t.token_id for t in generation]
+    assert_states_equal(generation.state, model.append(state, reply))
+
+
+def test_rmt_reads_the_previous_segment_memory_and_window_reads_nothing() -> None:
+    seg, k = CONFIG.segment_tokens, CONFIG.num_sensory
+    ids = torch.randint(0, 128, (2, 3 * seg), generator=torch.Generator().manual_seed(3))
+    rmt, window = model_of("rmt"), model_of("window")
+    out = rmt.score(ids)
+    # segment 2 by hand: prompt = the memory segment 1 wrote, sensory = segment 1's last k tokens
+    logits, memory = rmt.segment_logits(out.memories[:, 1], ids[:, 2 * seg - k:2 * seg], ids[:, 2 * seg:])
+    torch.testing.assert_close(out.logits[:, 2 * seg:], logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.memories[:, 2], memory, atol=1e-5, rtol=1e-4)
+    assert out.recall_distances.tolist() == [[0, 1, 1]] * 2  # RMT's "recall": one segment back, all weight
+    bare = window.backbone(input_ids=ids[:, seg:2 * seg]).logits
+    torch.testing.assert_close(window.score(ids).logits[:, seg:2 * seg], bare, atol=1e-6, rtol=1e-5)
+
+
+def test_the_kind_is_part_of_the_model_identity_and_of_every_state() -> None:
+    hmt, rmt = model_of("hmt"), model_of("rmt")
+    assert hmt.fingerprint != rmt.fingerprint
+    # HMT configurations do not name the default, so HMT models keep their files and fingerprints
+    assert "memory" not in hmt.hmt_config.to_dict() and rmt.hmt_config.to_dict()["memory"] == "rmt"
+    state = rmt.append(rmt.new_session(), list(range(20)))
+    data = state.to_bytes()
+    assert _read_metadata(data)["memory"] == "rmt"
+    loaded = SessionState.from_bytes(data)
+    assert loaded.memory == "rmt"
+    rmt.check_session(loaded)
+    with pytest.raises(ModelMismatchError, match="keeps rmt memory, and this model keeps hmt memory"):
+        hmt.check_session(loaded)
+    with pytest.raises(ModelMismatchError, match="keeps hmt memory"):
+        rmt.check_session(hmt.new_session())
+    # even with a forged fingerprint, a state of another kind does not fit: refused, never read
+    forged = dataclasses.replace(loaded, fingerprint=hmt.fingerprint)
+    with pytest.raises(ModelMismatchError, match="keeps rmt memory"):
+        hmt.append(forged, [1])
+
+
+def test_states_from_before_kinds_are_hmt_and_unknown_kinds_are_corrupt() -> None:
+    hmt = model_of("hmt")
+    state = hmt.append(hmt.new_session(), list(range(20)))
+
+    def rewritten(change: dict[str, str | None]) -> bytes:
+        meta = _read_metadata(state.to_bytes())
+        tensors = load_tensors(state.to_bytes())
+        meta.pop("checksum")
+        for key, value in change.items():
+            if value is None:
+                meta.pop(key)
+            else:
+                meta[key] = value
+        meta["checksum"] = _checksum(meta, tensors)
+        return save_tensors(tensors, metadata=meta)
+
+    old = SessionState.from_bytes(rewritten({"memory": None}))
+    assert old.memory == "hmt"
+    assert_states_equal(hmt.append(old, [5, 6]), hmt.append(state, [5, 6]))
+    with pytest.raises(CorruptStateError, match="unknown memory kind 'lru'"):
+        SessionState.from_bytes(rewritten({"memory": "lru"}))
+
+
+def test_model_directories_keep_their_kind(tmp_path: Path) -> None:
+    rmt = model_of("rmt")
+    rmt.save_pretrained(tmp_path / "rmt")
+    assert json.loads((tmp_path / "rmt" / "hmt_config.json").read_text())["hmt"]["memory"] == "rmt"
+    loaded = HMTModel.from_pretrained(tmp_path / "rmt")
+    assert loaded.hmt_config.memory == "rmt" and loaded.memory is memory_of("rmt")
+    assert loaded.fingerprint == rmt.fingerprint
+    model_of("hmt").save_pretrained(tmp_path / "hmt")
+    assert "memory" not in json.loads((tmp_path / "hmt" / "hmt_config.json").read_text())["hmt"]
+
+
+def test_unknown_kinds_are_refused() -> None:
+    with pytest.raises(InvalidInputError, match="memory must be one of hmt, rmt, window"):
+        dataclasses.replace(CONFIG, memory="lru")
+    with pytest.raises(ValueError, match="unknown memory kind"):
+        memory_of("lru")
