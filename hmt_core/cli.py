@@ -147,7 +147,15 @@ def _eval(args: argparse.Namespace) -> int:
     documents = token_samples(model, texts, args.doc_segments * model.hmt_config.segment_tokens)[:args.docs]
     bare = _bare(args, model)
     readers = {"window": bare, "rmt": rmt, "hmt": model} | ({"full": bare} if args.full_context else {})
-    report = evaluate.perplexity(readers, documents, args.batch_size)
+    temp_lora = None
+    if args.temp_lora:
+        from hmt_core.temp_lora import TempLoRAConfig
+
+        readers["temp-lora"] = bare
+        context = model.hmt_config.num_sensory if args.temp_lora_context is None else args.temp_lora_context
+        temp_lora = TempLoRAConfig(rank=args.temp_lora_rank, steps=args.temp_lora_steps,
+                                   learning_rate=args.temp_lora_lr, context_tokens=context)
+    report = evaluate.perplexity(readers, documents, args.batch_size, temp_lora)
     if args.plot:
         evaluate.plot_loss_by_position(report, args.plot)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
@@ -246,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=int, default=4)
     evaluation.add_argument("--full-context", action="store_true",
                             help="perplexity: add the bare backbone reading each whole document (when it fits)")
+    evaluation.add_argument("--temp-lora", action="store_true",
+                            help="perplexity: add Temp-LoRA, the bare backbone reading L-token chunks with a "
+                                 "per-document LoRA trained on each chunk after it is scored")
+    evaluation.add_argument("--temp-lora-rank", type=int, default=8)
+    evaluation.add_argument("--temp-lora-steps", type=int, default=2, help="gradient steps per chunk")
+    evaluation.add_argument("--temp-lora-lr", type=float, default=1e-3)
+    evaluation.add_argument("--temp-lora-context", type=int, default=None,
+                            help="tokens before a chunk read with it (default: HMT's sensory k, so both see "
+                                 "the same window)")
     evaluation.add_argument("--plot", metavar="PNG", help="write loss against position to this file")
     evaluation.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                             help="pass key: segments between key and question")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,13 @@ from hmt_core.generation import SamplingParams, continuation_log_probs, decode_o
 from hmt_core.memory import MemoryKind
 from hmt_core.model import HMTModel
 from hmt_core.session import SessionState
+from hmt_core.temp_lora import TempLoRAConfig, score_document
 
 READERS: tuple[MemoryKind, ...] = ("window", "rmt", "hmt")
 PasskeyReader = Literal["window", "full", "hmt"]
 PasskeyWordingChoice = Literal["standard", "held-out"]
 READER_LABELS = {"window": "backbone (L-token window)", "full": "backbone (full context)",
-                 "rmt": "RMT (memory, no recall)", "hmt": "HMT"}
+                 "rmt": "RMT (memory, no recall)", "hmt": "HMT", "temp-lora": "Temp-LoRA (L-token window + adapter)"}
 
 
 @dataclass
@@ -44,36 +46,49 @@ class PerplexityReport:
     # reader -> mean loss per segment position (nats/token), and overall
     loss_by_segment: dict[str, list[float]] = field(default_factory=dict)
     loss: dict[str, float] = field(default_factory=dict)
+    seconds_per_segment: dict[str, float] = field(default_factory=dict)  # reading (and committing) one segment
 
     @property
     def perplexity(self) -> dict[str, float]:
         return {reader: math.exp(loss) for reader, loss in self.loss.items()}
 
     def table(self) -> str:
-        rows = ["| reader | loss (nats/token) | perplexity |", "| --- | --- | --- |"]
-        rows += [f"| {READER_LABELS.get(r, r)} | {self.loss[r]:.4f} | {self.perplexity[r]:.2f} |" for r in self.loss]
+        rows = ["| reader | loss (nats/token) | perplexity | seconds per segment |", "| --- | --- | --- | --- |"]
+        rows += [f"| {READER_LABELS.get(r, r)} | {self.loss[r]:.4f} | {self.perplexity[r]:.2f} | "
+                 f"{self.seconds_per_segment.get(r, float('nan')):.3f} |" for r in self.loss]
         return "\n".join(rows)
 
     def to_json(self) -> dict:
         return {"segment_tokens": self.segment_tokens, "documents": self.documents, "tokens": self.tokens,
-                "loss": self.loss, "perplexity": self.perplexity, "loss_by_segment": self.loss_by_segment}
+                "loss": self.loss, "perplexity": self.perplexity, "loss_by_segment": self.loss_by_segment,
+                "seconds_per_segment": self.seconds_per_segment}
+
+
+Reading = MemoryKind | Literal["full", "temp-lora"]
 
 
 @torch.no_grad()
-def segment_losses(model: HMTModel, documents: torch.Tensor, mode: MemoryKind | Literal["full"]) -> torch.Tensor:
+def segment_losses(model: HMTModel, documents: torch.Tensor, mode: Reading,
+                   temp_lora: TempLoRAConfig | None = None) -> torch.Tensor:
     """Per-token next-token loss [B, T-1] reshaped by segment: returns [S] mean loss per segment.
-    mode "full": the bare backbone reading each whole document (its upper bound where it fits)."""
-    if mode == "full":
-        limit = getattr(model.backbone.config, "max_position_embeddings", None)
-        if limit is not None and documents.shape[1] > limit:
-            raise InvalidInputError(f"documents of {documents.shape[1]} tokens do not fit the backbone's "
-                                    f"{limit} positions: no full-context reading")
-        logits = model.backbone(input_ids=documents.to(model.device), use_cache=False).logits.float()
-    else:
-        logits = model.forward_segments(documents, memory=mode).logits.float()
-    targets = documents[:, 1:].to(logits.device)
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+    mode "full": the bare backbone reading each whole document (its upper bound where it fits);
+    "temp-lora": the backbone reading L-token chunks with a per-document adapter trained on each
+    chunk after it is scored (hmt_core.temp_lora.score_document), `temp_lora` its settings."""
     seg = model.hmt_config.segment_tokens
+    if mode == "temp-lora":
+        cfg = temp_lora or TempLoRAConfig(context_tokens=model.hmt_config.num_sensory)
+        losses = torch.stack([score_document(model.backbone, doc.tolist(), cfg, seg) for doc in documents])
+    else:
+        if mode == "full":
+            limit = getattr(model.backbone.config, "max_position_embeddings", None)
+            if limit is not None and documents.shape[1] > limit:
+                raise InvalidInputError(f"documents of {documents.shape[1]} tokens do not fit the backbone's "
+                                        f"{limit} positions: no full-context reading")
+            logits = model.backbone(input_ids=documents.to(model.device), use_cache=False).logits.float()
+        else:
+            logits = model.forward_segments(documents, memory=mode).logits.float()
+        targets = documents[:, 1:].to(logits.device)
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
     # position t predicts token t+1: credit the loss to the segment of the predicted token
     positions = torch.arange(1, documents.shape[1], device=losses.device) // seg
     per_segment = torch.zeros(int(positions.max()) + 1, device=losses.device)
@@ -82,18 +97,22 @@ def segment_losses(model: HMTModel, documents: torch.Tensor, mode: MemoryKind | 
     return (per_segment / counts).cpu()
 
 
-def perplexity(readers: dict[str, HMTModel], documents: torch.Tensor, batch_size: int = 4) -> PerplexityReport:
-    """readers: mode -> model ("window" and "rmt" may be the HMT model itself, read differently)."""
+def perplexity(readers: dict[str, HMTModel], documents: torch.Tensor, batch_size: int = 4,
+               temp_lora: TempLoRAConfig | None = None) -> PerplexityReport:
+    """readers: mode -> model ("window", "rmt" and "temp-lora" may be the HMT model itself, read differently)."""
     if documents.dim() != 2 or documents.shape[1] < 2:
         raise InvalidInputError("documents must be [n, tokens] with at least two tokens")
     any_model = next(iter(readers.values()))
     report = PerplexityReport(any_model.hmt_config.segment_tokens, documents.shape[0], documents.numel())
     # overall loss weights each segment by its number of predicted tokens
     weights = torch.bincount(torch.arange(1, documents.shape[1]) // report.segment_tokens).float()
+    segments = documents.shape[0] * len(weights)
     for mode, model in readers.items():
-        reading = cast("MemoryKind | Literal['full']", mode)  # the keys name reading modes
-        per_batch = [segment_losses(model, documents[i:i + batch_size], reading) * len(documents[i:i + batch_size])
-                     for i in range(0, len(documents), batch_size)]
+        reading = cast(Reading, mode)  # the keys name readings
+        started = time.perf_counter()
+        per_batch = [segment_losses(model, documents[i:i + batch_size], reading, temp_lora)
+                     * len(documents[i:i + batch_size]) for i in range(0, len(documents), batch_size)]
+        report.seconds_per_segment[mode] = (time.perf_counter() - started) / segments
         by_segment = torch.stack(per_batch).sum(0) / len(documents)
         report.loss_by_segment[mode] = by_segment.tolist()
         report.loss[mode] = float((by_segment * weights).sum() / weights.sum())

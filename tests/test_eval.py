@@ -20,6 +20,7 @@ from hmt_core.evaluate import (
     perplexity,
     plot_loss_by_position,
 )
+from hmt_core.temp_lora import TempLoRAConfig, score_document
 from hmt_core.testing import SAMPLE_TEXTS, tiny_hmt_model
 
 
@@ -44,6 +45,21 @@ def test_perplexity_report_and_plot(text_model: HMTModel, tmp_path: Path) -> Non
     assert "HMT" in table and "window" in table and "| perplexity |" in table
     png = plot_loss_by_position(report, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_temp_lora_reader_reads_each_document_with_its_own_adapter(text_model: HMTModel) -> None:
+    seg = text_model.hmt_config.segment_tokens
+    docs = torch.randint(0, text_model.vocab_size, (3, 4 * seg), generator=torch.Generator().manual_seed(1))
+    cfg = TempLoRAConfig(context_tokens=3, learning_rate=1e-2)
+    report = perplexity({"window": text_model, "temp-lora": text_model}, docs, batch_size=2, temp_lora=cfg)
+    # batches of documents never share an adapter: the same as each document read alone
+    direct = torch.stack([score_document(text_model.backbone, doc.tolist(), cfg, seg) for doc in docs]).mean()
+    assert report.loss["temp-lora"] == pytest.approx(float(direct), rel=1e-4)
+    # the first chunk is read before any training, with no context: the windowed backbone's reading
+    assert report.loss_by_segment["temp-lora"][0] == pytest.approx(report.loss_by_segment["window"][0], rel=1e-5)
+    assert report.loss_by_segment["temp-lora"][1:] != report.loss_by_segment["window"][1:]
+    assert set(report.seconds_per_segment) == {"window", "temp-lora"}
+    assert all(s > 0 for s in report.seconds_per_segment.values())
 
 
 def test_passkey_scorer() -> None:
@@ -96,6 +112,10 @@ def test_eval_cli_writes_table_json_and_plot(text_model: HMTModel, tmp_path: Pat
     assert "| HMT |" in table.stdout and (tmp_path / "p.png").exists()
     machine = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=300)
     assert set(json.loads(machine.stdout)["perplexity"]) == {"window", "rmt", "hmt"}
+    with_lora = subprocess.run([*base, "--json", "--temp-lora", "--temp-lora-steps", "1"], capture_output=True,
+                               text=True, timeout=300)
+    assert with_lora.returncode == 0, with_lora.stderr
+    assert set(json.loads(with_lora.stdout)["seconds_per_segment"]) == {"window", "rmt", "hmt", "temp-lora"}
     keys = subprocess.run([sys.executable, "-m", "hmt_core.cli", "eval", "passkey", "--model", str(tmp_path / "m"),
                            "--distances", "1", "--trials", "1", "--json"], capture_output=True, text=True, timeout=300)
     assert keys.returncode == 0, keys.stderr
