@@ -46,7 +46,8 @@ def _info(args: argparse.Namespace) -> int:
         "backbone": backbone.model_type, "hidden_size": model.dim, "vocab_size": model.vocab_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "memory": model.hmt_config.memory,
-        "session_state_bytes_max": model.hmt_config.memory_rows * model.dim * 4,
+        "session_state_bytes_max": model.hmt_config.memory_rows * model.dim * 4
+        + (model.fresh_adapter().nbytes if model.memory.adapts else 0),
         "tokenizer": model.tokenizer is not None,
         "backbone_weights": backbones.origin_of(model.backbone),
     }, indent=2))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from hmt_core.errors import CheckpointError, InvalidInputError
 from hmt_core.memory import MEMORY_KINDS, memory_of
+from hmt_core.temp_lora import TempLoRAConfig
 
 RecallScale = Literal["auto", "sqrt", "linear"]
 RECALL_DTYPES = ("bfloat16", "float16", "float32", "float64")  # torch dtypes recall may run in
@@ -22,7 +23,9 @@ class HMTConfig:
     recall_scale: "auto" reproduces the reference's training/eval path, which divides scores by
     recall_dim instead of sqrt(recall_dim) when hidden size and recall_dim are both >= 4096.
     memory: the kind of memory sessions keep (`hmt_core.memory`): "hmt" (the paper's), "rmt" (the
-    previous segment's memory, no recall) or "window" (none: each window read alone).
+    previous segment's memory, no recall), "window" (none: each window read alone) or "temp-lora"
+    (a per-session LoRA trained on each committed window; `temp_lora` its settings, whose context
+    is always the k sensory tokens).
     """
 
     segment_tokens: int = 256
@@ -33,6 +36,7 @@ class HMTConfig:
     recall_dtype: str = "bfloat16"
     recall_scale: RecallScale = "auto"
     memory: str = "hmt"
+    temp_lora: TempLoRAConfig | None = None
 
     def __post_init__(self) -> None:
         if self.segment_tokens < 1:
@@ -55,6 +59,17 @@ class HMTConfig:
             raise InvalidInputError(f"recall_scale must be auto, sqrt or linear, got {self.recall_scale!r}")
         if self.memory not in MEMORY_KINDS:
             raise InvalidInputError(f"memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
+        if isinstance(self.temp_lora, dict):  # from JSON
+            try:
+                object.__setattr__(self, "temp_lora", TempLoRAConfig.from_dict(self.temp_lora))
+            except (ValueError, TypeError) as exc:
+                raise InvalidInputError(f"temp_lora: {exc}") from None
+        if memory_of(self.memory).adapts:
+            lora = self.temp_lora or TempLoRAConfig()
+            # the context a commit trains with is what the next window is read after: the sensory tokens
+            object.__setattr__(self, "temp_lora", replace(lora, context_tokens=self.num_sensory))
+        elif self.temp_lora is not None:
+            raise InvalidInputError(f"temp_lora settings need memory 'temp-lora', not {self.memory!r}")
 
     @property
     def memory_rows(self) -> int:
@@ -75,6 +90,10 @@ class HMTConfig:
         data = asdict(self)
         if data["memory"] == "hmt":  # the default is left out: HMT models' files and fingerprints stay as they were
             del data["memory"]
+        if self.temp_lora is None:
+            del data["temp_lora"]
+        else:
+            data["temp_lora"] = self.temp_lora.to_dict()
         return data
 
     @classmethod

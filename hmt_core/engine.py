@@ -34,6 +34,7 @@ from hmt_core.errors import InvalidInputError
 from hmt_core.model import HMTModel, SegmentRecall
 from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, TextStream, sample_tokens, seed_key
 from hmt_core.session import SessionState, fill_window
+from hmt_core.temp_lora import Adapter, adapters_applied
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,8 @@ class DecodeEngine:
             raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
         self.model = model
         self.max_rows = max_rows
+        if compile and model.memory.adapts:
+            raise InvalidInputError("Temp-LoRA sessions decode uncompiled: their adapters are forward hooks")
         self.compiled = compile
         self.recoveries = 0  # decode forwards that failed and were redone as prefills
         self._decode_forward = self._backbone_decode
@@ -453,8 +456,9 @@ class DecodeEngine:
         slots = torch.tensor([r.slot for r in rows], device=model.device)
         cache.prefill_slots = slots
         try:
-            hidden = model.base_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-                                      use_cache=True).last_hidden_state
+            with adapters_applied(model.backbone, self._adapters(rows)):
+                hidden = model.base_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
+                                          use_cache=True).last_hidden_state
         finally:
             cache.prefill_slots = None
         ends = torch.tensor([lead + len(s) - 1 for s in sequences], device=model.device)  # each row's last position
@@ -511,7 +515,8 @@ class DecodeEngine:
         if self.compiled:  # the compiled (GPU) forward keeps sdpa
             hidden = self._decode_forward(embeds, mask, position_ids[:, None])
         else:
-            with decode_attention_for(model.base_model):
+            adapters = self._adapters(self.rows) + [None] * (count - len(self.rows))
+            with decode_attention_for(model.base_model), adapters_applied(model.backbone, adapters):
                 hidden = self._decode_forward(embeds, mask, position_ids[:, None])
         if rows:
             slots = torch.tensor([row.slot for row in rows], device=device)
@@ -524,6 +529,10 @@ class DecodeEngine:
             row.state, _ = fill_window(state, [row.tokens[-1]], cfg)
             assert row.prompt_recall is not None  # set with row.prompt, which this commit read
             row.commit_recalls.append(row.prompt_recall)
+
+    def _adapters(self, rows: Sequence[DecodeRow]) -> list[Adapter | None]:
+        """Each row's Temp-LoRA adapter (read with it applied: batched multi-adapter matmuls), or none."""
+        return [row.state.adapter for row in rows] if self.model.memory.adapts else []
 
     def _backbone_decode(self, inputs_embeds: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
         """The decode forward proper: [rows, 1, d] embeddings -> final hidden states [rows, d]."""

@@ -6,7 +6,9 @@ The model (`hmt_core.model`) runs the segment loop, one window of L tokens at a 
   window's summary query; RMT takes the previous segment's memory; the window-only baseline has
   none (the window is read bare, without sensory tokens either);
 - what a commit leaves in the session's state: the new memory m_n (the last hidden state at the
-  trailing p), of which HMT keeps the last N, RMT the last one, the window-only baseline nothing.
+  trailing p), of which HMT keeps the last N, RMT the last one, the window-only baseline nothing;
+  Temp-LoRA (arXiv 2401.11504) trains the session's own LoRA adapter on the window instead, and
+  every later window is read with that adapter applied (`hmt_core.temp_lora`).
 
 The kind is part of the model's configuration (`HMTConfig.memory`), so the fingerprint covers
 it, and every session state names its kind: a state of one kind is refused by a model of another.
@@ -24,7 +26,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from hmt_core.model import HMTModel, Recall
 
-MemoryKind = Literal["hmt", "rmt", "window"]
+MemoryKind = Literal["hmt", "rmt", "window", "temp-lora"]
 MEMORY_KINDS: tuple[MemoryKind, ...] = get_args(MemoryKind)
 
 
@@ -35,6 +37,7 @@ class Memory(ABC):
     # p depends on the window's own first tokens (HMT's summary query), so a window's prompt is only
     # known once those tokens are in; otherwise p depends on the committed state alone
     prompt_reads_window: ClassVar[bool] = False
+    adapts: ClassVar[bool] = False  # the state holds a LoRA adapter that every reading applies
 
     @abstractmethod
     def rows_kept(self, ltm_context: int) -> int:
@@ -97,7 +100,7 @@ class RMTMemory(Memory):
 class WindowMemory(Memory):
     """No memory: each window is read by the bare backbone alone (the baseline HMT is measured against)."""
 
-    kind = "window"
+    kind: ClassVar[MemoryKind] = "window"
     has_prompt = False
     has_sensory = False
 
@@ -108,7 +111,17 @@ class WindowMemory(Memory):
         raise TypeError("the window-only memory has no prompt")
 
 
-_MEMORIES: dict[str, Memory] = {m.kind: m for m in (HMTMemory(), RMTMemory(), WindowMemory())}
+class TempLoRAMemory(WindowMemory):
+    """Temp-LoRA: the window is read after the previous window's last k tokens, by the backbone with
+    the session's adapter applied; a commit takes a few gradient steps of that adapter on the window
+    (with those k tokens as context). The adapter is the state; no memory embeddings are kept."""
+
+    kind = "temp-lora"
+    has_sensory = True
+    adapts = True
+
+
+_MEMORIES: dict[str, Memory] = {m.kind: m for m in (HMTMemory(), RMTMemory(), WindowMemory(), TempLoRAMemory())}
 
 
 def memory_of(kind: str) -> Memory:

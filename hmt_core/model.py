@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hmt_core.config import HMTConfig
-from hmt_core.errors import InvalidInputError
+from hmt_core.errors import CorruptStateError, InvalidInputError
 from hmt_core.memory import Memory, MemoryKind, memory_of
 from hmt_core.session import SessionState
+from hmt_core.temp_lora import Adapter, adapters_applied, new_adapter, train_adapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -99,6 +100,7 @@ class HMTModel(nn.Module):
         self.recall_wq = nn.Linear(dim, config.recall_dim, bias=False)  # "cross_attn.wq"
         self.recall_wk = nn.Linear(dim, config.recall_dim, bias=False)  # "cross_attn.wk"
         self._fingerprint: str | None = None
+        self._fresh_adapter: Adapter | None = None
         # low-rank changes made to the backbone since it was loaded, one dict per LoRA training run:
         # module name -> (A [r, in], B [out, r] with the scaling folded in). A model directory that
         # refers to its backbone ships these (megabytes) instead of a copy of the changed backbone.
@@ -248,8 +250,29 @@ class HMTModel(nn.Module):
         return torch.cat(parts, dim=1)
 
     def window_logits(self, tokens: Tensor) -> Tensor:
-        """A window read with no memory at all (the window-only kind): the bare backbone's logits."""
+        """A window read by the backbone alone (window-only; Temp-LoRA with its adapters applied)."""
         return self.backbone(input_ids=tokens.to(self.device), use_cache=False).logits
+
+    # ----- Temp-LoRA sessions (memory "temp-lora") ---------------------------------------------
+
+    def fresh_adapter(self) -> Adapter:
+        """A new session's adapter: B = 0, so it changes nothing until the first commit."""
+        fresh = self._fresh_adapter
+        if fresh is None or next(iter(fresh.a.values())).device != self.device:  # made once per device
+            assert self.hmt_config.temp_lora is not None, "only a temp-lora model has adapters"
+            fresh = self._fresh_adapter = new_adapter(self.backbone, self.hmt_config.temp_lora).to(self.device)
+        return fresh
+
+    def trained_adapters(self, adapters: Sequence[Adapter], contexts: Tensor | Sequence[Sequence[int]] | None,
+                         windows: Tensor | Sequence[Sequence[int]]) -> list[Adapter]:
+        """A commit of each row's window into its adapter: a few gradient steps each, one session at a
+        time (each row trains its own weights, so there is no shared forward to batch)."""
+        lora = self.hmt_config.temp_lora
+        assert lora is not None
+        rows = [list(map(int, w)) for w in windows]
+        contexts_ = [[] for _ in rows] if contexts is None else [list(map(int, c)) for c in contexts]
+        return [train_adapter(self.backbone, adapter, context, window, lora)[0]
+                for adapter, context, window in zip(adapters, contexts_, rows, strict=True)]
 
     def segment_memories(self, prompts: Tensor, sensory: Tensor | None, tokens: Tensor) -> Tensor:
         """Step 3 when only the new memory m_n is wanted (commits): no logits computed."""
@@ -330,10 +353,17 @@ class HMTModel(nn.Module):
         starts = range(0, ids.shape[1], cfg.segment_tokens)
         queries = self._all_summary_queries(ids, starts) if reader.prompt_reads_window else []
         kept = reader.rows_kept(cfg.ltm_context)
+        adapters = [self.fresh_adapter()] * batch if reader.adapts else []
         for index, start in enumerate(starts):
             segment = ids[:, start:start + cfg.segment_tokens]
             if not reader.has_prompt:
-                logits.append(self.window_logits(segment))
+                read = segment if sensory is None else torch.cat([sensory, segment], dim=1)
+                with adapters_applied(self.backbone, adapters):
+                    logits.append(self.window_logits(read)[:, read.shape[1] - segment.shape[1]:])
+                if adapters and index < len(starts) - 1:  # commit: each row's adapter learns its window
+                    adapters = self.trained_adapters(adapters, sensory, segment)
+                keep = cfg.sensory_tokens
+                sensory = segment[:, segment.shape[1] - keep:] if keep else None
                 continue
             ltm = torch.stack(memories[-kept:], dim=1) if memories else \
                 torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
@@ -365,11 +395,14 @@ class HMTModel(nn.Module):
     # ----- sessions ----------------------------------------------------------------------
 
     def new_session(self) -> SessionState:
-        return SessionState.empty(self.dim, self.fingerprint, self.hmt_config.memory)
+        adapter = self.fresh_adapter() if self.memory.adapts else None
+        return SessionState.empty(self.dim, self.fingerprint, self.hmt_config.memory, adapter)
 
     def check_session(self, state: SessionState) -> None:
         """Raises ModelMismatchError or CorruptStateError for a state this model could not have made."""
         state.check_model(self.fingerprint, self.hmt_config, self.dim, self.vocab_size)
+        if state.adapter is not None and state.adapter.modules != self.fresh_adapter().modules:
+            raise CorruptStateError("session state adapter does not fit this model's backbone")
 
     @torch.no_grad()
     def commit_windows(self, states: Sequence[SessionState]) -> tuple[list[SessionState], list[SegmentRecall]]:
@@ -386,9 +419,13 @@ class HMTModel(nn.Module):
             if len(state.window) != cfg.segment_tokens:
                 raise InvalidInputError(
                     f"only a full window can be committed ({len(state.window)} of {cfg.segment_tokens} tokens)")
-        if not self.memory.has_prompt:  # nothing is read or written: the window is just let go
-            return ([state.after_commit(None, cfg) for state in states],
-                    [SegmentRecall(state.segments_committed, (), ()) for state in states])
+        if not self.memory.has_prompt:  # no memory embedding is read or written
+            committed = [state.after_commit(None, cfg) for state in states]
+            if self.memory.adapts:  # the adapter learns the window, read after the sensory tokens
+                adapters = self.trained_adapters([s.adapter for s in states],  # type: ignore[misc]
+                                                 [s.sensory for s in states], [s.window for s in states])
+                committed = [replace(c, adapter=a) for c, a in zip(committed, adapters, strict=True)]
+            return committed, [SegmentRecall(state.segments_committed, (), ()) for state in states]
         windows = torch.tensor([s.window for s in states], dtype=torch.long, device=self.device)
         recalled = self.recall_for([s.ltm for s in states], [s.window for s in states])
         new_memories = torch.empty(len(states), self.dim, dtype=self.dtype, device=self.device)

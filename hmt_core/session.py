@@ -1,9 +1,10 @@
 """A session's whole state (serving-semantics.md) and its safe, versioned byte format.
 
 Bytes are a safetensors file (no pickle): tensors `ltm` float32 [n, d], `sensory` and `window`
-int64, and a metadata header with the format version, memory kind, model fingerprint, counters and a
-SHA-256 checksum over everything else, so truncation or damage is detected, not loaded. With a
-key, an HMAC of that checksum too: then a state edited by anyone without the key is refused.
+int64 (and a Temp-LoRA session's adapter factors, `adapter.<module>.lora_A/B`), and a metadata
+header with the format version, memory kind, model fingerprint, counters and a SHA-256 checksum
+over everything else, so truncation or damage is detected, not loaded. With a key, an HMAC of
+that checksum too: then a state edited by anyone without the key is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from hmt_core.errors import CorruptStateError, ModelMismatchError
 from hmt_core.memory import MEMORY_KINDS, memory_of
+from hmt_core.temp_lora import Adapter
 
 if TYPE_CHECKING:
     from hmt_core.config import HMTConfig
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 STATE_FORMAT = "hmt-session"
 STATE_FORMAT_VERSION = 1
 _COUNTERS = ("segments_committed", "tokens_seen", "version")
+_ADAPTER = "adapter."  # prefix of a Temp-LoRA adapter's tensors in the state's bytes
 MAX_COUNTER = 2**53  # counters stay exact as Lua numbers (the store compares versions in Lua)
 
 
@@ -44,10 +47,11 @@ class SessionState:
     version: int  # bumped on every change; the store's compare-and-set fence
     fingerprint: str  # the model that made it
     memory: str = "hmt"  # the kind of memory it keeps (hmt_core.memory)
+    adapter: Adapter | None = None  # a Temp-LoRA session's adapter (memory "temp-lora"), else None
 
     @classmethod
-    def empty(cls, dim: int, fingerprint: str, memory: str = "hmt") -> SessionState:
-        return cls(torch.zeros(0, dim), (), (), 0, 0, 0, fingerprint, memory)
+    def empty(cls, dim: int, fingerprint: str, memory: str = "hmt", adapter: Adapter | None = None) -> SessionState:
+        return cls(torch.zeros(0, dim), (), (), 0, 0, 0, fingerprint, memory, adapter)
 
     @property
     def dim(self) -> int:
@@ -90,6 +94,18 @@ class SessionState:
                     raise CorruptStateError(f"session state holds token ids outside the vocabulary [0, {vocab_size})")
         if not bool(torch.isfinite(self.ltm).all()):
             raise CorruptStateError("session state memory holds non-finite values")
+        if (self.adapter is not None) != memory_of(config.memory).adapts:
+            raise CorruptStateError(f"session state {'has' if self.adapter else 'lacks'} an adapter, "
+                                    f"which {config.memory} memory does not expect")
+        if self.adapter is not None:
+            lora = config.temp_lora
+            assert lora is not None  # HMTConfig sets it for an adapting memory
+            if self.adapter.commits != segments or self.adapter.rank != lora.rank or \
+                    self.adapter.alpha != lora.alpha:
+                raise CorruptStateError("session state adapter disagrees with its segments or this model's "
+                                        "Temp-LoRA settings")
+            if not all(bool(torch.isfinite(t).all()) for t in (*self.adapter.a.values(), *self.adapter.b.values())):
+                raise CorruptStateError("session state adapter holds non-finite values")
 
     # ----- bytes ----------------------------------------------------------------------
 
@@ -103,6 +119,12 @@ class SessionState:
         }
         meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION), "memory": self.memory,
                 "fingerprint": self.fingerprint, **{k: str(getattr(self, k)) for k in _COUNTERS}}
+        if self.adapter is not None:
+            for name in self.adapter.a:
+                tensors[f"{_ADAPTER}{name}.lora_A"] = self.adapter.a[name].detach().to("cpu").contiguous()
+                tensors[f"{_ADAPTER}{name}.lora_B"] = self.adapter.b[name].detach().to("cpu").contiguous()
+            meta["adapter"] = json.dumps({"rank": self.adapter.rank, "alpha": self.adapter.alpha,
+                                          "commits": self.adapter.commits}, sort_keys=True)
         meta["checksum"] = _checksum(meta, tensors)
         if key is not None:
             meta["mac"] = _mac(key, meta["checksum"])
@@ -121,11 +143,12 @@ class SessionState:
             tensors = load_tensors(bytes(data))
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise CorruptStateError(f"session state is unreadable: {exc}") from None
+        adapter_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(_ADAPTER)]}
         if set(tensors) != {"ltm", "sensory", "window"}:
             raise CorruptStateError("session state has the wrong tensors")
         mac = meta.pop("mac", None)
         expected = meta.pop("checksum", None)
-        if expected != _checksum(meta, tensors):
+        if expected != _checksum(meta, {**tensors, **adapter_tensors}):
             raise CorruptStateError("session state failed its integrity check")
         if key is not None:
             if mac is None:
@@ -134,6 +157,7 @@ class SessionState:
             if not hmac.compare_digest(mac, _mac(key, expected)):
                 raise CorruptStateError("session state signature does not match this deployment's secret: it was "
                                         "edited, or exported by another deployment")
+        adapter = _adapter_from(meta.get("adapter"), adapter_tensors)
         ltm, sensory, window = tensors["ltm"], tensors["sensory"], tensors["window"]
         if ltm.dim() != 2 or sensory.dim() != 1 or window.dim() != 1 or ltm.dtype != torch.float32:
             raise CorruptStateError("session state tensors have the wrong shapes")
@@ -145,11 +169,25 @@ class SessionState:
         if memory not in MEMORY_KINDS:
             raise CorruptStateError(f"session state names an unknown memory kind {memory!r}")
         state = cls(ltm, tuple(sensory.tolist()), tuple(window.tolist()), fingerprint=meta["fingerprint"],
-                    memory=memory, **counters)
+                    memory=memory, adapter=adapter, **counters)
         if fingerprint is not None and state.fingerprint != fingerprint:
             raise ModelMismatchError(
                 f"session state belongs to model {state.fingerprint}, this model is {fingerprint}")
         return state
+
+
+def _adapter_from(header: str | None, tensors: dict[str, Tensor]) -> Adapter | None:
+    if header is None and not tensors:
+        return None
+    try:
+        fields = json.loads(header or "")
+        a = {k[len(_ADAPTER):-len(".lora_A")]: t for k, t in tensors.items() if k.endswith(".lora_A")}
+        b = {k[len(_ADAPTER):-len(".lora_B")]: t for k, t in tensors.items() if k.endswith(".lora_B")}
+        if len(a) + len(b) != len(tensors):
+            raise ValueError("unexpected adapter tensors")
+        return Adapter(a, b, int(fields["rank"]), float(fields["alpha"]), int(fields["commits"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptStateError(f"session state adapter is malformed: {exc}") from None
 
 
 def fill_window(state: SessionState, tokens: Sequence[int], config: HMTConfig) -> tuple[SessionState, list[int]]:

@@ -10,6 +10,7 @@ import torch
 from hmt_core import CorruptStateError, HMTConfig, HMTModel, SamplingParams, SessionState
 from hmt_core.engine import DecodeEngine, DecodeRow, advance_appends, begin_append
 from hmt_core.sampling import sample_tokens, seed_key
+from hmt_core.temp_lora import TempLoRAConfig
 from hmt_core.testing import assert_states_equal, tiny_hmt_model
 
 
@@ -60,12 +61,15 @@ def test_greedy_rows_equal_their_solo_decoding(family: str, batch: int) -> None:
         assert_states_equal(row.state, model.append(state, row.tokens), atol=CHAINED_COMMIT_ATOL[family])
 
 
-@pytest.mark.parametrize("kind", ["rmt", "window"])
+@pytest.mark.parametrize("kind", ["rmt", "window", "temp-lora"])
 def test_other_memory_kinds_batch_as_they_decode_alone(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """RMT's prompt does not read the window, so every commit is read from the slot; the
-    window-only kind commits without a forward. Either way a row's tokens and state are its own."""
+    window-only kind commits without a forward; Temp-LoRA rows each read with their own adapter
+    (batched multi-adapter matmuls) and commit by training it. Either way a row's tokens and state
+    are its own."""
+    lora = TempLoRAConfig(learning_rate=3e-2) if kind == "temp-lora" else None
     model = tiny_hmt_model("llama", config=HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4,
-                                                    recall_dim=16, memory=kind))
+                                                    recall_dim=16, memory=kind, temp_lora=lora))
     seg = model.hmt_config.segment_tokens
     states = _sessions(model, 9)
     params = [SamplingParams(max_tokens=1 + (i * 5) % (3 * seg), ignore_eos=True) for i in range(9)]

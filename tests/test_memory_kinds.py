@@ -16,14 +16,20 @@ from hmt_core import CorruptStateError, HMTConfig, HMTModel, ModelMismatchError,
 from hmt_core.errors import InvalidInputError
 from hmt_core.memory import MEMORY_KINDS, memory_of
 from hmt_core.session import _checksum, _read_metadata
+from hmt_core.temp_lora import TempLoRAConfig, new_adapter
 from hmt_core.testing import assert_states_equal, tiny_hmt_model
 
 CONFIG = HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4, recall_dim=16)
 
 
 def model_of(kind: str, family: str = "llama") -> HMTModel:
-    """The same random weights (seed 0) under each kind of memory."""
-    return tiny_hmt_model(family, config=dataclasses.replace(CONFIG, memory=kind))
+    """The same random weights (seed 0) under each kind of memory (Temp-LoRA: a learning rate at
+    which two steps visibly change a tiny model)."""
+    lora = None
+    if kind == "temp-lora":
+        targets = ("c_attn",) if family == "gpt2" else ("q_proj", "v_proj")
+        lora = TempLoRAConfig(learning_rate=1e-2, target_modules=targets)
+    return tiny_hmt_model(family, config=dataclasses.replace(CONFIG, memory=kind, temp_lora=lora))
 
 
 def append_in_random_chunks(model: HMTModel, tokens: list[int], rng: random.Random) -> SessionState:
@@ -48,9 +54,10 @@ def test_each_kind_serves_what_it_scores(kind: str, family: str) -> None:
     out = model.score(torch.tensor([tokens]))
     state = append_in_random_chunks(model, tokens, rng)
     assert (state.segments_committed, len(state.window), state.memory) == (3, 3, kind)
-    assert state.ltm.shape[0] == {"hmt": 3, "rmt": 1, "window": 0}[kind]
+    assert state.ltm.shape[0] == {"hmt": 3, "rmt": 1, "window": 0, "temp-lora": 0}[kind]
     assert len(state.sensory) == (0 if kind == "window" else 3)
-    if kind != "window":  # the kept memories are the last ones the reading wrote
+    assert (state.adapter is not None) == (kind == "temp-lora")
+    if kind in ("hmt", "rmt"):  # the kept memories are the last ones the reading wrote
         torch.testing.assert_close(state.ltm, out.memories[0, 3 - state.ltm.shape[0]:3], atol=1e-5, rtol=1e-4)
     generation = model.generate(state, SamplingParams(max_tokens=2 * seg, ignore_eos=True))
     torch.testing.assert_close(generation._logits, out.logits[0, -1], atol=1e-4, rtol=1e-4)
@@ -132,3 +139,41 @@ def test_unknown_kinds_are_refused() -> None:
         dataclasses.replace(CONFIG, memory="lru")
     with pytest.raises(ValueError, match="unknown memory kind"):
         memory_of("lru")
+
+
+def test_temp_lora_sessions_learn_their_own_text() -> None:
+    """A Temp-LoRA session reads a repeat of text it committed better than the same reading with an
+    adapter that cannot learn; its adapter is its state, and that state round-trips."""
+    seg = CONFIG.segment_tokens
+
+    def temp_lora_model(learning_rate: float) -> HMTModel:
+        lora = TempLoRAConfig(learning_rate=learning_rate, steps=4)
+        config = dataclasses.replace(CONFIG, memory="temp-lora", temp_lora=lora)
+        return tiny_hmt_model("llama", config=config, initializer_range=0.3)  # logits a LoRA can move
+
+    block = torch.randint(0, 128, (1, 3 * seg), generator=torch.Generator().manual_seed(5))
+    ids = torch.cat([block, block], dim=1)
+
+    def repeat_loss(model: HMTModel) -> float:
+        logits = model.score(ids).logits[0, 3 * seg:-1]
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, 3 * seg + 1:]))
+
+    learning, frozen = temp_lora_model(3e-2), temp_lora_model(1e-12)
+    assert repeat_loss(learning) < 0.8 * repeat_loss(frozen)
+    state = learning.append(learning.new_session(), ids[0].tolist())
+    assert state.adapter is not None and state.adapter.commits == state.segments_committed == 5
+    assert any(bool(b.abs().sum() > 0) for b in state.adapter.b.values())  # B moved off zero
+    loaded = SessionState.from_bytes(state.to_bytes(), learning.fingerprint)
+    assert loaded.adapter is not None and loaded.adapter.to_bytes() == state.adapter.to_bytes()
+    learning.check_session(loaded)
+    with pytest.raises(ModelMismatchError, match="keeps temp-lora memory"):
+        model_of("hmt").check_session(loaded)
+    with pytest.raises(CorruptStateError, match="adapter disagrees"):
+        behind = dataclasses.replace(loaded, segments_committed=4, tokens_seen=4 * seg + len(loaded.window))
+        learning.check_session(behind)
+    with pytest.raises(CorruptStateError, match="lacks an adapter"):
+        learning.check_session(dataclasses.replace(loaded, adapter=None))
+    other_modules = dataclasses.replace(new_adapter(learning.backbone, TempLoRAConfig(target_modules=("k_proj",))),
+                                        commits=5)
+    with pytest.raises(CorruptStateError, match="does not fit this model's backbone"):
+        learning.check_session(dataclasses.replace(loaded, adapter=other_modules))

@@ -12,6 +12,7 @@ import pytest
 from serve_helpers import Server, error_of
 
 from hmt_core import HMTModel, SamplingParams, SessionState
+from hmt_core.temp_lora import TempLoRAConfig
 
 SEG = 8  # segment_tokens of the test model
 
@@ -20,26 +21,59 @@ def tokens(n: int, start: int = 5) -> list[int]:
     return [(start + 13 * i) % 250 + 1 for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def rmt_model(local_model: HMTModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[HMTModel, Path]:
-    """The test model's weights, with RMT memory: a model directory of another kind."""
-    directory = tmp_path_factory.mktemp("rmt-model")
-    rmt = HMTModel(local_model.backbone, dataclasses.replace(local_model.hmt_config, memory="rmt"),
-                   local_model.tokenizer)
-    rmt.load_state_dict(local_model.state_dict())
-    rmt.save_pretrained(directory)
+def model_of_kind(local_model: HMTModel, directory: Path, **changes: object) -> tuple[HMTModel, Path]:
+    """The test model's weights under another kind of memory, saved as a model directory."""
+    other = HMTModel(local_model.backbone, dataclasses.replace(local_model.hmt_config, **changes),  # type: ignore[arg-type]
+                     local_model.tokenizer)
+    other.load_state_dict(local_model.state_dict())
+    other.save_pretrained(directory)
     return HMTModel.from_pretrained(directory), directory
 
 
-@pytest.fixture(scope="module")
-def rmt_client(rmt_model: tuple[HMTModel, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    base = tmp_path_factory.mktemp("rmt-server")
-    server = Server(["--model", str(rmt_model[1]), "--data-dir", str(base / "data")], base / "server.log").start()
+def serve(directory: Path, base: Path) -> Iterator[httpx.Client]:
+    server = Server(["--model", str(directory), "--data-dir", str(base / "data")], base / "server.log").start()
     try:
         with server.client() as client:
             yield client
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def rmt_model(local_model: HMTModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[HMTModel, Path]:
+    return model_of_kind(local_model, tmp_path_factory.mktemp("rmt-model"), memory="rmt")
+
+
+@pytest.fixture(scope="module")
+def rmt_client(rmt_model: tuple[HMTModel, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    yield from serve(rmt_model[1], tmp_path_factory.mktemp("rmt-server"))
+
+
+@pytest.fixture(scope="module")
+def temp_lora_model(local_model: HMTModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[HMTModel, Path]:
+    return model_of_kind(local_model, tmp_path_factory.mktemp("temp-lora-model"), memory="temp-lora",
+                         temp_lora=TempLoRAConfig(learning_rate=3e-2))
+
+
+def test_a_temp_lora_model_is_served_as_it_reads(temp_lora_model: tuple[HMTModel, Path],
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    model, directory = temp_lora_model
+    history = tokens(3 * SEG + 2, start=9)
+    expected = model.generate(model.append(model.new_session(), history),
+                              SamplingParams(max_tokens=2 * SEG, ignore_eos=True)).run()
+    for client in serve(directory, tmp_path_factory.mktemp("temp-lora-server")):
+        sid = client.post("/sessions", json={}).json()["id"]
+        for start in range(0, len(history), 7):
+            assert client.post(f"/sessions/{sid}/append", json={"tokens": history[start:start + 7]}).status_code == 200
+        reply = client.post(f"/sessions/{sid}/generate", json={"max_tokens": 2 * SEG, "ignore_eos": True}).json()
+        assert reply["tokens"] == expected.tokens
+        data = client.get(f"/sessions/{sid}/state").content
+        state = SessionState.from_bytes(data)
+        assert state.memory == "temp-lora" and state.adapter is not None
+        assert state.adapter.to_bytes() == expected.state.adapter.to_bytes()  # type: ignore[union-attr]
+        memory = client.get(f"/sessions/{sid}/memory").json()
+        assert (memory["memory_kind"], memory["memories"], memory["memory_capacity"]) == ("temp-lora", 0, 0)
+        assert memory["state_bytes"] == len(data) > state.adapter.nbytes
 
 
 def test_an_rmt_model_is_served_as_it_reads(rmt_client: httpx.Client, rmt_model: tuple[HMTModel, Path]) -> None:
