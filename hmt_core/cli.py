@@ -13,6 +13,7 @@ from hmt_core import backbones
 from hmt_core.checkpoint import load_tokenizer, read_state_dict
 from hmt_core.config import HMTConfig
 from hmt_core.errors import HMTError
+from hmt_core.memory import MEMORY_KINDS
 from hmt_core.model import HMTModel
 
 if TYPE_CHECKING:
@@ -73,10 +74,28 @@ def _new_model(args: argparse.Namespace) -> HMTModel:
         backbone = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
     if origin:
         backbones.set_origin(backbone, origin)
+    memory = getattr(args, "memory", "hmt")
+    temp_lora = None
+    if memory == "temp-lora":
+        from hmt_core.temp_lora import TempLoRAConfig
+
+        temp_lora = TempLoRAConfig(rank=args.temp_lora_rank, steps=args.temp_lora_steps,
+                                   learning_rate=args.temp_lora_lr, target_modules=tuple(args.temp_lora_targets))
     config = HMTConfig(segment_tokens=args.segment_tokens, num_sensory=args.num_sensory,
-                       ltm_context=args.ltm_context, recall_dim=args.recall_dim, sum_fraction=args.sum_fraction)
+                       ltm_context=args.ltm_context, recall_dim=args.recall_dim, sum_fraction=args.sum_fraction,
+                       memory=memory, temp_lora=temp_lora)
     torch.manual_seed(args.seed)
     return HMTModel(backbone, config, load_tokenizer(source))
+
+
+def _new(args: argparse.Namespace) -> int:
+    """A servable model directory of any memory kind on a backbone (HMT and RMT weights untrained)."""
+    model = _new_model(args)
+    by_reference = backbones.origin_of(model.backbone) is not None  # a backbone source: refer, do not copy
+    model.save_pretrained(args.out, include_backbone=not by_reference)
+    print(json.dumps({"out": str(args.out), "fingerprint": model.fingerprint, "hmt": model.hmt_config.to_dict(),
+                      "backbone_by_reference": by_reference}, indent=2))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -210,6 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--lora-alpha", type=float, default=32.0,
                          help="LoRA alpha of a PEFT backbone (not stored in checkpoints; reference uses 32)")
     convert.set_defaults(run=_convert)
+
+    new = commands.add_parser("new", help="a model directory on a backbone, of any memory kind (temp-lora and "
+                                          "window need no training; hmt and rmt start untrained)")
+    new.add_argument("--backbone", required=True, metavar="DIR_OR_NAME",
+                     help="causal LM directory, hub name or source (hmt backbone --help)")
+    new.add_argument("--out", required=True, metavar="DIR")
+    new.add_argument("--memory", choices=MEMORY_KINDS, default="temp-lora")
+    _add_hmt_flags(new, required=False)
+    new.add_argument("--recall-dim", type=int, default=256)
+    new.add_argument("--temp-lora-rank", type=int, default=8)
+    new.add_argument("--temp-lora-steps", type=int, default=2, help="gradient steps per committed window")
+    new.add_argument("--temp-lora-lr", type=float, default=1e-3)
+    new.add_argument("--temp-lora-targets", nargs="+", default=["q_proj", "v_proj"], metavar="SUFFIX",
+                     help="module-name suffixes the adapter changes (GPT-2: c_attn)")
+    new.add_argument("--seed", type=int, default=3407)
+    new.set_defaults(run=_new)
 
     train = commands.add_parser("train", help="two-stage HMT training (stage 1: memory, stage 2: recall)")
     source = train.add_argument_group("model: an HMT directory, or a backbone to put new HMT weights on")

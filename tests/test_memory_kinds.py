@@ -177,3 +177,23 @@ def test_temp_lora_sessions_learn_their_own_text() -> None:
                                         commits=5)
     with pytest.raises(CorruptStateError, match="does not fit this model's backbone"):
         learning.check_session(dataclasses.replace(loaded, adapter=other_modules))
+
+
+def test_hmt_new_makes_a_servable_model_of_any_kind(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    backbone = tiny_hmt_model("llama").backbone
+    backbone.save_pretrained(tmp_path / "backbone")
+    command = [sys.executable, "-m", "hmt_core.cli", "new", "--backbone", str(tmp_path / "backbone"),
+               "--out", str(tmp_path / "tl"), "--segment-tokens", "8", "--num-sensory", "3", "--temp-lora-steps", "3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    model = HMTModel.from_pretrained(tmp_path / "tl")
+    assert model.hmt_config.memory == "temp-lora" and model.hmt_config.temp_lora is not None
+    assert (model.hmt_config.temp_lora.steps, model.hmt_config.temp_lora.context_tokens) == (3, 3)
+    state = model.append(model.new_session(), list(range(1, 30)))
+    assert state.adapter is not None and state.adapter.commits == 3
+    assert json.loads(done.stdout)["fingerprint"] == model.fingerprint
+    bad = subprocess.run([*command[:-6], "--memory", "lru"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "invalid choice: 'lru'" in bad.stderr
