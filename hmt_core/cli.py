@@ -19,6 +19,8 @@ from hmt_core.model import HMTModel
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from hmt_core.temp_lora import TempLoRAConfig
+
 
 def _convert(args: argparse.Namespace) -> int:
     recall_dim = args.recall_dim
@@ -139,6 +141,15 @@ def _bare(args: argparse.Namespace, model: HMTModel) -> HMTModel:
     return load_pretrained(args.model, backbone_deltas=False).to(args.device)
 
 
+def _temp_lora(args: argparse.Namespace, model: HMTModel) -> TempLoRAConfig:
+    """The Temp-LoRA reader's settings from the eval flags (context: HMT's sensory k by default)."""
+    from hmt_core.temp_lora import TempLoRAConfig
+
+    context = model.hmt_config.num_sensory if args.temp_lora_context is None else args.temp_lora_context
+    return TempLoRAConfig(rank=args.temp_lora_rank, steps=args.temp_lora_steps, learning_rate=args.temp_lora_lr,
+                          context_tokens=context)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from hmt_core import evaluate
     from hmt_core.train import read_texts, token_samples
@@ -157,7 +168,7 @@ def _eval(args: argparse.Namespace) -> int:
             filler = tokenizer.encode(" " + " ".join(text.split()), add_special_tokens=False)
         passkey_report = evaluate.passkey(model, args.distances, trials=args.trials, seed=args.seed,
                                           readers=args.readers, wording=args.wording, filler=filler,
-                                          baseline=_bare(args, model))
+                                          baseline=_bare(args, model), temp_lora=_temp_lora(args, model))
         print(json.dumps(passkey_report.to_json(), indent=2) if args.json else passkey_report.table())
         return 0
     if not args.data:
@@ -167,15 +178,9 @@ def _eval(args: argparse.Namespace) -> int:
     documents = token_samples(model, texts, args.doc_segments * model.hmt_config.segment_tokens)[:args.docs]
     bare = _bare(args, model)
     readers = {"window": bare, "rmt": rmt, "hmt": model} | ({"full": bare} if args.full_context else {})
-    temp_lora = None
     if args.temp_lora:
-        from hmt_core.temp_lora import TempLoRAConfig
-
         readers["temp-lora"] = bare
-        context = model.hmt_config.num_sensory if args.temp_lora_context is None else args.temp_lora_context
-        temp_lora = TempLoRAConfig(rank=args.temp_lora_rank, steps=args.temp_lora_steps,
-                                   learning_rate=args.temp_lora_lr, context_tokens=context)
-    report = evaluate.perplexity(readers, documents, args.batch_size, temp_lora)
+    report = evaluate.perplexity(readers, documents, args.batch_size, _temp_lora(args, model))
     if args.plot:
         evaluate.plot_loss_by_position(report, args.plot)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
@@ -303,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                             help="pass key: segments between key and question")
     evaluation.add_argument("--trials", type=int, default=50, help="pass key: random keys per distance")
-    evaluation.add_argument("--readers", nargs="+", choices=("window", "full", "hmt"), default=["window", "hmt"],
+    evaluation.add_argument("--readers", nargs="+", choices=("window", "full", "hmt", "temp-lora"),
+                            default=["window", "hmt"],
                             help="pass key: who answers (full: the bare backbone on the whole prompt, when it fits)")
     evaluation.add_argument("--wording", choices=("standard", "held-out"), default="standard",
                             help="pass key: the paper's wording, or a random held-out one per prompt")

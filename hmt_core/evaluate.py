@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, cast
 
@@ -32,7 +32,8 @@ from hmt_core.session import SessionState
 from hmt_core.temp_lora import TempLoRAConfig, score_document
 
 READERS: tuple[MemoryKind, ...] = ("window", "rmt", "hmt")
-PasskeyReader = Literal["window", "full", "hmt"]
+PasskeyReader = Literal["window", "full", "hmt", "temp-lora"]
+SESSION_READERS = ("hmt", "temp-lora")  # readers that read the prompt as a session (append, then generate)
 PasskeyWordingChoice = Literal["standard", "held-out"]
 READER_LABELS = {"window": "backbone (L-token window)", "full": "backbone (full context)",
                  "rmt": "RMT (memory, no recall)", "hmt": "HMT", "temp-lora": "Temp-LoRA (L-token window + adapter)"}
@@ -186,7 +187,7 @@ def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, reader: Pas
     tokenizer = model.tokenizer
     answer = tokenizer.encode(f" {key}", add_special_tokens=False)  # type: ignore[union-attr]
     digits = [i for i, token in enumerate(answer) if tokenizer.decode([token]).strip().isdigit()]  # type: ignore[union-attr]
-    if reader == "hmt":
+    if reader in SESSION_READERS:
         state = state if state is not None else model.append(model.new_session(), prompt)
         hmt_log_probs = continuation_log_probs(model, state, answer)
         return -sum(hmt_log_probs[i] for i in digits) / len(digits)
@@ -239,12 +240,18 @@ class PasskeyReport:
 @torch.no_grad()
 def passkey(model: HMTModel, distances: Sequence[int], trials: int = 50, seed: int = 0,
             readers: Sequence[PasskeyReader] = ("window", "hmt"), wording: PasskeyWordingChoice = "standard",
-            filler: Sequence[int] | None = None, baseline: HMTModel | None = None) -> PasskeyReport:
+            filler: Sequence[int] | None = None, baseline: HMTModel | None = None,
+            temp_lora: TempLoRAConfig | None = None) -> PasskeyReport:
     """Accuracy of HMT and of bare-backbone readers at retrieving a random key `d` segments back,
     key and question at random offsets (`passkey_trials`). The full-context reader scores only
     prompts that fit its positions (a distance where none fit is reported as None). baseline: the
-    model whose backbone the bare readers use (default: `model`'s own)."""
+    model whose backbone the bare readers use (default: `model`'s own). "temp-lora": sessions of
+    that bare backbone with Temp-LoRA memory (`temp_lora` its settings)."""
     baseline = baseline or model
+    sessions = {"hmt": model}
+    if "temp-lora" in readers:
+        config = replace(model.hmt_config, memory="temp-lora", temp_lora=temp_lora or TempLoRAConfig())
+        sessions["temp-lora"] = HMTModel(baseline.backbone, config, model.tokenizer).eval()
     if model.tokenizer is None:
         raise InvalidInputError("the pass-key test needs a model with a tokenizer")
     seg = model.hmt_config.segment_tokens
@@ -255,12 +262,13 @@ def passkey(model: HMTModel, distances: Sequence[int], trials: int = 50, seed: i
         losses: dict[str, list[float]] = {r: [] for r in readers}
         for prompt in prompts:
             for reader in readers:
-                if reader == "hmt":
-                    state = model.append(model.new_session(), prompt.tokens)
-                    reply = model.generate(state, SamplingParams(max_tokens=answer_tokens, ignore_eos=True)).run()
+                if reader in sessions:
+                    reading = sessions[reader]
+                    state = reading.append(reading.new_session(), prompt.tokens)
+                    reply = reading.generate(state, SamplingParams(max_tokens=answer_tokens, ignore_eos=True)).run()
                     hits[reader] += passkey_answer_correct(prompt.key, reply.text)
-                    loss = key_digit_loss(model, prompt.tokens, prompt.key, reader, state)
-                    assert loss is not None  # "hmt" always scores; None is for prompts "full" cannot fit
+                    loss = key_digit_loss(reading, prompt.tokens, prompt.key, reader, state)
+                    assert loss is not None  # sessions always score; None is for prompts "full" cannot fit
                     losses[reader].append(float(loss))
                     continue
                 context = backbone_context(baseline, prompt.tokens, reader)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -17,6 +18,7 @@ from hmt_core.evaluate import (
     key_digit_loss,
     passkey,
     passkey_answer_correct,
+    passkey_trials,
     perplexity,
     plot_loss_by_position,
 )
@@ -87,6 +89,19 @@ def test_passkey_report_runs_every_reader(text_model: HMTModel) -> None:
     assert "1 seg" in report.table() and "2 seg" in report.table()
     assert set(report.digit_loss) == {"window", "hmt"}
     assert all(0.0 < loss < 20.0 for by_d in report.digit_loss.values() for loss in by_d.values())
+
+
+def test_passkey_temp_lora_reader_reads_the_prompt_as_a_temp_lora_session(text_model: HMTModel) -> None:
+    cfg = TempLoRAConfig(learning_rate=1e-2, context_tokens=3)
+    report = passkey(text_model, distances=[2], trials=2, seed=3, readers=("window", "temp-lora"), temp_lora=cfg)
+    assert set(report.accuracy) == {"window", "temp-lora"}
+    # its digit loss is the session's: a Temp-LoRA session of the bare backbone that appended the prompt
+    prompt = passkey_trials(text_model.tokenizer, [2], 2, text_model.hmt_config.segment_tokens, seed=3)[2]
+    sessions = HMTModel(text_model.backbone, dataclasses.replace(text_model.hmt_config, memory="temp-lora",
+                                                                 temp_lora=cfg), text_model.tokenizer)
+    expected = [key_digit_loss(sessions, p.tokens, p.key, "temp-lora") for p in prompt]
+    assert report.digit_loss["temp-lora"][2] == pytest.approx(sum(expected) / 2, rel=1e-5)  # type: ignore[arg-type]
+    assert report.digit_loss["temp-lora"][2] != report.digit_loss["window"][2]
 
 
 def test_key_digit_loss_is_the_teacher_forced_loss_of_the_digits(text_model: HMTModel) -> None:
