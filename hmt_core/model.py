@@ -362,7 +362,7 @@ class HMTModel(nn.Module):
                     logits.append(self.window_logits(read)[:, read.shape[1] - segment.shape[1]:])
                 if adapters and index < len(starts) - 1:  # commit: each row's adapter learns its window
                     adapters = self.trained_adapters(adapters, sensory, segment)
-                keep = cfg.sensory_tokens
+                keep = cfg.num_sensory if reader.has_sensory else 0  # the reader's kind, not the model's
                 sensory = segment[:, segment.shape[1] - keep:] if keep else None
                 continue
             ltm = torch.stack(memories[-kept:], dim=1) if memories else \

@@ -43,6 +43,11 @@ def test_perplexity_report_and_plot(text_model: HMTModel, tmp_path: Path) -> Non
     assert report.loss["hmt"] == pytest.approx(float(direct), rel=1e-4)
     assert report.perplexity["hmt"] == pytest.approx(math.exp(report.loss["hmt"]))
     assert report.loss["window"] != report.loss["hmt"]
+    # the windowed reader of an HMT model is the bare backbone on each L-token segment alone
+    with torch.no_grad():
+        alone = torch.cat([text_model.backbone(input_ids=docs[:, i:i + 8]).logits for i in range(0, 40, 8)], dim=1)
+    windowed = torch.nn.functional.cross_entropy(alone[:, :-1].flatten(0, 1), docs[:, 1:].flatten())
+    assert report.loss["window"] == pytest.approx(float(windowed), rel=1e-4)
     table = report.table()
     assert "HMT" in table and "window" in table and "| perplexity |" in table
     png = plot_loss_by_position(report, tmp_path / "loss.png")
