@@ -120,11 +120,8 @@ class SessionState:
         meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION), "memory": self.memory,
                 "fingerprint": self.fingerprint, **{k: str(getattr(self, k)) for k in _COUNTERS}}
         if self.adapter is not None:
-            for name in self.adapter.a:
-                tensors[f"{_ADAPTER}{name}.lora_A"] = self.adapter.a[name].detach().to("cpu").contiguous()
-                tensors[f"{_ADAPTER}{name}.lora_B"] = self.adapter.b[name].detach().to("cpu").contiguous()
-            meta["adapter"] = json.dumps({"rank": self.adapter.rank, "alpha": self.adapter.alpha,
-                                          "commits": self.adapter.commits}, sort_keys=True)
+            tensors.update(self.adapter.named_tensors(_ADAPTER))
+            meta["adapter"] = json.dumps(self.adapter.header(), sort_keys=True)
         meta["checksum"] = _checksum(meta, tensors)
         if key is not None:
             meta["mac"] = _mac(key, meta["checksum"])
@@ -180,12 +177,7 @@ def _adapter_from(header: str | None, tensors: dict[str, Tensor]) -> Adapter | N
     if header is None and not tensors:
         return None
     try:
-        fields = json.loads(header or "")
-        a = {k[len(_ADAPTER):-len(".lora_A")]: t for k, t in tensors.items() if k.endswith(".lora_A")}
-        b = {k[len(_ADAPTER):-len(".lora_B")]: t for k, t in tensors.items() if k.endswith(".lora_B")}
-        if len(a) + len(b) != len(tensors):
-            raise ValueError("unexpected adapter tensors")
-        return Adapter(a, b, int(fields["rank"]), float(fields["alpha"]), int(fields["commits"]))
+        return Adapter.from_named_tensors(tensors, json.loads(header or ""), _ADAPTER)
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptStateError(f"session state adapter is malformed: {exc}") from None
 

@@ -231,17 +231,42 @@ class Adapter:
         return Adapter({n: t.to(device) for n, t in self.a.items()}, {n: t.to(device) for n, t in self.b.items()},
                        self.rank, self.alpha, self.commits)
 
+    def named_tensors(self, prefix: str = "") -> dict[str, Tensor]:
+        """The factors as stored: "<prefix><module>.lora_A" / ".lora_B", on the CPU."""
+        tensors: dict[str, Tensor] = {}
+        for name in self.a:
+            tensors[f"{prefix}{name}.lora_A"] = self.a[name].detach().to("cpu").contiguous()
+            tensors[f"{prefix}{name}.lora_B"] = self.b[name].detach().to("cpu").contiguous()
+        return tensors
+
+    def header(self) -> dict[str, Any]:
+        """What the stored factors need beside them (json writes a float's repr, which reads back exactly)."""
+        return {"rank": self.rank, "alpha": float(self.alpha), "commits": self.commits}
+
+    @classmethod
+    def from_named_tensors(cls, tensors: dict[str, Tensor], header: dict[str, Any], prefix: str = "") -> Adapter:
+        """Inverse of named_tensors + header; ValueError (KeyError for a missing header field) otherwise."""
+        rank, alpha, commits = header["rank"], header["alpha"], header["commits"]
+        if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+            raise ValueError(f"Temp-LoRA adapter alpha must be a number, got {alpha!r}")
+        a: dict[str, Tensor] = {}
+        b: dict[str, Tensor] = {}
+        for key, tensor in tensors.items():
+            name, _, kind = key.removeprefix(prefix).rpartition(".")
+            if kind == "lora_A" and name and key.startswith(prefix):
+                a[name] = tensor
+            elif kind == "lora_B" and name and key.startswith(prefix):
+                b[name] = tensor
+            else:
+                raise ValueError(f"unexpected tensor {key!r} in Temp-LoRA adapter data")
+        return cls(a, b, rank, float(alpha), commits)  # __post_init__ checks types, shapes, dtypes, pairing
+
     def to_bytes(self) -> bytes:
         """safetensors bytes: tensors "<module>.lora_A" / "<module>.lora_B"; rank, alpha and commits in the
         metadata. The same adapter always gives the same bytes (safetensors writes a metadata map in hash
         order, so everything goes in one key, as sorted JSON)."""
-        tensors: dict[str, Tensor] = {}
-        for name in self.a:
-            tensors[f"{name}.lora_A"] = self.a[name].detach().to("cpu").contiguous()
-            tensors[f"{name}.lora_B"] = self.b[name].detach().to("cpu").contiguous()
-        header = {"format_version": ADAPTER_FORMAT_VERSION, "rank": self.rank, "alpha": float(self.alpha),
-                  "commits": self.commits}  # json writes a float's repr, which reads back exactly
-        return save_safetensors(tensors, metadata={ADAPTER_FORMAT: json.dumps(header, sort_keys=True)})
+        header = {"format_version": ADAPTER_FORMAT_VERSION, **self.header()}
+        return save_safetensors(self.named_tensors(), metadata={ADAPTER_FORMAT: json.dumps(header, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Adapter:
@@ -259,26 +284,15 @@ class Adapter:
         try:
             header = json.loads(metadata[ADAPTER_FORMAT])
             version = header["format_version"]
-            rank, alpha, commits = header["rank"], header["alpha"], header["commits"]
+            if not {"rank", "alpha", "commits"} <= set(header):
+                raise KeyError("rank, alpha or commits")
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"Temp-LoRA adapter metadata is incomplete or malformed: "
                              f"{metadata[ADAPTER_FORMAT]!r}") from exc
         if version != ADAPTER_FORMAT_VERSION:
             raise ValueError(f"unsupported Temp-LoRA adapter format_version {version!r} "
                              f"(this version reads {ADAPTER_FORMAT_VERSION})")
-        if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-            raise ValueError(f"Temp-LoRA adapter alpha must be a number, got {alpha!r}")
-        a: dict[str, Tensor] = {}
-        b: dict[str, Tensor] = {}
-        for key, tensor in tensors.items():
-            name, _, kind = key.rpartition(".")
-            if kind == "lora_A" and name:
-                a[name] = tensor
-            elif kind == "lora_B" and name:
-                b[name] = tensor
-            else:
-                raise ValueError(f"unexpected tensor {key!r} in Temp-LoRA adapter data")
-        return cls(a, b, rank, float(alpha), commits)  # __post_init__ checks types, shapes, dtypes, pairing
+        return cls.from_named_tensors(tensors, header)
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
