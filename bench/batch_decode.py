@@ -32,11 +32,10 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import add_common_args, build_hmt, describe, print_table, setup, start_server, time_call
+from common import add_common_args, build_hmt, describe, engine_rate, print_table, setup, start_server
 from httpx_sse import aconnect_sse
 
-from hmt_core import HMTModel, SamplingParams, SessionState
-from hmt_core.engine import DecodeEngine
+from hmt_core import HMTModel, SessionState
 
 USER_TOKENS, REPLY_TOKENS = 24, 16
 
@@ -45,26 +44,6 @@ def histories(model: HMTModel, count: int, rng: random.Random) -> list[list[int]
     """Varied history lengths: 1 to 3 windows, so rows sit at different positions of their windows."""
     seg = model.hmt_config.segment_tokens
     return [[rng.randrange(model.vocab_size) for _ in range(rng.randrange(seg // 2, 3 * seg))] for _ in range(count)]
-
-
-def engine_rate(model: HMTModel, states: list[SessionState], tokens: int, with_prefill: bool) -> float:
-    """Aggregate tokens/s of len(states) rows generating `tokens` each in one engine (window
-    commits included: a row whose window fills commits and re-prefills, as in real use)."""
-    engine = DecodeEngine(model, max_rows=len(states))
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    for state in states:
-        engine.add(state, params)
-    seconds = 0.0
-    if with_prefill:
-        seconds, _ = time_call(engine.admit, model.device)
-    else:
-        engine.admit()
-    produced = 0
-    while engine.size:
-        elapsed, out = time_call(engine.step, model.device)
-        seconds += elapsed
-        produced += len(out.tokens)
-    return produced / seconds
 
 
 def solo_rate(model: HMTModel, states: list[SessionState], tokens: int, with_prefill: bool) -> float:

@@ -22,7 +22,8 @@ import httpx
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hmt_core import HMTConfig, HMTModel
+from hmt_core import HMTConfig, HMTModel, SamplingParams, SessionState
+from hmt_core.engine import DecodeEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,6 +99,26 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     result = fn()
     sync(device)
     return time.perf_counter() - start, result
+
+
+def engine_rate(model: HMTModel, states: list[SessionState], tokens: int, with_prefill: bool) -> float:
+    """Aggregate tokens/s of len(states) rows generating `tokens` each in one engine (window
+    commits included: a row whose window fills commits and re-prefills, as in real use)."""
+    engine = DecodeEngine(model, max_rows=len(states))
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    for state in states:
+        engine.add(state, params)
+    seconds = 0.0
+    if with_prefill:
+        seconds, _ = time_call(engine.admit, model.device)
+    else:
+        engine.admit()
+    produced = 0
+    while engine.size:
+        elapsed, out = time_call(engine.step, model.device)
+        seconds += elapsed
+        produced += len(out.tokens)
+    return produced / seconds
 
 
 def median(values: Sequence[float]) -> float:

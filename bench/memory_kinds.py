@@ -17,11 +17,10 @@ import random
 import time
 
 import torch
-from common import add_common_args, fmt_bytes, median, print_table, setup
+from common import add_common_args, engine_rate, fmt_bytes, median, print_table, setup
 
-from hmt_core import HMTModel, SamplingParams
+from hmt_core import HMTModel
 from hmt_core.checkpoint import load_pretrained
-from hmt_core.engine import DecodeEngine
 from hmt_core.temp_lora import TempLoRAConfig
 
 
@@ -32,17 +31,6 @@ def kind_model(hmt: HMTModel, bare: HMTModel, kind: str, args: argparse.Namespac
     lora = TempLoRAConfig(rank=args.rank, steps=args.steps) if kind == "temp-lora" else None
     config = dataclasses.replace(hmt.hmt_config, memory=kind, temp_lora=lora)
     return HMTModel(bare.backbone, config, bare.tokenizer).eval()
-
-
-def decode_rate(model: HMTModel, states: list, tokens: int) -> float:
-    engine = DecodeEngine(model, max_rows=len(states))
-    for state in states:
-        engine.add(state, SamplingParams(max_tokens=tokens, ignore_eos=True))
-    engine.admit()
-    produced, started = 0, time.perf_counter()
-    while engine.size:
-        produced += len(engine.step().tokens)
-    return produced / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -73,8 +61,8 @@ def main() -> None:
             started = time.perf_counter()
             model.commit_windows([full])
             commit_s.append(time.perf_counter() - started)
-        decode_rate(model, states[:1], 2)  # warm-up
-        one, many = decode_rate(model, states[:1], args.tokens), decode_rate(model, states, args.tokens)
+        engine_rate(model, states[:1], 2, with_prefill=False)  # warm-up
+        one, many = (engine_rate(model, s, args.tokens, with_prefill=False) for s in (states[:1], states))
         rows.append([kind, len(states[0].to_bytes()), median(commit_s), one, many])
         print(f"{kind}: state {fmt_bytes(rows[-1][1])}, commit {rows[-1][2] * 1000:.0f} ms, "
               f"decode {one:.1f} / {many:.1f} tok/s", flush=True)
