@@ -218,6 +218,12 @@ def _add_hmt_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--sum-fraction", type=float, default=0.5)
 
 
+def _add_temp_lora_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temp-lora-rank", type=int, default=8)
+    parser.add_argument("--temp-lora-steps", type=int, default=2, help="gradient steps per committed window")
+    parser.add_argument("--temp-lora-lr", type=float, default=1e-3)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmt", description="Hierarchical Memory Transformer tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -243,9 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--memory", choices=MEMORY_KINDS, default="temp-lora")
     _add_hmt_flags(new, required=False)
     new.add_argument("--recall-dim", type=int, default=256)
-    new.add_argument("--temp-lora-rank", type=int, default=8)
-    new.add_argument("--temp-lora-steps", type=int, default=2, help="gradient steps per committed window")
-    new.add_argument("--temp-lora-lr", type=float, default=1e-3)
+    _add_temp_lora_flags(new)
     new.add_argument("--temp-lora-targets", nargs="+", default=["q_proj", "v_proj"], metavar="SUFFIX",
                      help="module-name suffixes the adapter changes (GPT-2: c_attn)")
     new.add_argument("--seed", type=int, default=3407)
@@ -298,9 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--temp-lora", action="store_true",
                             help="perplexity: add Temp-LoRA, the bare backbone reading L-token chunks with a "
                                  "per-document LoRA trained on each chunk after it is scored")
-    evaluation.add_argument("--temp-lora-rank", type=int, default=8)
-    evaluation.add_argument("--temp-lora-steps", type=int, default=2, help="gradient steps per chunk")
-    evaluation.add_argument("--temp-lora-lr", type=float, default=1e-3)
+    _add_temp_lora_flags(evaluation)
     evaluation.add_argument("--temp-lora-context", type=int, default=None,
                             help="tokens before a chunk read with it (default: HMT's sensory k, so both see "
                                  "the same window)")

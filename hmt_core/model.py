@@ -353,6 +353,7 @@ class HMTModel(nn.Module):
         starts = range(0, ids.shape[1], cfg.segment_tokens)
         queries = self._all_summary_queries(ids, starts) if reader.prompt_reads_window else []
         kept = reader.rows_kept(cfg.ltm_context)
+        keep = cfg.num_sensory if reader.has_sensory else 0  # the reader's kind, not the model's
         adapters = [self.fresh_adapter()] * batch if reader.adapts else []
         for index, start in enumerate(starts):
             segment = ids[:, start:start + cfg.segment_tokens]
@@ -362,7 +363,6 @@ class HMTModel(nn.Module):
                     logits.append(self.window_logits(read)[:, read.shape[1] - segment.shape[1]:])
                 if adapters and index < len(starts) - 1:  # commit: each row's adapter learns its window
                     adapters = self.trained_adapters(adapters, sensory, segment)
-                keep = cfg.num_sensory if reader.has_sensory else 0  # the reader's kind, not the model's
                 sensory = segment[:, segment.shape[1] - keep:] if keep else None
                 continue
             ltm = torch.stack(memories[-kept:], dim=1) if memories else \
@@ -375,7 +375,6 @@ class HMTModel(nn.Module):
             logits.append(segment_logits)
             memories.append(new_memory)
             distances.append(recalled.distances)
-            keep = cfg.num_sensory if reader.has_sensory else 0
             sensory = segment[:, segment.shape[1] - keep:] if keep else None
         empty = torch.zeros(batch, 0, device=self.device)
         return ScoreOutput(torch.cat(logits, dim=1),
