@@ -43,7 +43,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -69,6 +69,15 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_positive_number(value: object) -> bool:
+    """A finite int or float > 0 (bool is not a number here)."""
+    return _is_number(value) and math.isfinite(value) and value > 0
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class TempLoRAConfig:
     """How a session's temporary adapter is shaped and trained (module docstring: paper vs defaults)."""
@@ -84,13 +93,11 @@ class TempLoRAConfig:
     def __post_init__(self) -> None:
         if not _is_int(self.rank) or self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not (
-                math.isfinite(self.alpha) and self.alpha > 0):
+        if not _is_positive_number(self.alpha):
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
         if not _is_int(self.steps) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float) or not (
-                math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        if not _is_positive_number(self.learning_rate):
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
         modules = self.target_modules
         if isinstance(modules, str) or not isinstance(modules, Sequence):
@@ -194,8 +201,7 @@ class Adapter:
     def __post_init__(self) -> None:
         if not _is_int(self.rank) or self.rank < 1:
             raise ValueError(f"adapter rank must be an integer >= 1, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not (
-                math.isfinite(self.alpha) and self.alpha > 0):
+        if not _is_positive_number(self.alpha):
             raise ValueError(f"adapter alpha must be a finite number > 0, got {self.alpha!r}")
         if not _is_int(self.commits) or self.commits < 0:
             raise ValueError(f"adapter commits must be an integer >= 0, got {self.commits!r}")
@@ -247,7 +253,7 @@ class Adapter:
     def from_named_tensors(cls, tensors: dict[str, Tensor], header: dict[str, Any], prefix: str = "") -> Adapter:
         """Inverse of named_tensors + header; ValueError (KeyError for a missing header field) otherwise."""
         rank, alpha, commits = header["rank"], header["alpha"], header["commits"]
-        if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        if not _is_number(alpha):
             raise ValueError(f"Temp-LoRA adapter alpha must be a number, got {alpha!r}")
         a: dict[str, Tensor] = {}
         b: dict[str, Tensor] = {}
