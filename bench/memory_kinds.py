@@ -1,8 +1,8 @@
-"""(g) What each kind of session memory costs: HMT against Temp-LoRA and the window-only backbone,
-on the same backbone, in one run (ratios against HMT).
+"""(g) What each kind of session memory costs: HMT against Temp-LoRA, HMT+Temp-LoRA and the
+window-only backbone, on the same backbone, in one run (ratios against HMT).
 
 Per kind: the state's bytes after `--segments` committed windows, the latency of one commit
-(HMT: the summary and memory forwards; Temp-LoRA: its gradient steps), and aggregate decode
+(HMT: the summary and memory forwards; Temp-LoRA: its gradient steps; HMT+Temp-LoRA: both), and aggregate decode
 tokens/s at 1 and `--batch` sessions (Temp-LoRA rows carry different adapters, applied by the
 batched multi-adapter matmuls).
 
@@ -12,7 +12,6 @@ batched multi-adapter matmuls).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import time
 
@@ -21,16 +20,17 @@ from common import add_common_args, engine_rate, fmt_bytes, median, print_table,
 
 from hmt_core import HMTModel
 from hmt_core.checkpoint import load_pretrained
+from hmt_core.memory import MemoryKind
 from hmt_core.temp_lora import TempLoRAConfig
 
 
-def kind_model(hmt: HMTModel, bare: HMTModel, kind: str, args: argparse.Namespace) -> HMTModel:
-    """The HMT model itself, or its bare backbone read with another kind of memory."""
+def kind_model(hmt: HMTModel, bare: HMTModel, kind: MemoryKind, args: argparse.Namespace) -> HMTModel:
+    """The HMT model itself or with an adapter besides its memory, or its bare backbone read with
+    another kind of memory."""
     if kind == "hmt":
         return hmt
-    lora = TempLoRAConfig(rank=args.rank, steps=args.steps) if kind == "temp-lora" else None
-    config = dataclasses.replace(hmt.hmt_config, memory=kind, temp_lora=lora)
-    return HMTModel(bare.backbone, config, bare.tokenizer).eval()
+    lora = TempLoRAConfig(rank=args.rank, steps=args.steps)
+    return (hmt if kind.startswith("hmt") else bare).with_memory(kind, lora).eval()
 
 
 def main() -> None:
@@ -52,7 +52,8 @@ def main() -> None:
     history = [[rng.randrange(hmt.vocab_size) for _ in range(args.segments * seg + seg // 2)]
                for _ in range(args.batch)]
     rows = []
-    for kind in ("hmt", "temp-lora", "window"):
+    kinds: tuple[MemoryKind, ...] = ("hmt", "temp-lora", "hmt+temp-lora", "window")
+    for kind in kinds:
         model = kind_model(hmt, bare, kind, args)
         states = [model.append(model.new_session(), h) for h in history]
         full = model.append(states[0], [rng.randrange(model.vocab_size) for _ in range(seg - len(states[0].window))])

@@ -13,7 +13,8 @@ from hmt_core import backbones
 from hmt_core.checkpoint import load_tokenizer, read_state_dict
 from hmt_core.config import HMTConfig
 from hmt_core.errors import HMTError
-from hmt_core.memory import MEMORY_KINDS
+from hmt_core.evaluate import PASSKEY_READERS
+from hmt_core.memory import MEMORY_KINDS, memory_of
 from hmt_core.model import HMTModel
 
 if TYPE_CHECKING:
@@ -77,12 +78,7 @@ def _new_model(args: argparse.Namespace) -> HMTModel:
     if origin:
         backbones.set_origin(backbone, origin)
     memory = getattr(args, "memory", "hmt")
-    temp_lora = None
-    if memory == "temp-lora":
-        from hmt_core.temp_lora import TempLoRAConfig
-
-        temp_lora = TempLoRAConfig(rank=args.temp_lora_rank, steps=args.temp_lora_steps,
-                                   learning_rate=args.temp_lora_lr, target_modules=tuple(args.temp_lora_targets))
+    temp_lora = _new_temp_lora(args) if memory_of(memory).adapts else None
     config = HMTConfig(segment_tokens=args.segment_tokens, num_sensory=args.num_sensory,
                        ltm_context=args.ltm_context, recall_dim=args.recall_dim, sum_fraction=args.sum_fraction,
                        memory=memory, temp_lora=temp_lora)
@@ -90,9 +86,21 @@ def _new_model(args: argparse.Namespace) -> HMTModel:
     return HMTModel(backbone, config, load_tokenizer(source))
 
 
+def _new_temp_lora(args: argparse.Namespace) -> TempLoRAConfig:
+    from hmt_core.temp_lora import TempLoRAConfig
+
+    return TempLoRAConfig(rank=args.temp_lora_rank, steps=args.temp_lora_steps,
+                          learning_rate=args.temp_lora_lr, target_modules=tuple(args.temp_lora_targets))
+
+
 def _new(args: argparse.Namespace) -> int:
-    """A servable model directory of any memory kind on a backbone (HMT and RMT weights untrained)."""
-    model = _new_model(args)
+    """A servable model directory of any memory kind: on a backbone (HMT and RMT weights untrained), or
+    on a trained model's weights read with another memory (--model: HMT -> HMT+Temp-LoRA)."""
+    if args.model:  # argparse makes --model and --backbone exclusive
+        source = HMTModel.from_pretrained(args.model)
+        model = source.with_memory(args.memory, _new_temp_lora(args) if memory_of(args.memory).adapts else None)
+    else:
+        model = _new_model(args)
     by_reference = backbones.origin_of(model.backbone) is not None  # a backbone source: refer, do not copy
     model.save_pretrained(args.out, include_backbone=not by_reference)
     print(json.dumps({"out": str(args.out), "fingerprint": model.fingerprint, "hmt": model.hmt_config.to_dict(),
@@ -178,8 +186,8 @@ def _eval(args: argparse.Namespace) -> int:
     documents = token_samples(model, texts, args.doc_segments * model.hmt_config.segment_tokens)[:args.docs]
     bare = _bare(args, model)
     readers = {"window": bare, "rmt": rmt, "hmt": model} | ({"full": bare} if args.full_context else {})
-    if args.temp_lora:
-        readers["temp-lora"] = bare
+    if args.temp_lora:  # Temp-LoRA on the bare backbone, and on HMT's reading (its weights, an adapter besides)
+        readers |= {"temp-lora": bare, "hmt+temp-lora": model}
     report = evaluate.perplexity(readers, documents, args.batch_size, _temp_lora(args, model))
     if args.plot:
         evaluate.plot_loss_by_position(report, args.plot)
@@ -243,8 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     new = commands.add_parser("new", help="a model directory on a backbone, of any memory kind (temp-lora and "
                                           "window need no training; hmt and rmt start untrained)")
-    new.add_argument("--backbone", required=True, metavar="DIR_OR_NAME",
-                     help="causal LM directory, hub name or source (hmt backbone --help)")
+    new_source = new.add_mutually_exclusive_group(required=True)
+    new_source.add_argument("--backbone", metavar="DIR_OR_NAME",
+                            help="causal LM directory, hub name or source (hmt backbone --help)")
+    new_source.add_argument("--model", metavar="DIR", help="a trained model directory whose weights the new one "
+                                                           "reads with --memory (e.g. HMT -> hmt+temp-lora)")
     new.add_argument("--out", required=True, metavar="DIR")
     new.add_argument("--memory", choices=MEMORY_KINDS, default="temp-lora")
     _add_hmt_flags(new, required=False)
@@ -301,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="perplexity: add the bare backbone reading each whole document (when it fits)")
     evaluation.add_argument("--temp-lora", action="store_true",
                             help="perplexity: add Temp-LoRA, the bare backbone reading L-token chunks with a "
-                                 "per-document LoRA trained on each chunk after it is scored")
+                                 "per-document LoRA trained on each chunk after it is scored, and HMT+Temp-LoRA, "
+                                 "HMT with such an adapter besides its memory")
     _add_temp_lora_flags(evaluation)
     evaluation.add_argument("--temp-lora-context", type=int, default=None,
                             help="tokens before a chunk read with it (default: HMT's sensory k, so both see "
@@ -310,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                             help="pass key: segments between key and question")
     evaluation.add_argument("--trials", type=int, default=50, help="pass key: random keys per distance")
-    evaluation.add_argument("--readers", nargs="+", choices=("window", "full", "hmt", "temp-lora"),
+    evaluation.add_argument("--readers", nargs="+", choices=PASSKEY_READERS,
                             default=["window", "hmt"],
                             help="pass key: who answers (full: the bare backbone on the whole prompt, when it fits)")
     evaluation.add_argument("--wording", choices=("standard", "held-out"), default="standard",

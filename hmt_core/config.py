@@ -23,9 +23,9 @@ class HMTConfig:
     recall_scale: "auto" reproduces the reference's training/eval path, which divides scores by
     recall_dim instead of sqrt(recall_dim) when hidden size and recall_dim are both >= 4096.
     memory: the kind of memory sessions keep (`hmt_core.memory`): "hmt" (the paper's), "rmt" (the
-    previous segment's memory, no recall), "window" (none: each window read alone) or "temp-lora"
+    previous segment's memory, no recall), "window" (none: each window read alone), "temp-lora"
     (a per-session LoRA trained on each committed window; `temp_lora` its settings, whose context
-    is always the k sensory tokens).
+    is always the k sensory tokens) or "hmt+temp-lora" (both HMT's memory and such an adapter).
     """
 
     segment_tokens: int = 256
@@ -69,7 +69,9 @@ class HMTConfig:
             # the context a commit trains with is what the next window is read after: the sensory tokens
             object.__setattr__(self, "temp_lora", replace(lora, context_tokens=self.num_sensory))
         elif self.temp_lora is not None:
-            raise InvalidInputError(f"temp_lora settings need memory 'temp-lora', not {self.memory!r}")
+            adapting = [kind for kind in MEMORY_KINDS if memory_of(kind).adapts]
+            raise InvalidInputError(f"temp_lora settings need a memory with an adapter ({', '.join(adapting)}), "
+                                    f"not {self.memory!r}")
 
     @property
     def memory_rows(self) -> int:

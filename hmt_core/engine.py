@@ -391,8 +391,11 @@ class DecodeEngine:
         p was recalled from those same s tokens (the generate request began with at least s tokens
         in W, as a chat reply crossing a segment boundary does), p == p_n and the commit needs only
         the trailing p_n: one more position in the decode forward instead of two long forwards.
-        A memory whose prompt does not read the window (RMT) always has p == p_n."""
+        A memory whose prompt does not read the window (RMT) always has p == p_n. HMT+Temp-LoRA commits
+        canonically: its adapter trains on the window in forwards of its own."""
         if row.prompt is None:  # no prompt read: the canonical commit (which has no forward then)
+            return False
+        if self.model.memory.adapts:  # the adapter's training needs the canonical commit's forwards anyway
             return False
         if not self.model.memory.prompt_reads_window:  # p depends on the committed state, unchanged since
             return True

@@ -11,9 +11,9 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal, cast, get_args
 
 import torch
 
@@ -26,17 +26,19 @@ from hmt_core.exercises import (
     passkey_answer_correct,
 )
 from hmt_core.generation import SamplingParams, continuation_log_probs, decode_one_token
-from hmt_core.memory import MemoryKind
+from hmt_core.memory import MemoryKind, memory_of
 from hmt_core.model import HMTModel
 from hmt_core.session import SessionState
 from hmt_core.temp_lora import TempLoRAConfig, score_document
 
 READERS: tuple[MemoryKind, ...] = ("window", "rmt", "hmt")
-PasskeyReader = Literal["window", "full", "hmt", "temp-lora"]
-SESSION_READERS = ("hmt", "temp-lora")  # readers that read the prompt as a session (append, then generate)
+PasskeyReader = Literal["window", "full", "hmt", "temp-lora", "hmt+temp-lora"]
+PASSKEY_READERS: tuple[PasskeyReader, ...] = get_args(PasskeyReader)
+SESSION_READERS = ("hmt", "temp-lora", "hmt+temp-lora")  # readers that read the prompt as a session
 PasskeyWordingChoice = Literal["standard", "held-out"]
 READER_LABELS = {"window": "backbone (L-token window)", "full": "backbone (full context)",
-                 "rmt": "RMT (memory, no recall)", "hmt": "HMT", "temp-lora": "Temp-LoRA (L-token window + adapter)"}
+                 "rmt": "RMT (memory, no recall)", "hmt": "HMT", "temp-lora": "Temp-LoRA (L-token window + adapter)",
+                 "hmt+temp-lora": "HMT + Temp-LoRA"}
 
 
 @dataclass
@@ -74,7 +76,8 @@ def segment_losses(model: HMTModel, documents: torch.Tensor, mode: Reading,
     """Per-token next-token loss [B, T-1] reshaped by segment: returns [S] mean loss per segment.
     mode "full": the bare backbone reading each whole document (its upper bound where it fits);
     "temp-lora": the backbone reading L-token chunks with a per-document adapter trained on each
-    chunk after it is scored (hmt_core.temp_lora.score_document), `temp_lora` its settings."""
+    chunk after it is scored (hmt_core.temp_lora.score_document), `temp_lora` its settings (also those
+    of an "hmt+temp-lora" reading of an HMT model)."""
     seg = model.hmt_config.segment_tokens
     if mode == "temp-lora":
         cfg = temp_lora or TempLoRAConfig(context_tokens=model.hmt_config.num_sensory)
@@ -87,6 +90,8 @@ def segment_losses(model: HMTModel, documents: torch.Tensor, mode: Reading,
                                         f"{limit} positions: no full-context reading")
             logits = model.backbone(input_ids=documents.to(model.device), use_cache=False).logits.float()
         else:
+            if memory_of(mode).adapts and model.hmt_config.memory != mode:  # HMT's weights, with an adapter
+                model = model.with_memory(mode, temp_lora)
             logits = model.forward_segments(documents, memory=mode).logits.float()
         targets = documents[:, 1:].to(logits.device)
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
@@ -246,12 +251,14 @@ def passkey(model: HMTModel, distances: Sequence[int], trials: int = 50, seed: i
     key and question at random offsets (`passkey_trials`). The full-context reader scores only
     prompts that fit its positions (a distance where none fit is reported as None). baseline: the
     model whose backbone the bare readers use (default: `model`'s own). "temp-lora": sessions of
-    that bare backbone with Temp-LoRA memory (`temp_lora` its settings)."""
+    that bare backbone with Temp-LoRA memory (`temp_lora` its settings); "hmt+temp-lora": sessions of
+    `model` with such an adapter besides its memory."""
     baseline = baseline or model
     sessions = {"hmt": model}
     if "temp-lora" in readers:
-        config = replace(model.hmt_config, memory="temp-lora", temp_lora=temp_lora or TempLoRAConfig())
-        sessions["temp-lora"] = HMTModel(baseline.backbone, config, model.tokenizer).eval()
+        sessions["temp-lora"] = baseline.with_memory("temp-lora", temp_lora).eval()
+    if "hmt+temp-lora" in readers:
+        sessions["hmt+temp-lora"] = model.with_memory("hmt+temp-lora", temp_lora).eval()
     if model.tokenizer is None:
         raise InvalidInputError("the pass-key test needs a model with a tokenizer")
     seg = model.hmt_config.segment_tokens

@@ -8,7 +8,8 @@ The model (`hmt_core.model`) runs the segment loop, one window of L tokens at a 
 - what a commit leaves in the session's state: the new memory m_n (the last hidden state at the
   trailing p), of which HMT keeps the last N, RMT the last one, the window-only baseline nothing;
   Temp-LoRA (arXiv 2401.11504) trains the session's own LoRA adapter on the window instead, and
-  every later window is read with that adapter applied (`hmt_core.temp_lora`).
+  every later window is read with that adapter applied (`hmt_core.temp_lora`); HMT+Temp-LoRA keeps
+  both, HMT's memories and an adapter trained on each window as HMT reads it, after its memory prompt.
 
 The kind is part of the model's configuration (`HMTConfig.memory`), so the fingerprint covers
 it, and every session state names its kind: a state of one kind is refused by a model of another.
@@ -26,7 +27,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from hmt_core.model import HMTModel, Recall
 
-MemoryKind = Literal["hmt", "rmt", "window", "temp-lora"]
+MemoryKind = Literal["hmt", "rmt", "window", "temp-lora", "hmt+temp-lora"]
 MEMORY_KINDS: tuple[MemoryKind, ...] = get_args(MemoryKind)
 
 
@@ -59,7 +60,7 @@ class Memory(ABC):
 class HMTMemory(Memory):
     """The paper's: cross-attention recall over the last N memories, keyed by the summary query."""
 
-    kind = "hmt"
+    kind: ClassVar[MemoryKind] = "hmt"
     prompt_reads_window = True
 
     def rows_kept(self, ltm_context: int) -> int:
@@ -121,7 +122,18 @@ class TempLoRAMemory(WindowMemory):
     adapts = True
 
 
-_MEMORIES: dict[str, Memory] = {m.kind: m for m in (HMTMemory(), RMTMemory(), WindowMemory(), TempLoRAMemory())}
+class HMTTempLoRAMemory(HMTMemory):
+    """Both at once: HMT's recall and memories, and a Temp-LoRA adapter applied to every reading of the
+    window and of the generated tokens. A commit writes HMT's memory m_n (read with the adapter as it
+    stood) and then trains the adapter on the window read as HMT reads it, [p, E(sensory), E(W)]. The
+    summary query is read without the adapter, so recall's keys do not drift as the adapter learns."""
+
+    kind = "hmt+temp-lora"
+    adapts = True
+
+
+_MEMORIES: dict[str, Memory] = {m.kind: m for m in (HMTMemory(), RMTMemory(), WindowMemory(), TempLoRAMemory(),
+                                                    HMTTempLoRAMemory())}
 
 
 def memory_of(kind: str) -> Memory:

@@ -25,7 +25,7 @@ from hmt_core.config import HMTConfig
 from hmt_core.errors import CorruptStateError, InvalidInputError
 from hmt_core.memory import Memory, MemoryKind, memory_of
 from hmt_core.session import SessionState
-from hmt_core.temp_lora import Adapter, adapters_applied, new_adapter, train_adapter
+from hmt_core.temp_lora import Adapter, TempLoRAConfig, adapters_applied, new_adapter, train_adapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -259,20 +259,36 @@ class HMTModel(nn.Module):
         """A new session's adapter: B = 0, so it changes nothing until the first commit."""
         fresh = self._fresh_adapter
         if fresh is None or next(iter(fresh.a.values())).device != self.device:  # made once per device
-            assert self.hmt_config.temp_lora is not None, "only a temp-lora model has adapters"
+            assert self.hmt_config.temp_lora is not None, "only a model whose memory adapts has adapters"
             fresh = self._fresh_adapter = new_adapter(self.backbone, self.hmt_config.temp_lora).to(self.device)
         return fresh
 
+    def with_memory(self, kind: MemoryKind, temp_lora: TempLoRAConfig | None = None) -> HMTModel:
+        """This model read with another kind of memory: the same backbone and HMT weights (shared, not
+        copied), a configuration that differs only in its memory and Temp-LoRA settings. How a trained
+        HMT model becomes an HMT+Temp-LoRA one, and how `hmt eval` reads one model several ways."""
+        lora = (temp_lora or self.hmt_config.temp_lora or TempLoRAConfig()) if memory_of(kind).adapts else None
+        other = HMTModel(self.backbone, replace(self.hmt_config, memory=kind, temp_lora=lora), self.tokenizer)
+        for name, child in self.named_children():
+            setattr(other, name, child)
+        for name, parameter in self.named_parameters(recurse=False):
+            setattr(other, name, parameter)
+        other.backbone_deltas = self.backbone_deltas
+        other.training = self.training  # the flag only: train() would recurse into the shared backbone
+        return other
+
     def trained_adapters(self, adapters: Sequence[Adapter], contexts: Tensor | Sequence[Sequence[int]] | None,
-                         windows: Tensor | Sequence[Sequence[int]]) -> list[Adapter]:
+                         windows: Tensor | Sequence[Sequence[int]], prompts: Tensor | None = None) -> list[Adapter]:
         """A commit of each row's window into its adapter: a few gradient steps each, one session at a
-        time (each row trains its own weights, so there is no shared forward to batch)."""
+        time (each row trains its own weights, so there is no shared forward to batch). prompts [B, d]:
+        each window's memory prompt, read before it (HMT+Temp-LoRA)."""
         lora = self.hmt_config.temp_lora
         assert lora is not None
         rows = [list(map(int, w)) for w in windows]
         contexts_ = [[] for _ in rows] if contexts is None else [list(map(int, c)) for c in contexts]
-        return [train_adapter(self.backbone, adapter, context, window, lora)[0]
-                for adapter, context, window in zip(adapters, contexts_, rows, strict=True)]
+        prompts_ = [None] * len(rows) if prompts is None else list(prompts)
+        return [train_adapter(self.backbone, adapter, context, window, lora, prompt)[0]
+                for adapter, context, window, prompt in zip(adapters, contexts_, rows, prompts_, strict=True)]
 
     def segment_memories(self, prompts: Tensor, sensory: Tensor | None, tokens: Tensor) -> Tensor:
         """Step 3 when only the new memory m_n is wanted (commits): no logits computed."""
@@ -369,7 +385,10 @@ class HMTModel(nn.Module):
                 torch.zeros(batch, 0, self.dim, dtype=self.dtype, device=self.device)
             recalled = reader.prompts(self, ltm, torch.full((batch,), ltm.shape[1], device=self.device),
                                       queries[index] if queries else None)
-            segment_logits, new_memory = self.segment_logits(recalled.prompts, sensory, segment)
+            with adapters_applied(self.backbone, adapters):
+                segment_logits, new_memory = self.segment_logits(recalled.prompts, sensory, segment)
+            if adapters and index < len(starts) - 1:  # then the adapters learn the window as it was read
+                adapters = self.trained_adapters(adapters, sensory, segment, recalled.prompts)
             if bptt_depth is not None and index < len(starts) - bptt_depth:
                 new_memory = new_memory.detach()  # only the last bptt_depth segments' memory writes get gradients
             logits.append(segment_logits)
@@ -433,8 +452,13 @@ class HMTModel(nn.Module):
             index = torch.tensor(rows, device=self.device)
             sensory = torch.tensor([states[i].sensory for i in rows], dtype=torch.long, device=self.device) \
                 if sensory_len else None
-            new_memories[index] = self.segment_memories(recalled.prompts[index], sensory, windows[index])
+            with adapters_applied(self.backbone, [states[i].adapter for i in rows] if self.memory.adapts else []):
+                new_memories[index] = self.segment_memories(recalled.prompts[index], sensory, windows[index])
         committed = [state.after_commit(new_memories[row], cfg) for row, state in enumerate(states)]
+        if self.memory.adapts:  # HMT+Temp-LoRA: the adapter learns the window read after its prompt
+            adapters = self.trained_adapters([s.adapter for s in states], [s.sensory for s in states],  # type: ignore[misc]
+                                             [s.window for s in states], recalled.prompts)
+            committed = [replace(c, adapter=a) for c, a in zip(committed, adapters, strict=True)]
         return committed, recalled.traces([s.segments_committed for s in states], [s.ltm.shape[0] for s in states])
 
     def append(self, state: SessionState, tokens: Sequence[int] | Tensor) -> SessionState:

@@ -43,7 +43,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -463,29 +463,40 @@ def _check_tokens(backbone: nn.Module, tokens: Sequence[int], what: str) -> list
     return ids
 
 
-def _target_nll(backbone: nn.Module, ids: list[int], start: int) -> Tensor:
-    """Per-token NLL [len(ids) - start] (float32) of ids[start:], each predicted from the tokens before it."""
+def _target_nll(backbone: nn.Module, ids: list[int], start: int, prompt: Tensor | None = None) -> Tensor:
+    """Per-token NLL [len(ids) - start] (float32) of ids[start:], each predicted from the tokens before it.
+    prompt: an embedding [d] read before ids (HMT's memory prompt p), so ids[0] is predicted from it."""
     device = next(backbone.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+    kwargs: dict[str, Any] = {"use_cache": False}
+    lead = 0
+    if prompt is None:
+        kwargs["input_ids"] = input_ids
+    else:
+        embeds = cast(Any, backbone).get_input_embeddings()(input_ids)
+        kwargs["inputs_embeds"] = torch.cat([prompt.reshape(1, 1, -1).to(embeds), embeds], dim=1)
+        lead = 1
     n_targets = len(ids) - start
-    keep = n_targets + 1  # logits at positions start-1 .. len-1; the last one predicts nothing
+    keep = n_targets + 1  # logits at the positions before each target; the last one predicts nothing
     if "logits_to_keep" in inspect.signature(backbone.forward).parameters:
         kwargs["logits_to_keep"] = keep  # skip the vocabulary projection over the context
         logits = backbone(**kwargs).logits[0, :-1]
     else:
-        logits = backbone(**kwargs).logits[0, start - 1:-1]
+        logits = backbone(**kwargs).logits[0, lead + start - 1:-1]
     targets = input_ids[0, start:]
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def train_adapter(backbone: nn.Module, adapter: Adapter, context: Sequence[int], chunk: Sequence[int],
-                  cfg: TempLoRAConfig) -> tuple[Adapter, list[float]]:
+                  cfg: TempLoRAConfig, prompt: Tensor | None = None) -> tuple[Adapter, list[float]]:
     """Commit `chunk` to the adapter: cfg.steps Adam steps on the loss of chunk's tokens, read after
     context[-cfg.context_tokens:] in the same forward. Returns (new adapter, loss before each step).
 
     The loss covers the chunk's positions only; with a non-empty context the first chunk token is predicted
     from the last context token, with none it is unpredicted (so the chunk then needs 2+ tokens).
+    prompt: HMT's memory prompt p [d] (memory "hmt+temp-lora"), read before the context as the segment
+    is read, [p, context, chunk]: the adapter learns what the window costs given the memory; it also
+    predicts the first token when there is no context.
     The input adapter is not modified; the new one has commits + 1 and lives on the input's device. Its own
     rank/alpha are used (cfg supplies steps, learning_rate, context_tokens). The optimizer is fresh per
     commit: Adam's moments are not session state (they would triple an adapter's bytes).
@@ -496,7 +507,7 @@ def train_adapter(backbone: nn.Module, adapter: Adapter, context: Sequence[int],
     ids_chunk = _check_tokens(backbone, chunk, "chunk")
     ctx = ctx[-cfg.context_tokens:] if cfg.context_tokens else []
     ids = ctx + ids_chunk
-    start = max(len(ctx), 1)
+    start = len(ctx) if prompt is not None else max(len(ctx), 1)
     if not ids_chunk or len(ids) - start < 1:
         raise ValueError(f"nothing to train on: a chunk of {len(ids_chunk)} tokens after {len(ctx)} "
                          "context tokens has no token to predict (give context or 2+ chunk tokens)")
@@ -514,7 +525,7 @@ def train_adapter(backbone: nn.Module, adapter: Adapter, context: Sequence[int],
         for _ in range(cfg.steps):
             # hooks re-installed each step: the stacked factors they hold are rebuilt from the updated leaves
             with adapters_applied(backbone, [working]):
-                loss = _target_nll(backbone, ids, start).mean()
+                loss = _target_nll(backbone, ids, start, None if prompt is None else prompt.detach()).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

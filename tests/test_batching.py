@@ -61,13 +61,14 @@ def test_greedy_rows_equal_their_solo_decoding(family: str, batch: int) -> None:
         assert_states_equal(row.state, model.append(state, row.tokens), atol=CHAINED_COMMIT_ATOL[family])
 
 
-@pytest.mark.parametrize("kind", ["rmt", "window", "temp-lora"])
+@pytest.mark.parametrize("kind", ["rmt", "window", "temp-lora", "hmt+temp-lora"])
 def test_other_memory_kinds_batch_as_they_decode_alone(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """RMT's prompt does not read the window, so every commit is read from the slot; the
     window-only kind commits without a forward; Temp-LoRA rows each read with their own adapter
-    (batched multi-adapter matmuls) and commit by training it. Either way a row's tokens and state
-    are its own."""
-    lora = TempLoRAConfig(learning_rate=3e-2) if kind == "temp-lora" else None
+    (batched multi-adapter matmuls) and commit by training it; HMT+Temp-LoRA rows recall and read
+    with their adapters, and commit canonically (the adapter trains on the window). Either way a
+    row's tokens and state are its own."""
+    lora = TempLoRAConfig(learning_rate=3e-2) if "temp-lora" in kind else None
     model = tiny_hmt_model("llama", config=HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4,
                                                     recall_dim=16, memory=kind, temp_lora=lora))
     seg = model.hmt_config.segment_tokens

@@ -69,6 +69,20 @@ def test_temp_lora_reader_reads_each_document_with_its_own_adapter(text_model: H
     assert all(s > 0 for s in report.seconds_per_segment.values())
 
 
+def test_hmt_with_temp_lora_reader_reads_hmt_weights_with_an_adapter(text_model: HMTModel) -> None:
+    seg = text_model.hmt_config.segment_tokens
+    docs = torch.randint(0, text_model.vocab_size, (3, 4 * seg), generator=torch.Generator().manual_seed(2))
+    cfg = TempLoRAConfig(learning_rate=1e-2)
+    report = perplexity({"hmt": text_model, "hmt+temp-lora": text_model}, docs, batch_size=2, temp_lora=cfg)
+    both = text_model.with_memory("hmt+temp-lora", cfg)
+    logits = torch.cat([both.score(docs[i:i + 2]).logits for i in (0, 2)]).float()
+    direct = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), docs[:, 1:])
+    assert report.loss["hmt+temp-lora"] == pytest.approx(float(direct), rel=1e-4)
+    # the first segment is read before any commit trained the adapter: HMT's own reading
+    assert report.loss_by_segment["hmt+temp-lora"][0] == pytest.approx(report.loss_by_segment["hmt"][0], rel=1e-5)
+    assert report.loss_by_segment["hmt+temp-lora"][1:] != report.loss_by_segment["hmt"][1:]
+
+
 def test_passkey_scorer() -> None:
     assert passkey_answer_correct(48213, " 48213. Remember it.")
     assert passkey_answer_correct(48213, "48213")
@@ -98,8 +112,9 @@ def test_passkey_report_runs_every_reader(text_model: HMTModel) -> None:
 
 def test_passkey_temp_lora_reader_reads_the_prompt_as_a_temp_lora_session(text_model: HMTModel) -> None:
     cfg = TempLoRAConfig(learning_rate=1e-2, context_tokens=3)
-    report = passkey(text_model, distances=[2], trials=2, seed=3, readers=("window", "temp-lora"), temp_lora=cfg)
-    assert set(report.accuracy) == {"window", "temp-lora"}
+    readers = ("window", "temp-lora", "hmt+temp-lora")
+    report = passkey(text_model, distances=[2], trials=2, seed=3, readers=readers, temp_lora=cfg)
+    assert set(report.accuracy) == set(readers)
     # its digit loss is the session's: a Temp-LoRA session of the bare backbone that appended the prompt
     prompt = passkey_trials(text_model.tokenizer, [2], 2, text_model.hmt_config.segment_tokens, seed=3)[2]
     sessions = HMTModel(text_model.backbone, dataclasses.replace(text_model.hmt_config, memory="temp-lora",
@@ -107,6 +122,9 @@ def test_passkey_temp_lora_reader_reads_the_prompt_as_a_temp_lora_session(text_m
     expected = [key_digit_loss(sessions, p.tokens, p.key, "temp-lora") for p in prompt]
     assert report.digit_loss["temp-lora"][2] == pytest.approx(sum(expected) / 2, rel=1e-5)  # type: ignore[arg-type]
     assert report.digit_loss["temp-lora"][2] != report.digit_loss["window"][2]
+    both = text_model.with_memory("hmt+temp-lora", cfg)  # the HMT model's sessions, with an adapter
+    expected = [key_digit_loss(both, p.tokens, p.key, "hmt+temp-lora") for p in prompt]
+    assert report.digit_loss["hmt+temp-lora"][2] == pytest.approx(sum(expected) / 2, rel=1e-5)  # type: ignore[arg-type]
 
 
 def test_key_digit_loss_is_the_teacher_forced_loss_of_the_digits(text_model: HMTModel) -> None:
@@ -135,7 +153,8 @@ def test_eval_cli_writes_table_json_and_plot(text_model: HMTModel, tmp_path: Pat
     with_lora = subprocess.run([*base, "--json", "--temp-lora", "--temp-lora-steps", "1"], capture_output=True,
                                text=True, timeout=300)
     assert with_lora.returncode == 0, with_lora.stderr
-    assert set(json.loads(with_lora.stdout)["seconds_per_segment"]) == {"window", "rmt", "hmt", "temp-lora"}
+    assert set(json.loads(with_lora.stdout)["seconds_per_segment"]) == {"window", "rmt", "hmt", "temp-lora",
+                                                                        "hmt+temp-lora"}
     keys = subprocess.run([sys.executable, "-m", "hmt_core.cli", "eval", "passkey", "--model", str(tmp_path / "m"),
                            "--distances", "1", "--trials", "1", "--json"], capture_output=True, text=True, timeout=300)
     assert keys.returncode == 0, keys.stderr

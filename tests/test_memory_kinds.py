@@ -26,7 +26,7 @@ def model_of(kind: str, family: str = "llama") -> HMTModel:
     """The same random weights (seed 0) under each kind of memory (Temp-LoRA: a learning rate at
     which two steps visibly change a tiny model)."""
     lora = None
-    if kind == "temp-lora":
+    if memory_of(kind).adapts:
         targets = ("c_attn",) if family == "gpt2" else ("q_proj", "v_proj")
         lora = TempLoRAConfig(learning_rate=1e-2, target_modules=targets)
     return tiny_hmt_model(family, config=dataclasses.replace(CONFIG, memory=kind, temp_lora=lora))
@@ -54,10 +54,10 @@ def test_each_kind_serves_what_it_scores(kind: str, family: str) -> None:
     out = model.score(torch.tensor([tokens]))
     state = append_in_random_chunks(model, tokens, rng)
     assert (state.segments_committed, len(state.window), state.memory) == (3, 3, kind)
-    assert state.ltm.shape[0] == {"hmt": 3, "rmt": 1, "window": 0, "temp-lora": 0}[kind]
+    assert state.ltm.shape[0] == {"hmt": 3, "rmt": 1, "window": 0, "temp-lora": 0, "hmt+temp-lora": 3}[kind]
     assert len(state.sensory) == (0 if kind == "window" else 3)
-    assert (state.adapter is not None) == (kind == "temp-lora")
-    if kind in ("hmt", "rmt"):  # the kept memories are the last ones the reading wrote
+    assert (state.adapter is not None) == (kind in ("temp-lora", "hmt+temp-lora"))
+    if state.ltm.shape[0]:  # the kept memories are the last ones the reading wrote
         torch.testing.assert_close(state.ltm, out.memories[0, 3 - state.ltm.shape[0]:3], atol=1e-5, rtol=1e-4)
     generation = model.generate(state, SamplingParams(max_tokens=2 * seg, ignore_eos=True))
     torch.testing.assert_close(generation._logits, out.logits[0, -1], atol=1e-4, rtol=1e-4)
@@ -197,3 +197,57 @@ def test_hmt_new_makes_a_servable_model_of_any_kind(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["fingerprint"] == model.fingerprint
     bad = subprocess.run([*command[:-6], "--memory", "lru"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "invalid choice: 'lru'" in bad.stderr
+    # a trained HMT model's weights, read with an adapter besides its memory
+    hmt = tiny_hmt_model("llama", config=CONFIG)
+    hmt.save_pretrained(tmp_path / "hmt")
+    command = [sys.executable, "-m", "hmt_core.cli", "new", "--model", str(tmp_path / "hmt"),
+               "--memory", "hmt+temp-lora", "--out", str(tmp_path / "both"), "--temp-lora-rank", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    both = HMTModel.from_pretrained(tmp_path / "both")
+    assert both.hmt_config == dataclasses.replace(hmt.hmt_config, memory="hmt+temp-lora",
+                                                  temp_lora=both.hmt_config.temp_lora)
+    assert both.hmt_config.temp_lora is not None and both.hmt_config.temp_lora.rank == 4
+    torch.testing.assert_close(both.recall_wk.weight, hmt.recall_wk.weight)
+    state = both.append(both.new_session(), list(range(1, 30)))
+    assert state.ltm.shape[0] == 3 and state.adapter is not None and state.adapter.commits == 3
+    neither = subprocess.run([*command[:4], "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert neither.returncode == 2 and "one of the arguments --backbone --model is required" in neither.stderr
+
+
+def test_hmt_with_temp_lora_is_hmt_plus_what_its_adapter_learns() -> None:
+    """HMT+Temp-LoRA on an HMT model's weights: with an adapter that cannot learn it reads exactly as
+    HMT does; with one that learns, it reads a repeat of committed text better than HMT alone, and
+    its state holds both memories and adapter, refused by a model of either single kind."""
+    seg = CONFIG.segment_tokens
+    hmt = tiny_hmt_model("llama", config=CONFIG, initializer_range=0.3)  # logits a LoRA can move
+    block = torch.randint(0, 128, (1, 3 * seg), generator=torch.Generator().manual_seed(5))
+    ids = torch.cat([block, block], dim=1)
+
+    def combined(learning_rate: float) -> HMTModel:
+        return hmt.with_memory("hmt+temp-lora", TempLoRAConfig(learning_rate=learning_rate, steps=4))
+
+    def repeat_loss(model: HMTModel) -> float:
+        logits = model.score(ids).logits[0, 3 * seg:-1]
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, 3 * seg + 1:]))
+
+    frozen, learning = combined(1e-12), combined(3e-2)
+    assert frozen.recall_wq is hmt.recall_wq and frozen.backbone is hmt.backbone  # shared, not copied
+    assert frozen.fingerprint != hmt.fingerprint and frozen.hmt_config.memory == "hmt+temp-lora"
+    reference = hmt.score(ids)
+    torch.testing.assert_close(frozen.score(ids).logits, reference.logits, atol=1e-5, rtol=1e-4)
+    assert repeat_loss(learning) < 0.8 * repeat_loss(hmt)
+    state = learning.append(learning.new_session(), ids[0].tolist())
+    assert state.ltm.shape[0] == CONFIG.ltm_context and state.adapter is not None
+    assert state.adapter.commits == state.segments_committed == 5
+    # the memories a session keeps are those its teacher-forced reading wrote (adapters trained alike)
+    torch.testing.assert_close(state.ltm, learning.score(ids).memories[0, 1:5], atol=1e-4, rtol=1e-3)
+    loaded = SessionState.from_bytes(state.to_bytes(), learning.fingerprint)
+    learning.check_session(loaded)
+    assert_states_equal(learning.append(loaded, [1, 2]), learning.append(state, [1, 2]))
+    with pytest.raises(ModelMismatchError, match="keeps hmt\\+temp-lora memory, and this model keeps hmt memory"):
+        hmt.check_session(loaded)
+    with pytest.raises(ModelMismatchError, match="keeps hmt\\+temp-lora memory, and this model keeps temp-lora"):
+        model_of("temp-lora").check_session(loaded)
+    with pytest.raises(CorruptStateError, match="lacks an adapter"):
+        learning.check_session(dataclasses.replace(loaded, adapter=None))

@@ -279,6 +279,28 @@ def test_loss_is_on_the_chunk_after_the_truncated_context(llama: LlamaForCausalL
         train_adapter(llama, new_adapter(llama, cfg), [], [1, VOCAB], cfg)
 
 
+def test_a_memory_prompt_is_read_before_the_context_and_predicts_the_first_token(llama: LlamaForCausalLM) -> None:
+    """HMT+Temp-LoRA trains on [p, context, chunk]: the loss is the chunk's, every token of it scored
+    (the first from p when there is no context), with positions as HMT reads its segment."""
+    cfg = TempLoRAConfig(steps=1, context_tokens=5)
+    context, chunk = _tokens(20, 73), _tokens(10, 74)
+    prompt = torch.randn(llama.config.hidden_size, generator=torch.Generator().manual_seed(75)) * 0.02
+
+    def loss_after_prompt(ctx: list[int], targets: list[int]) -> float:
+        embeds = llama.get_input_embeddings()(torch.tensor([ctx + targets]))
+        with torch.no_grad():
+            logits = llama(inputs_embeds=torch.cat([prompt[None, None], embeds], dim=1), use_cache=False).logits[0]
+        return float(torch.nn.functional.cross_entropy(logits[len(ctx):-1], torch.tensor(targets)))
+
+    _, losses = train_adapter(llama, new_adapter(llama, cfg), context, chunk, cfg, prompt)
+    assert losses[0] == pytest.approx(loss_after_prompt(context[-5:], chunk), abs=1e-5)
+    assert losses[0] != pytest.approx(_chunk_loss(llama, None, context[-5:], chunk), abs=1e-3)  # p is read
+    _, whole = train_adapter(llama, new_adapter(llama, cfg), [], chunk, cfg, prompt)
+    assert whole[0] == pytest.approx(loss_after_prompt([], chunk), abs=1e-5)
+    _, one = train_adapter(llama, new_adapter(llama, cfg), [], chunk[:1], cfg, prompt)  # without p: nothing to train
+    assert one[0] == pytest.approx(loss_after_prompt([], chunk[:1]), abs=1e-5)
+
+
 def test_training_leaves_backbone_and_input_adapter_untouched(llama: LlamaForCausalLM) -> None:
     cfg = TempLoRAConfig(steps=3, learning_rate=5e-2)
     adapter = _trained(llama, cfg, seed=81)

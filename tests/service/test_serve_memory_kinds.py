@@ -3,7 +3,6 @@ one kind is refused by a server of another, with a clear 409."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,9 @@ import pytest
 from serve_helpers import Server, error_of
 
 from hmt_core import HMTModel, SamplingParams, SessionState
+from hmt_core.memory import MemoryKind
 from hmt_core.temp_lora import TempLoRAConfig
+from hmt_core.testing import assert_states_equal
 
 SEG = 8  # segment_tokens of the test model
 
@@ -21,12 +22,10 @@ def tokens(n: int, start: int = 5) -> list[int]:
     return [(start + 13 * i) % 250 + 1 for i in range(n)]
 
 
-def model_of_kind(local_model: HMTModel, directory: Path, **changes: object) -> tuple[HMTModel, Path]:
+def model_of_kind(local_model: HMTModel, directory: Path, kind: MemoryKind,
+                  temp_lora: TempLoRAConfig | None = None) -> tuple[HMTModel, Path]:
     """The test model's weights under another kind of memory, saved as a model directory."""
-    other = HMTModel(local_model.backbone, dataclasses.replace(local_model.hmt_config, **changes),  # type: ignore[arg-type]
-                     local_model.tokenizer)
-    other.load_state_dict(local_model.state_dict())
-    other.save_pretrained(directory)
+    local_model.with_memory(kind, temp_lora).save_pretrained(directory)
     return HMTModel.from_pretrained(directory), directory
 
 
@@ -41,7 +40,7 @@ def serve(directory: Path, base: Path) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def rmt_model(local_model: HMTModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[HMTModel, Path]:
-    return model_of_kind(local_model, tmp_path_factory.mktemp("rmt-model"), memory="rmt")
+    return model_of_kind(local_model, tmp_path_factory.mktemp("rmt-model"), "rmt")
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +48,11 @@ def rmt_client(rmt_model: tuple[HMTModel, Path], tmp_path_factory: pytest.TempPa
     yield from serve(rmt_model[1], tmp_path_factory.mktemp("rmt-server"))
 
 
-@pytest.fixture(scope="module")
-def temp_lora_model(local_model: HMTModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[HMTModel, Path]:
-    return model_of_kind(local_model, tmp_path_factory.mktemp("temp-lora-model"), memory="temp-lora",
-                         temp_lora=TempLoRAConfig(learning_rate=3e-2))
-
-
-def test_a_temp_lora_model_is_served_as_it_reads(temp_lora_model: tuple[HMTModel, Path],
-                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
-    model, directory = temp_lora_model
+@pytest.mark.parametrize("kind", ["temp-lora", "hmt+temp-lora"])
+def test_a_model_with_adapters_is_served_as_it_reads(kind: MemoryKind, local_model: HMTModel,
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    model, directory = model_of_kind(local_model, tmp_path_factory.mktemp("model"), kind,
+                                     TempLoRAConfig(learning_rate=3e-2))
     history = tokens(3 * SEG + 2, start=9)
     expected = model.generate(model.append(model.new_session(), history),
                               SamplingParams(max_tokens=2 * SEG, ignore_eos=True)).run()
@@ -69,10 +64,15 @@ def test_a_temp_lora_model_is_served_as_it_reads(temp_lora_model: tuple[HMTModel
         assert reply["tokens"] == expected.tokens
         data = client.get(f"/sessions/{sid}/state").content
         state = SessionState.from_bytes(data)
-        assert state.memory == "temp-lora" and state.adapter is not None
+        assert state.memory == kind and state.adapter is not None
         assert state.adapter.to_bytes() == expected.state.adapter.to_bytes()  # type: ignore[union-attr]
+        assert_states_equal(state, expected.state)
         memory = client.get(f"/sessions/{sid}/memory").json()
-        assert (memory["memory_kind"], memory["memories"], memory["memory_capacity"]) == ("temp-lora", 0, 0)
+        capacity = model.hmt_config.memory_rows
+        kept = min(capacity, state.segments_committed)
+        assert (memory["memory_kind"], memory["memories"], memory["memory_capacity"]) == (kind, kept, capacity)
+        assert capacity == (0 if kind == "temp-lora" else model.hmt_config.ltm_context)
+        assert state.segments_committed >= 4
         assert memory["state_bytes"] == len(data) > state.adapter.nbytes
 
 
