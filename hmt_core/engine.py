@@ -34,7 +34,7 @@ from hmt_core.errors import InvalidInputError
 from hmt_core.model import HMTModel, SegmentRecall
 from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, TextStream, sample_tokens, seed_key
 from hmt_core.session import SessionState, fill_window
-from hmt_core.temp_lora import Adapter, adapters_applied
+from hmt_core.temp_lora import Adapter, StackedAdapters, adapters_applied
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,7 @@ class DecodeEngine:
         self.joining: list[DecodeRow] = []  # added, prefilled at the next step
         self._cache: SlotCache | None = None
         self._logits: Tensor | None = None  # [max_rows, V] float32, next-token logits per slot
+        self._stacked: StackedAdapters | None = None  # the last decode forward's adapters, stacked
 
     # ----- membership ---------------------------------------------------------------------------
 
@@ -518,8 +519,7 @@ class DecodeEngine:
         if self.compiled:  # the compiled (GPU) forward keeps sdpa
             hidden = self._decode_forward(embeds, mask, position_ids[:, None])
         else:
-            adapters = self._adapters(self.rows) + [None] * (count - len(self.rows))
-            with decode_attention_for(model.base_model), adapters_applied(model.backbone, adapters):
+            with decode_attention_for(model.base_model), adapters_applied(model.backbone, self._decode_adapters(count)):
                 hidden = self._decode_forward(embeds, mask, position_ids[:, None])
         if rows:
             slots = torch.tensor([row.slot for row in rows], device=device)
@@ -536,6 +536,17 @@ class DecodeEngine:
     def _adapters(self, rows: Sequence[DecodeRow]) -> list[Adapter | None]:
         """Each row's Temp-LoRA adapter (read with it applied: batched multi-adapter matmuls), or none."""
         return [row.state.adapter for row in rows] if self.model.memory.adapts else []
+
+    def _decode_adapters(self, count: int) -> list[Adapter | None] | StackedAdapters:
+        """The decode forward's adapters, slot by slot: stacked once and reused across steps until a
+        row joins, leaves or commits (which gives it a new adapter)."""
+        adapters = self._adapters(self.rows)
+        if not adapters:
+            return []
+        adapters += [None] * (count - len(adapters))
+        if self._stacked is None or not self._stacked.holds(adapters):
+            self._stacked = StackedAdapters(self.model.backbone, adapters)
+        return self._stacked
 
     def _backbone_decode(self, inputs_embeds: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
         """The decode forward proper: [rows, 1, d] embeddings -> final hidden states [rows, d]."""

@@ -388,8 +388,42 @@ def _row_delta_hook(factors: _RowFactors, rows: int, name: str) -> Any:
     return hook
 
 
+class StackedAdapters:
+    """The adapters of a batch's rows, stacked per module once: what `adapters_applied` installs. Kept
+    for as long as the rows and their adapters stay the same, it saves rebuilding the stacks on every
+    forward (the decode engine's steps between joins, leaves and commits). Adapters are never modified
+    in place (a commit makes a new one), so identity says whether a row's adapter is still the same."""
+
+    def __init__(self, backbone: nn.Module, adapters: Sequence[Adapter | None], scaling: float | None = None) -> None:
+        if scaling is not None and not math.isfinite(scaling):
+            raise ValueError(f"scaling must be finite, got {scaling!r}")
+        self.adapters = tuple(adapters)
+        self.scaling = scaling
+        present = [ad for ad in adapters if ad is not None]
+        available = _candidates(backbone) if present else {}
+        shapes: dict[str, tuple[int, int]] = {}
+        for ad in present:
+            for name, shape in ad.modules.items():
+                if name not in available:
+                    raise ValueError(f"adapter targets {name!r}, which is not a Linear-like module of "
+                                     f"{type(backbone).__name__}")
+                if available[name] != shape:
+                    raise ValueError(f"adapter factors for {name!r} are for (in, out) = {shape}, "
+                                     f"the module is {available[name]}")
+                shapes[name] = shape
+        modules = dict(backbone.named_modules())
+        # module -> its rows' stacked factors
+        self.factors = [(name, modules[name], _stack_rows(adapters, name, shapes[name], scaling))
+                        for name in sorted(shapes)]
+
+    def holds(self, adapters: Sequence[Adapter | None], scaling: float | None = None) -> bool:
+        """Whether these are the same adapters, row for row (so the stacks can be reused)."""
+        return scaling == self.scaling and len(adapters) == len(self.adapters) and \
+            all(a is b for a, b in zip(adapters, self.adapters, strict=True))
+
+
 @contextmanager
-def adapters_applied(backbone: nn.Module, adapters: Sequence[Adapter | None],
+def adapters_applied(backbone: nn.Module, adapters: Sequence[Adapter | None] | StackedAdapters,
                      scaling: float | None = None) -> Iterator[None]:
     """While active, row b of every forward of `backbone` runs with adapters[b] (None: no delta).
 
@@ -397,35 +431,21 @@ def adapters_applied(backbone: nn.Module, adapters: Sequence[Adapter | None],
     multi-adapter matmul of S-LoRA / punica, written as two bmm over per-row stacked factors (None rows
     and modules an adapter lacks get zero factors). `scaling` None uses each adapter's own alpha / rank;
     a number overrides it for all rows. Forwards must have a batch of exactly len(adapters) rows.
+    `adapters` may be a `StackedAdapters` built before on this backbone (its own scaling then applies).
     Adapters must not be modified while applied (their cast copies are cached for the context).
     The hooks sit on the shared backbone: no other forward may run on it meanwhile (one model thread).
     The hooks are removed on exit, also when the body raises.
     """
-    present = [ad for ad in adapters if ad is not None]
-    if not present:
-        yield  # nothing to add: the bare backbone
-        return
-    if scaling is not None and not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling!r}")
-    available = _candidates(backbone)
-    shapes: dict[str, tuple[int, int]] = {}
-    for ad in present:
-        for name, shape in ad.modules.items():
-            if name not in available:
-                raise ValueError(f"adapter targets {name!r}, which is not a Linear-like module of "
-                                 f"{type(backbone).__name__}")
-            if available[name] != shape:
-                raise ValueError(f"adapter factors for {name!r} are for (in, out) = {shape}, "
-                                 f"the module is {available[name]}")
-            shapes[name] = shape
-    modules = dict(backbone.named_modules())
-    rows = len(adapters)
+    if not isinstance(adapters, StackedAdapters):
+        if not any(ad is not None for ad in adapters):
+            yield  # nothing to add: the bare backbone
+            return
+        adapters = StackedAdapters(backbone, adapters, scaling)
+    rows = len(adapters.adapters)
     handles = []
     try:
-        for name in sorted(shapes):
-            factors = _stack_rows(adapters, name, shapes[name], scaling)
-            handles.append(modules[name].register_forward_hook(_row_delta_hook(factors, rows, name),
-                                                               with_kwargs=True))
+        for name, module, factors in adapters.factors:
+            handles.append(module.register_forward_hook(_row_delta_hook(factors, rows, name), with_kwargs=True))
         yield
     finally:
         for handle in handles:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hmt_core import CorruptStateError, HMTConfig, HMTModel, SamplingParams, SessionState
+from hmt_core import engine as engine_module
 from hmt_core.engine import DecodeEngine, DecodeRow, advance_appends, begin_append
 from hmt_core.sampling import sample_tokens, seed_key
 from hmt_core.temp_lora import TempLoRAConfig
@@ -91,6 +92,27 @@ def test_other_memory_kinds_batch_as_they_decode_alone(kind: str, monkeypatch: p
         assert canonical_commits == []
     else:
         assert set(canonical_commits) == set(committing)
+
+
+def test_decode_steps_reuse_the_stacked_adapters_until_the_rows_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows' adapters are stacked once, not on every decode step: again only when a row joins,
+    leaves or commits (a new adapter); and the tokens are those of a fresh stack every step."""
+    model = tiny_hmt_model("llama", config=HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4, recall_dim=16,
+                                                    memory="temp-lora", temp_lora=TempLoRAConfig(learning_rate=3e-2)))
+    states = [model.append(model.new_session(), [7 + i] * (8 + i)) for i in range(3)]  # windows of 8 (full), 1, 2
+    # the first row commits before the first decode forward, the last one after its 6th token
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (4, 5, 12)]
+    built: list[int] = []
+    real = engine_module.StackedAdapters
+    monkeypatch.setattr(engine_module, "StackedAdapters", lambda backbone, adapters: (
+        built.append(len(adapters)), real(backbone, adapters))[1])
+    rows = _batched(model, states, params)
+    # 11 decode forwards: stacked for 3 rows, again for 2 (the first left), for 1 (the second left),
+    # and for its new adapter after the last row's commit
+    assert built == [3, 2, 1, 1]
+    for state, param, row in zip(states, params, rows, strict=True):
+        assert row.tokens == _alone(model, state, param)
+        assert_states_equal(row.state, model.append(state, row.tokens))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
