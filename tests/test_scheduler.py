@@ -93,32 +93,34 @@ def test_max_batch_bounds_the_decode_batch(model: HMTModel) -> None:
     worker = ModelWorker(model, max_batch=2)
     widths = _record_batch_widths(worker)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
+    states = [_prompted(model, i) for i in range(5)]  # before the worker runs: one thread uses the model at a time
 
     async def scenario():  # type: ignore[no-untyped-def]
-        jobs = [worker.submit(_prompted(model, i), [], params) for i in range(5)]
+        jobs = [worker.submit(state, [], params) for state in states]
         return await asyncio.gather(*(_drain(job) for job in jobs))
 
     results = _run(worker, scenario)
     assert max(widths) == 2
-    for i, (result, _) in enumerate(results):
-        assert result.tokens == model.generate(_prompted(model, i), params).run().tokens
+    for state, (result, _) in zip(states, results, strict=True):
+        assert result.tokens == model.generate(state, params).run().tokens
 
 
 def test_a_cancelled_stream_leaves_and_keeps_what_it_said(model: HMTModel) -> None:
     worker = ModelWorker(model, max_batch=4)
     params = SamplingParams(max_tokens=200, ignore_eos=True)
+    first, second = _prompted(model, 2), _prompted(model, 3)  # before the worker runs: one model thread
 
     async def scenario():  # type: ignore[no-untyped-def]
-        leaving = worker.submit(_prompted(model, 2), [], params)
-        staying = worker.submit(_prompted(model, 3), [], SamplingParams(max_tokens=30, ignore_eos=True))
+        leaving = worker.submit(first, [], params)
+        staying = worker.submit(second, [], SamplingParams(max_tokens=30, ignore_eos=True))
         await leaving.events.get()  # the first token arrived: the client goes away
         leaving.cancelled = True
         return await _drain(leaving), await _drain(staying)
 
     (left, _), (stayed, _) = _run(worker, scenario)
     assert left.finish_reason == "cancelled" and 1 <= len(left.tokens) < 200
-    assert_states_equal(left.state, model.append(_prompted(model, 2), left.tokens))
-    assert stayed.tokens == model.generate(_prompted(model, 3), SamplingParams(max_tokens=30, ignore_eos=True)
+    assert_states_equal(left.state, model.append(first, left.tokens))
+    assert stayed.tokens == model.generate(second, SamplingParams(max_tokens=30, ignore_eos=True)
                                            ).run().tokens
 
 
