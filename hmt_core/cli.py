@@ -98,7 +98,7 @@ def _new(args: argparse.Namespace) -> int:
     on a trained model's weights read with another memory (--model: HMT -> HMT+Temp-LoRA)."""
     if args.model:  # argparse makes --model and --backbone exclusive
         source = HMTModel.from_pretrained(args.model)
-        model = source.with_memory(args.memory, _new_temp_lora(args) if memory_of(args.memory).adapts else None)
+        model = source.with_memory(args.memory, _new_temp_lora(args))  # settings dropped for a kind without adapters
     else:
         model = _new_model(args)
     by_reference = backbones.origin_of(model.backbone) is not None  # a backbone source: refer, do not copy
