@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
+import ci_policy
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -12,6 +15,22 @@ from hmt_core.tokenizer import train_bpe_tokenizer
 
 # as hmt-serve does: tiny random models produce subnormal activations that make CPU matmuls ~10x slower
 torch.set_flush_denormal(True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+    outcome = yield
+    ci_policy.enforce(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, None, None]:
+    outcome = yield
+    ci_policy.enforce(outcome.get_result())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    ci_policy.summarize(terminalreporter)
 
 
 @pytest.fixture(scope="session")

@@ -167,7 +167,7 @@ def test_describe_sources_names_every_book() -> None:
     assert {r["package"] for r in rows} >= {a.package for a in ARCHIVES.values()}
 
 
-@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
+@pytest.mark.skipif(shutil.which("bible") is None, reason="no `bible` command (apt-get install bible-kjv)")
 def test_the_kjv_is_one_book() -> None:
     book = corpus.kjv_book()
     assert book.text.startswith("In the beginning God created the heaven and the earth.")

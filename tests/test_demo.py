@@ -15,7 +15,7 @@ from hmt_core.demo import DemoRecipe, build_demo, kjv_chapters, reinit_unseen_em
 from hmt_core.evaluate import passkey
 from hmt_core.testing import tiny_hmt_model
 
-needs_bible = pytest.mark.skipif(shutil.which("bible") is None, reason="apt-get install bible-kjv")
+needs_bible = pytest.mark.skipif(shutil.which("bible") is None, reason="no `bible` command (apt-get install bible-kjv)")
 
 
 def test_tokens_unseen_in_stage1_get_distinct_embeddings_back() -> None:
