@@ -1,6 +1,6 @@
 """Conversational memory and short chats of a served model, through the OpenAI-compatible API.
 
-1. Memory: `--facts` conversations (hmt_core.exercises.chat_fact, held-out templates and values):
+1. Memory: `--facts` conversations (hmt_lab.exercises.chat_fact, held-out templates and values):
    a fact stated in the first user turn, exchanges about passages of the held-out books (never
    used in training) until the conversation after the fact's turn is at least `--windows`
    windows of L tokens (plus a random part of a window, so the question lands anywhere in its
@@ -45,9 +45,9 @@ from openai import AsyncOpenAI
 
 from hmt_core import HMTModel
 from hmt_core.checkpoint import load_pretrained
-from hmt_core.evaluate import greedy_backbone_reply
-from hmt_core.exercises import FILLER_REQUESTS, chat_fact, fact_recalled
 from hmt_core.generation import continuation_log_probs
+from hmt_lab.evaluate import greedy_backbone_reply
+from hmt_lab.exercises import FILLER_REQUESTS, chat_fact, fact_recalled
 from service.conversation import ChatTemplate, Message
 
 # ----- passages ---------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def read_paragraphs(path: str) -> list[str]:
 
 def held_out_paragraphs() -> tuple[list[str], str]:
     """Paragraphs of the books kept out of training (fetched and cached on first use)."""
-    from hmt_core.corpus import HELD_OUT_TITLES, books, split_books
+    from hmt_lab.corpus import HELD_OUT_TITLES, books, split_books
 
     _, held = split_books(books(include_kjv=False), HELD_OUT_TITLES)
     return [p for book in held for p in book.text.split("\n\n")], "held-out books: " + ", ".join(
@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--full-context", action="store_true",
                         help="also the bare backbone on the whole conversation when it fits its positions")
     parser.add_argument("--passages", default=None,
-                        help="a text file of held-out paragraphs (default: the held-out books of hmt_core.corpus)")
+                        help="a text file of held-out paragraphs (default: the held-out books of hmt_lab.corpus)")
     parser.add_argument("--passage-chars", default="200,600",
                         help="MIN,MAX characters of a filler passage (shorter ones step finer where L is small)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")

@@ -17,9 +17,10 @@ import torch
 from common import add_common_args, print_table, setup
 from torch import Tensor
 
-from hmt_core import HMTModel, evaluate
+from hmt_core import HMTModel
 from hmt_core.temp_lora import Adapter, TempLoRAConfig
-from hmt_core.train import read_texts, token_samples
+from hmt_lab import evaluate
+from hmt_lab.train import read_texts, token_samples
 
 
 def without_prompt(model: HMTModel) -> HMTModel:

@@ -16,11 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hmt_core import CheckpointError, HMTConfig, HMTModel, backbones, cli
+from hmt_core import CheckpointError, HMTConfig, HMTModel, backbones
 from hmt_core.backbones import CACHE_ENV, FILE_ENV, MANIFEST_FILE, SOURCES, backbone_dir, ensure_backbone
 from hmt_core.checkpoint import HMT_CONFIG_FILE
 from hmt_core.errors import BackboneChecksumError, BackboneFetchError
 from hmt_core.testing import tiny_hmt_model
+from hmt_lab import cli
 
 NAME = "smollm2-135m-instruct"
 SOURCE = SOURCES[NAME]

@@ -11,8 +11,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hmt_core import HMTModel, InvalidInputError, SamplingParams
-from hmt_core.chat_recipe import ChatRecipe, build_chat_model
 from hmt_core.testing import tiny_backbone_config
+from hmt_lab.chat_recipe import ChatRecipe, build_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -108,7 +108,7 @@ def _backbone_dir(path: Path, tokenizer: PreTrainedTokenizerFast, with_weights: 
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hmt_core.cli", "convert", *args],
+    return subprocess.run([sys.executable, "-m", "hmt_lab.cli", "convert", *args],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hmt_core import corpus
 from hmt_core.backbones import CACHE_ENV
-from hmt_core.corpus import (
+from hmt_core.errors import HMTError, InvalidInputError
+from hmt_lab import corpus
+from hmt_lab.corpus import (
     ARCHIVES,
     BOOK_SOURCES,
     HELD_OUT_TITLES,
@@ -22,7 +23,6 @@ from hmt_core.corpus import (
     ensure_archive,
     split_books,
 )
-from hmt_core.errors import HMTError, InvalidInputError
 
 BOILERPLATE = ("*** START OF", "*** END OF", "START OF THE PROJECT", "END OF THE PROJECT", "Project Gutenberg",
                "PROJECT GUTENBERG", "gutenberg.org", "Small Print", "SMALL PRINT", "This eBook is for the use")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from hmt_core import HMTModel, InvalidInputError, SamplingParams
-from hmt_core.demo import DemoRecipe, build_demo, kjv_chapters, reinit_unseen_embeddings
-from hmt_core.evaluate import passkey
 from hmt_core.testing import tiny_hmt_model
+from hmt_lab.demo import DemoRecipe, build_demo, kjv_chapters, reinit_unseen_embeddings
+from hmt_lab.evaluate import passkey
 
 needs_bible = pytest.mark.skipif(shutil.which("bible") is None, reason="no `bible` command (apt-get install bible-kjv)")
 

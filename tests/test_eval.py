@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from hmt_core import HMTModel
-from hmt_core.evaluate import (
+from hmt_core.temp_lora import TempLoRAConfig, score_document
+from hmt_core.testing import SAMPLE_TEXTS, tiny_hmt_model
+from hmt_lab.evaluate import (
     build_passkey_prompt,
     key_digit_loss,
     passkey,
@@ -22,8 +24,6 @@ from hmt_core.evaluate import (
     perplexity,
     plot_loss_by_position,
 )
-from hmt_core.temp_lora import TempLoRAConfig, score_document
-from hmt_core.testing import SAMPLE_TEXTS, tiny_hmt_model
 
 
 def test_perplexity_report_and_plot(text_model: HMTModel, tmp_path: Path) -> None:
@@ -143,7 +143,7 @@ def test_key_digit_loss_is_the_teacher_forced_loss_of_the_digits(text_model: HMT
 def test_eval_cli_writes_table_json_and_plot(text_model: HMTModel, tmp_path: Path) -> None:
     text_model.save_pretrained(tmp_path / "m")
     (tmp_path / "held_out.txt").write_text(" ".join(SAMPLE_TEXTS))
-    base = [sys.executable, "-m", "hmt_core.cli", "eval", "--model", str(tmp_path / "m"), "--data",
+    base = [sys.executable, "-m", "hmt_lab.cli", "eval", "--model", str(tmp_path / "m"), "--data",
             str(tmp_path / "held_out.txt"), "--doc-segments", "4", "--docs", "2"]
     table = subprocess.run([*base, "--plot", str(tmp_path / "p.png")], capture_output=True, text=True, timeout=300)
     assert table.returncode == 0, table.stderr
@@ -155,7 +155,7 @@ def test_eval_cli_writes_table_json_and_plot(text_model: HMTModel, tmp_path: Pat
     assert with_lora.returncode == 0, with_lora.stderr
     assert set(json.loads(with_lora.stdout)["seconds_per_segment"]) == {"window", "rmt", "hmt", "temp-lora",
                                                                         "hmt+temp-lora"}
-    keys = subprocess.run([sys.executable, "-m", "hmt_core.cli", "eval", "passkey", "--model", str(tmp_path / "m"),
+    keys = subprocess.run([sys.executable, "-m", "hmt_lab.cli", "eval", "passkey", "--model", str(tmp_path / "m"),
                            "--distances", "1", "--trials", "1", "--json"], capture_output=True, text=True, timeout=300)
     assert keys.returncode == 0, keys.stderr
     assert set(json.loads(keys.stdout)["accuracy"]) == set(json.loads(keys.stdout)["digit_loss"]) == {"window", "hmt"}

@@ -9,8 +9,8 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from hmt_core import InvalidInputError
-from hmt_core.evaluate import passkey_trials
-from hmt_core.exercises import (
+from hmt_lab.evaluate import passkey_trials
+from hmt_lab.exercises import (
     HELD_OUT_FACTS,
     HELD_OUT_WORDINGS,
     PASSKEY_QUESTION,

@@ -1,4 +1,6 @@
-"""The model library stands alone: nothing in hmt_core (or the httpx client) imports the server."""
+"""The layers: hmt_core (the model library) imports nothing of ours; service imports hmt_core; hmt_lab (training,
+evaluation, the `hmt` command) imports hmt_core and hmt_client; hmt_client imports none of them; nothing imports
+service."""
 
 from __future__ import annotations
 
@@ -12,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_core_and_the_client_never_import_the_service() -> None:
     code = """
 import importlib, pkgutil, sys
-import hmt_core, hmt_client
-for package in (hmt_core, hmt_client):
+import hmt_core, hmt_client, hmt_lab
+for package in (hmt_core, hmt_client, hmt_lab):
     for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         importlib.import_module(module.name)
-from hmt_core.cli import build_parser
+from hmt_lab.cli import build_parser
 build_parser()  # `hmt chat` included
 leaked = sorted(name for name in sys.modules if name == "service" or name.startswith("service."))
 print(leaked)
@@ -83,7 +85,7 @@ assert len(model.generate(state, SamplingParams(max_tokens=3, ignore_eos=True)).
 
 
 def test_a_training_command_without_the_extra_says_how_to_install_it(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from hmt_core import cli
+    from hmt_lab import cli
 
     def needs_peft(args: object) -> int:
         raise ModuleNotFoundError("No module named 'peft'", name="peft")
@@ -91,3 +93,35 @@ def test_a_training_command_without_the_extra_says_how_to_install_it(capsys, mon
     monkeypatch.setattr(cli, "_train", needs_peft)  # build_parser binds the command at call time
     assert cli.main(["train", "--out", "unused"]) == 2
     assert "pip install 'hmt-serve[train]'" in capsys.readouterr().err
+
+
+# package -> the packages of ours it may import (anywhere in a file, imports inside functions included)
+ALLOWED = {
+    "hmt_core": set(),
+    "hmt_client": set(),
+    "hmt_lab": {"hmt_core", "hmt_client"},
+    "service": {"hmt_core"},
+}
+
+
+def _package_imports(package: str) -> dict[str, set[str]]:
+    """module path -> the other packages of ours it imports."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            targets.update(name.split(".")[0] for name in names)
+        found[str(path.relative_to(ROOT))] = (targets & set(ALLOWED)) - {package}
+    return found
+
+
+def test_each_package_imports_only_the_layers_below_it() -> None:
+    for package, allowed in ALLOWED.items():
+        modules = _package_imports(package)
+        assert modules, package
+        for module, imported in modules.items():
+            assert imported <= allowed, f"{module} imports {sorted(imported - allowed)}"

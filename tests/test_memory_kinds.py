@@ -185,7 +185,7 @@ def test_hmt_new_makes_a_servable_model_of_any_kind(tmp_path: Path) -> None:
 
     backbone = tiny_hmt_model("llama").backbone
     backbone.save_pretrained(tmp_path / "backbone")
-    command = [sys.executable, "-m", "hmt_core.cli", "new", "--backbone", str(tmp_path / "backbone"),
+    command = [sys.executable, "-m", "hmt_lab.cli", "new", "--backbone", str(tmp_path / "backbone"),
                "--out", str(tmp_path / "tl"), "--segment-tokens", "8", "--num-sensory", "3", "--temp-lora-steps", "3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -200,7 +200,7 @@ def test_hmt_new_makes_a_servable_model_of_any_kind(tmp_path: Path) -> None:
     # a trained HMT model's weights, read with an adapter besides its memory
     hmt = tiny_hmt_model("llama", config=CONFIG)
     hmt.save_pretrained(tmp_path / "hmt")
-    command = [sys.executable, "-m", "hmt_core.cli", "new", "--model", str(tmp_path / "hmt"),
+    command = [sys.executable, "-m", "hmt_lab.cli", "new", "--model", str(tmp_path / "hmt"),
                "--memory", "hmt+temp-lora", "--out", str(tmp_path / "both"), "--temp-lora-rank", "4"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from hmt_core import CheckpointError, HMTConfig, HMTModel, InvalidInputError, SamplingParams
 from hmt_core.testing import SAMPLE_TEXTS as CORPUS
 from hmt_core.testing import tiny_hmt_model
-from hmt_core.train import (
+from hmt_lab.train import (
     TrainConfig,
     _lr_at,
     language_model_loss,
@@ -92,7 +92,7 @@ def test_a_checkpoint_loads_as_the_model_of_its_step(tmp_path: Path, tokenizer: 
     assert not hasattr(at_step_3.backbone, "merge_and_unload")  # an ordinary model: adapters merged
 
     fresh_model(tokenizer).save_pretrained(tmp_path / "base")
-    cli = subprocess.run([sys.executable, "-m", "hmt_core.cli", "eval", "passkey", "--model", str(tmp_path / "base"),
+    cli = subprocess.run([sys.executable, "-m", "hmt_lab.cli", "eval", "passkey", "--model", str(tmp_path / "base"),
                           "--checkpoint", str(tmp_path / "run" / "checkpoint-3"), "--distances", "1", "--trials",
                           "1", "--json"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr
@@ -133,20 +133,20 @@ def test_train_cli_from_scratch_then_stage_two(tmp_path: Path, tokenizer: PreTra
     (tmp_path / "data.txt").write_text(" ".join(CORPUS))
     common = ["--data", str(tmp_path / "data.txt"), "--steps", "4", "--batch-size", "2", "--save-every", "2",
               "--segments-per-sample", "3"]
-    stage1 = subprocess.run([sys.executable, "-m", "hmt_core.cli", "train", "--backbone", str(tmp_path / "scratch"),
+    stage1 = subprocess.run([sys.executable, "-m", "hmt_lab.cli", "train", "--backbone", str(tmp_path / "scratch"),
                              "--segment-tokens", "8", "--num-sensory", "3", "--ltm-context", "4",
                              "--recall-dim", "16", "--stage", "1", "--backbone-training", "full",
                              "--out", str(tmp_path / "s1"), *common], capture_output=True, text=True, timeout=300)
     assert stage1.returncode == 0, stage1.stderr
     assert (tmp_path / "s1" / "checkpoint-2" / "trainer.json").exists()
-    stage2 = subprocess.run([sys.executable, "-m", "hmt_core.cli", "train", "--model", str(tmp_path / "s1"),
+    stage2 = subprocess.run([sys.executable, "-m", "hmt_lab.cli", "train", "--model", str(tmp_path / "s1"),
                              "--stage", "2", "--out", str(tmp_path / "s2"), *common],
                             capture_output=True, text=True, timeout=300)
     assert stage2.returncode == 0, stage2.stderr
     report = json.loads(stage2.stdout)
     final = HMTModel.from_pretrained(tmp_path / "s2")
     assert final.fingerprint == report["fingerprint"] != HMTModel.from_pretrained(tmp_path / "s1").fingerprint
-    bad = subprocess.run([sys.executable, "-m", "hmt_core.cli", "train", "--out", str(tmp_path / "x"),
+    bad = subprocess.run([sys.executable, "-m", "hmt_lab.cli", "train", "--out", str(tmp_path / "x"),
                           "--data", str(tmp_path / "data.txt")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "exactly one of --model" in bad.stderr
 

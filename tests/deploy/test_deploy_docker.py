@@ -287,6 +287,22 @@ def test_copied_files_exist_and_are_in_the_build_context(dockerfile: Path) -> No
         assert (SERVED_MODEL / name).is_file(), name
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_package_the_wheel_includes_is_copied(dockerfile: Path) -> None:
+    """pyproject's package list and the images agree: a package the wheel holds but the image lacks would install
+    an entry point that cannot import (`hmt` is hmt_lab.cli)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    included = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted({pattern.rstrip("*") for pattern in included})
+    assert "hmt_lab" in packages
+    copied = {source.rstrip("/") for sources, _ in copies(dockerfile) for source in sources}
+    patterns = dockerignore_patterns()
+    for package in packages:
+        assert (ROOT / package / "__init__.py").is_file(), package
+        assert package in copied, f"{dockerfile.name} does not COPY {package}"
+        assert not dockerignored(f"{package}/__init__.py", patterns), f"{package} is outside the build context"
+
+
 def test_build_context_is_small() -> None:
     """The allowlist keeps tests, virtualenvs, runs, work directories and the RMT baseline model out."""
     patterns = dockerignore_patterns()

@@ -43,7 +43,7 @@ def test_default_model_is_named_and_answers_a_question(default_server: Server) -
 
 
 def test_info_shows_where_the_weights_came_from() -> None:
-    info = subprocess.run([sys.executable, "-m", "hmt_core.cli", "info", str(SHIPPED)],
+    info = subprocess.run([sys.executable, "-m", "hmt_lab.cli", "info", str(SHIPPED)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert info.returncode == 0, info.stderr
     assert "smollm2-135m-instruct" in info.stdout

@@ -208,7 +208,7 @@ def test_hmt_chat_terminal_client(server: Server) -> None:
     """`hmt chat` end to end: two turns, then a second run resumes the same session by id."""
 
     def run_chat(lines: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "hmt_core.cli", "chat", "--url", server.url, "--session",
+        done = subprocess.run([sys.executable, "-m", "hmt_lab.cli", "chat", "--url", server.url, "--session",
                                "oa-terminal", "--max-tokens", "4", "--temperature", "0", "--system", "be brief"],
                               input=lines, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert done.returncode == 0, done.stderr

