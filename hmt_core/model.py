@@ -223,13 +223,8 @@ class HMTModel(nn.Module):
             return Recall(initial, torch.zeros(batch, dtype=torch.long, device=self.device), none.long(), none)
         rdtype = getattr(torch, self.hmt_config.recall_dtype)
         mem = memories.to(self.device, rdtype)
-        xq = queries.to(rdtype) @ self.recall_wq.weight.to(rdtype).t()  # [B, h]
-        mk = mem @ self.recall_wk.weight.to(rdtype).t()  # [B, n, h]
-        scores = torch.einsum("bh,bnh->bn", xq, mk) / self.recall_divisor
         lengths = lengths.to(self.device)
-        valid = torch.arange(mem.shape[1], device=self.device)[None, :] < lengths[:, None]
-        probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
-        probs = torch.nan_to_num(probs)  # rows with no memory are all -inf
+        probs = self.recall_weights(queries, mem, lengths)
         prompts = torch.einsum("bn,bnd->bd", probs.to(rdtype), mem).to(self.dtype)
         has_memory = lengths > 0
         prompts = torch.where(has_memory[:, None], prompts, initial)
@@ -240,6 +235,17 @@ class HMTModel(nn.Module):
         top_slots = top_slots.masked_fill(top_slots >= lengths[:, None], -1)  # past a row's memory: no slot
         distances = torch.where(has_memory, lengths - top_slots[:, 0], 0)
         return Recall(prompts, distances, top_slots, top_weights.masked_fill(top_slots < 0, 0.0))
+
+    def recall_weights(self, queries: Tensor, memories: Tensor, lengths: Tensor) -> Tensor:
+        """Recall's float32 softmax over the memories [B, n] (0 past each row's length): what step 2
+        averages the memories by, and what a recall loss trains against the slot that should win."""
+        rdtype = getattr(torch, self.hmt_config.recall_dtype)
+        xq = queries.to(rdtype) @ self.recall_wq.weight.to(rdtype).t()  # [B, h]
+        mk = memories.to(self.device, rdtype) @ self.recall_wk.weight.to(rdtype).t()  # [B, n, h]
+        scores = torch.einsum("bh,bnh->bn", xq, mk) / self.recall_divisor
+        valid = torch.arange(memories.shape[1], device=self.device)[None, :] < lengths.to(self.device)[:, None]
+        probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
+        return torch.nan_to_num(probs)  # rows with no memory are all -inf
 
     def _segment_embeds(self, prompts: Tensor, sensory: Tensor | None, tokens: Tensor) -> Tensor:
         p = prompts[:, None, :].to(self.dtype)

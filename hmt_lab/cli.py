@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from hmt_core import backbones
 from hmt_core.checkpoint import load_tokenizer, read_state_dict
@@ -205,6 +205,35 @@ def _build_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_episodes(args: argparse.Namespace) -> int:
+    import torch
+
+    from hmt_lab import corpus
+    from hmt_lab.chat_recipe import book_stream
+    from hmt_lab.episodes import EpisodeConfig, finish, train_episodes
+
+    torch.set_flush_denormal(True)  # subnormal activations made CPU matmuls up to 10x slower
+    names = ("stage", "steps", "episodes_per_step", "questions", "min_distance", "max_distance", "lr_hmt",
+             "lr_backbone", "recall_weight", "value_bow_weight", "eval_every", "seed")
+    overrides: dict[str, Any] = {name: value for name in names if (value := getattr(args, name)) is not None}
+    if args.eval_distances:
+        overrides["eval_distances"] = tuple(args.eval_distances)
+    config = EpisodeConfig(**overrides, bf16=not args.fp32)
+    model = HMTModel.from_pretrained(args.model, device=args.device)
+    train_books, held_out = corpus.split_books(corpus.books(include_kjv=False), corpus.HELD_OUT_TITLES)
+    stream = book_stream(model, [b.text for b in train_books], args.max_book_tokens)
+    eval_filler = book_stream(model, [b.text for b in held_out], args.max_book_tokens)
+
+    def show(entry: dict) -> None:
+        print(json.dumps(entry), flush=True)
+
+    run = train_episodes(model, stream, config, args.out, eval_filler=eval_filler, stop_after=args.stop_after,
+                         carry=Path(args.carry) if args.carry else None, progress=show)
+    if args.finish and run.steps_done >= config.steps:
+        print(json.dumps({"model": str(finish(model, args.finish)), "fingerprint": model.fingerprint}))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
@@ -295,6 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
     train.set_defaults(run=_train)
+
+    episodes = commands.add_parser(
+        "train-episodes", help="train an HMT model's memory with episodes (write a key, ask at a distance, "
+                               "distractor memories between): stage A 1-2 segments, B1 1-8, B2 1-32; resumable")
+    episodes.add_argument("--model", required=True, metavar="DIR", help="the HMT model the run starts from")
+    episodes.add_argument("--out", required=True, metavar="DIR", help="checkpoints and the log (episodes_log.jsonl)")
+    episodes.add_argument("--stage", choices=("A", "B1", "B2"))
+    episodes.add_argument("--steps", type=int, help="optimizer steps in this stage's schedule")
+    episodes.add_argument("--stop-after", type=int, metavar="N", help="leave after N steps (resume later)")
+    episodes.add_argument("--carry", metavar="FILE", help="also keep the latest weights and optimizer here (what "
+                          "git carries between sessions); a run with no checkpoint in --out resumes from it")
+    episodes.add_argument("--finish", metavar="DIR", help="when the schedule is done, write the model here")
+    for flag in ("--episodes-per-step", "--questions", "--min-distance", "--max-distance", "--eval-every", "--seed"):
+        episodes.add_argument(flag, type=int)
+    for flag in ("--lr-hmt", "--lr-backbone", "--recall-weight", "--value-bow-weight"):
+        episodes.add_argument(flag, type=float)
+    episodes.add_argument("--eval-distances", type=int, nargs="+", metavar="D")
+    episodes.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    episodes.add_argument("--max-book-tokens", type=int, default=400_000)
+    episodes.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    episodes.set_defaults(run=_train_episodes)
 
     evaluation = commands.add_parser("eval", help="perplexity by position (3 readers) or pass-key retrieval")
     evaluation.add_argument("task", nargs="?", choices=("perplexity", "passkey"), default="perplexity")

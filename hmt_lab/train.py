@@ -163,7 +163,7 @@ def _prepare_parameters(model: HMTModel, config: TrainConfig) -> list[torch.nn.P
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _finish_backbone(model: HMTModel) -> None:
+def finish_backbone(model: HMTModel) -> None:
     """Fold LoRA adapters into plain weights so the saved model is an ordinary native directory."""
     if hasattr(model.backbone, "unload"):
         from hmt_core.checkpoint import apply_deltas, lora_factors
@@ -262,7 +262,7 @@ def train(model: HMTModel, samples: Tensor, config: TrainConfig, out_dir: str | 
         if (step + 1) % config.save_every == 0 and step + 1 < config.steps:
             _save_checkpoint(model, optimizer, config, out_dir / f"checkpoint-{step + 1}", step + 1, losses)
     model.eval()
-    _finish_backbone(model)
+    finish_backbone(model)
     model.save_pretrained(out_dir)
     (out_dir / "train_log.json").write_text(json.dumps({"config": asdict(config), "losses": losses}, indent=1))
     return TrainResult(config.steps, losses, tokens_done / max(1e-9, time.perf_counter() - started), out_dir)
@@ -296,7 +296,7 @@ def load_checkpoint_weights(model: HMTModel, checkpoint: str | Path) -> HMTModel
     _prepare_parameters(model, config)
     _load_trainable(model, checkpoint)
     model.eval()
-    _finish_backbone(model)
+    finish_backbone(model)
     return model
 
 

@@ -1,0 +1,609 @@
+"""The episode trainer: gradients only where memory is written or read (#27; shared/docs/training-on-cpu.md).
+
+HMT's recall has no positional encoding: a memory 32 segments back differs from one 2 back only by the memories
+competing with it. So distance is trained without backpropagating through 32 segments. One optimizer step reads:
+- a **chain** of filler segments (book text) as a real HMT chain with the current weights, forward-only, no logits
+  (bf16 where enabled): its memories are the distractors every episode of the step shares;
+- per episode, a **write segment** holding a key line at a uniform random offset, read with gradients after the
+  chain's first `history` memories (no logits: its memory m_w is what matters);
+- per episode, one to three **question segments** at increasing distances d: read after a memory bank of the
+  history, m_w and d - 1 later distractors; the question at a uniform random offset, the segment cut after the
+  answer, logits only at the answer's value tokens. Its summary query reads only tokens before the answer, as
+  serving computes it from the window as it stands when a reply starts;
+- one plain **book segment** read after all the distractors, its LM loss on a random quarter of positions: a
+  regularizer so that reading recalled memories does not damage ordinary text (the boundary milestone).
+
+Losses, logged apart: `answer` (the value tokens), `recall` (cross-entropy of the recall softmax against m_w's
+slot, HMT-pytorch's ret_loss), `bow` (m_w predicts its segment's tokens as a bag), `value_bow` (m_w predicts the
+key's digits as a bag) and `lm`. Backbone matmuls under bf16 autocast, recall in float32, evaluation in float32.
+
+Every step's data is a pure function of (seed, step), so a run resumed from a checkpoint (trainable weights and
+optimizer state) continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import torch
+from torch import Tensor
+
+from hmt_core.errors import CheckpointError, InvalidInputError
+from hmt_core.model import HMTModel
+from hmt_lab.exercises import (
+    STANDARD_WORDING,
+    TRAINING_FILLERS,
+    TRAINING_WORDINGS,
+    FillerStream,
+    PasskeyWording,
+    encoder,
+    sentence_filler,
+)
+from hmt_lab.train import finish_backbone
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+BackboneTraining = Literal["lora", "full"]
+STATE_FILE = "trainer_state.pt"
+META_FILE = "trainer.json"
+LOG_FILE = "episodes_log.jsonl"
+CARRY_FILE = "carry.pt"
+
+# stage -> the distances it trains (question segments after the write segment)
+STAGES: dict[str, tuple[int, int]] = {"A": (1, 2), "B1": (1, 8), "B2": (1, 32)}
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    stage: str = "A"
+    key_digits: int = 5
+    steps: int = 1000  # optimizer steps in this stage's schedule
+    episodes_per_step: int = 2
+    questions: int = 2  # question segments per episode (distinct distances, increasing)
+    min_distance: int | None = None  # None: the stage's
+    max_distance: int | None = None
+    max_history: int = 3  # distractor memories before the write segment: uniform in [1, max_history]
+    # HMT's own parameters (recall projections, summary prompt, initial memory). Recall reads final hidden states
+    # (norm ~50), so one Adam step of 1e-3 on its projections moves recall scores by ~20: keep it small
+    lr_hmt: float = 1e-4
+    lr_backbone: float = 3e-4  # the LoRA (or the whole backbone with backbone_training "full")
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    backbone_training: BackboneTraining = "lora"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    answer_weight: float = 1.0
+    recall_weight: float = 0.1
+    bow_weight: float = 0.3
+    value_bow_weight: float = 0.3
+    lm_weight: float = 0.5
+    bf16: bool = True
+    eval_every: int = 100  # optimizer steps between held-out evaluations (0: none)
+    eval_distances: tuple[int, ...] = (2, 8, 32)
+    eval_keys: int = 4
+    save_every_seconds: float = 1500.0
+    seed: int = 2705
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise InvalidInputError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if min(self.steps, self.episodes_per_step, self.questions, self.max_history) < 1:
+            raise InvalidInputError("steps, episodes_per_step, questions and max_history must be >= 1")
+        if not 1 <= self.key_digits <= 18:
+            raise InvalidInputError(f"key_digits must be in 1..18, got {self.key_digits}")
+        if self.backbone_training not in ("lora", "full"):
+            raise InvalidInputError(f"backbone_training must be lora or full, got {self.backbone_training!r}")
+        low, high = self.distances
+        if not 1 <= low <= high:
+            raise InvalidInputError(f"distances must satisfy 1 <= min <= max, got {low}..{high}")
+        if self.questions > high - low + 1:
+            raise InvalidInputError(f"{self.questions} distinct question distances do not fit in {low}..{high}")
+        if isinstance(self.eval_distances, list):  # from JSON
+            object.__setattr__(self, "eval_distances", tuple(self.eval_distances))
+
+    @property
+    def distances(self) -> tuple[int, int]:
+        low, high = STAGES[self.stage]
+        return (self.min_distance or low, self.max_distance or high)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EpisodeConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ----- episodes: token rows, built from (seed, step) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    distance: int  # segments after the write segment: 1 is the next one
+    tokens: list[int]  # the question segment, cut after the answer
+    answer_start: int  # index of the answer's first token in `tokens`
+    value_positions: list[int]  # indices in `tokens` of the value (digit) tokens the answer loss scores
+    query_end: int  # tokens the summary query reads: min(summary_tokens, answer_start)
+
+
+@dataclass(frozen=True)
+class Episode:
+    key: int
+    write: list[int]  # one full segment holding the key line
+    key_start: int  # where the key line starts in `write`
+    values: list[int]  # the key's value (digit) token ids
+    questions: tuple[Question, ...]
+
+
+@dataclass(frozen=True)
+class StepData:
+    history: int  # distractor memories before the write segment
+    chain: list[list[int]]  # filler segments read as an HMT chain (the distractors)
+    episodes: list[Episode]
+    plain: list[int]  # a book segment for the LM regularizer, read after the whole chain
+    lm_positions: list[int]  # its positions whose next token is scored
+
+
+def value_token_indices(tokenizer: Any, answer: Sequence[int]) -> list[int]:
+    """Which tokens of an answer carry its value: the digits of a pass key."""
+    return [i for i, token in enumerate(answer) if str(tokenizer.decode([token])).strip().isdigit()]
+
+
+def build_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, summary_tokens: int,
+                  distances: Sequence[int], text_stream: Sequence[int],
+                  wordings: Sequence[PasskeyWording] = TRAINING_WORDINGS,
+                  fillers: Sequence[str] = TRAINING_FILLERS, key_digits: int = 5) -> Episode:
+    """A key line at a uniform random offset of a full write segment; a question segment per distance, the
+    question at a uniform random offset, cut after the answer. Filler is book text or a repeated sentence."""
+    encode = encoder(tokenizer)
+    wording = rng.choice(wordings)
+    key = rng.randrange(10 ** (key_digits - 1), 10 ** key_digits)
+    filler = text_stream if rng.random() < 0.5 or not fillers else sentence_filler(tokenizer, rng.choice(fillers))
+    stream = FillerStream(filler, rng)
+    intro = encode(wording.intro) if wording.intro and rng.random() < 0.5 else []
+    line = encode(" " + wording.line(key))
+    room = segment_tokens - len(intro) - len(line)
+    if room < 0:
+        raise InvalidInputError(f"a key line needs {len(intro) + len(line)} tokens, segments have {segment_tokens}")
+    before = stream.take(rng.randint(0, room))
+    write = intro + before + line
+    write += stream.take(segment_tokens - len(write))
+    question_tokens = encode(" " + wording.question)
+    answer = encode(f" {key}.")
+    value_indices = value_token_indices(tokenizer, answer)
+    questions = []
+    for distance in sorted(distances):
+        room = segment_tokens - len(question_tokens) - len(answer)
+        if room < 0:
+            raise InvalidInputError(f"a question and answer need {segment_tokens - room} tokens, "
+                                    f"segments have {segment_tokens}")
+        tokens = stream.take(rng.randint(0, room)) + question_tokens
+        start = len(tokens)
+        tokens += answer
+        questions.append(Question(distance, tokens, start, [start + i for i in value_indices],
+                                  min(summary_tokens, start)))
+    return Episode(key, write, len(intro) + len(before), [answer[i] for i in value_indices], tuple(questions))
+
+
+def step_data(model: HMTModel, config: EpisodeConfig, step: int, text_stream: Sequence[int],
+              wordings: Sequence[PasskeyWording] = TRAINING_WORDINGS,
+              fillers: Sequence[str] = TRAINING_FILLERS) -> StepData:
+    """Everything step `step` reads: a pure function of (config.seed, step)."""
+    rng = random.Random(config.seed * 1_000_003 + step)
+    cfg = model.hmt_config
+    low, high = config.distances
+    history = rng.randint(1, config.max_history)
+    episodes = [build_episode(model.tokenizer, rng, cfg.segment_tokens, cfg.summary_tokens,
+                              rng.sample(range(low, high + 1), config.questions), text_stream, wordings, fillers,
+                              config.key_digits)
+                for _ in range(config.episodes_per_step)]
+    longest = max(q.distance for e in episodes for q in e.questions)
+    books = FillerStream(text_stream, rng)
+    chain = [books.take(cfg.segment_tokens) for _ in range(history + longest - 1)]
+    plain = books.take(cfg.segment_tokens)
+    positions = sorted(rng.sample(range(cfg.segment_tokens - 1), max(1, (cfg.segment_tokens - 1) // 4)))
+    return StepData(history, chain, episodes, plain, positions)
+
+
+# ----- the reads ---------------------------------------------------------------------------------------
+
+
+def _autocast(model: HMTModel, enabled: bool) -> AbstractContextManager[Any]:
+    return torch.autocast(model.device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def _no_autocast(model: HMTModel) -> AbstractContextManager[Any]:
+    return torch.autocast(model.device.type, enabled=False)
+
+
+def recall_over(model: HMTModel, queries: Tensor, banks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Recall in float32 (never autocast) for rows of different bank lengths: (prompts [R, d], weights [R, n])."""
+    lengths = torch.tensor([bank.shape[0] for bank in banks], device=model.device)
+    memories = torch.zeros(len(banks), int(lengths.max()), model.dim, device=model.device)
+    for row, bank in enumerate(banks):
+        memories[row, :bank.shape[0]] = bank.float()
+    with _no_autocast(model):
+        weights = model.recall_weights(queries.float(), memories, lengths)
+        prompts = torch.einsum("bn,bnd->bd", weights, memories)
+    initial = model.initial_memory.float().expand(len(banks), model.dim)
+    return torch.where((lengths > 0)[:, None], prompts, initial), weights
+
+
+def chain_states(model: HMTModel, segments: Sequence[Sequence[int]]) -> Iterator[Tensor]:
+    """Full segments read in order as one HMT session (no logits): the kept memories [n, d] after each segment,
+    as `score` writes them."""
+    cfg = model.hmt_config
+    ltm = torch.zeros(0, model.dim, device=model.device)
+    sensory: Tensor | None = None
+    for segment in segments:
+        tokens = torch.tensor([list(segment)], device=model.device)
+        query = model.summary_queries(tokens[:, :cfg.summary_tokens])
+        prompts, _ = recall_over(model, query, [ltm])
+        memory = model.segment_memories(prompts.to(model.dtype), sensory, tokens)
+        ltm = model.memory.write(ltm, memory[0].float(), cfg.ltm_context)
+        sensory = tokens[:, -cfg.num_sensory:] if cfg.num_sensory else None
+        yield ltm
+
+
+def chain_memories(model: HMTModel, segments: Sequence[Sequence[int]]) -> Tensor:
+    """The kept memories [n, d] after reading the segments as one HMT chain."""
+    states = list(chain_states(model, segments))
+    return states[-1] if states else torch.zeros(0, model.dim, device=model.device)
+
+
+def _queries(model: HMTModel, rows: Sequence[Sequence[int]]) -> Tensor:
+    """Summary queries of rows of any length (rows of one length share a forward)."""
+    out: list[Tensor | None] = [None] * len(rows)
+    for length in sorted({len(r) for r in rows}):
+        index = [i for i, r in enumerate(rows) if len(r) == length]
+        batch = model.summary_queries(torch.tensor([list(rows[i]) for i in index], device=model.device))
+        for i, query in zip(index, batch, strict=True):
+            out[i] = query
+    return torch.stack(cast(list[Tensor], out))
+
+
+def read_hidden(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]
+                ) -> tuple[Tensor, int]:
+    """Rows read as [p, E(sensory), E(tokens)], right-padded (causal: padding never reaches earlier positions).
+    Returns final hidden states [R, T, d] and the offset of token 0 (1 + k)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([list(s) + list(r) + [0] * (width - len(r)) for s, r in zip(sensory, rows, strict=True)],
+                       device=model.device)
+    embeds = torch.cat([prompts[:, None, :].to(model.dtype), model.embed(ids)], dim=1)
+    hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    return hidden, 1 + len(sensory[0])
+
+
+def _token_loss(model: HMTModel, hidden: Tensor, offset: int, rows: Sequence[Sequence[int]],
+                positions: Sequence[Sequence[int]]) -> Tensor:
+    """Mean cross-entropy of token rows[r][t] at each t in positions[r], predicted from the position before."""
+    row_index = [r for r, ps in enumerate(positions) for _ in ps]
+    at = [offset + t - 1 for ps in positions for t in ps]
+    targets = torch.tensor([rows[r][t] for r, ps in enumerate(positions) for t in ps], device=model.device)
+    logits = model.lm_logits(hidden[row_index, at]).float()
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def question_bank(distractors: Tensor, written: Tensor, history: int, distance: int) -> Tensor:
+    """The memories a question `distance` segments after the write reads: the history, the write's memory (at
+    slot `history`: the recall loss's target), then the distance - 1 distractors written after it."""
+    return torch.cat([distractors[:history], written[None], distractors[history:history + distance - 1]])
+
+
+@dataclass
+class StepLosses:
+    total: Tensor
+    parts: dict[str, float]
+
+
+def episode_losses(model: HMTModel, data: StepData, config: EpisodeConfig) -> StepLosses:
+    cfg = model.hmt_config
+    k, s = cfg.num_sensory, cfg.summary_tokens
+    with torch.no_grad(), _autocast(model, config.bf16):
+        distractors = chain_memories(model, data.chain)
+    history, chain = data.history, data.chain
+    episodes = data.episodes
+    with _autocast(model, config.bf16):
+        # the write segments: after the history, with gradients, no logits
+        writes = torch.tensor([e.write for e in episodes], device=model.device)
+        with torch.no_grad():  # the write's own prompt matters little to m_w: spare its backward
+            queries = model.summary_queries(writes[:, :s])
+        prompts, _ = recall_over(model, queries, [distractors[:history]] * len(episodes))
+        sensory = torch.tensor([chain[history - 1][-k:]] * len(episodes), device=model.device) if k else None
+        written = model.segment_memories(prompts.to(model.dtype), sensory, writes).float()  # [E, d]
+        log_probs = torch.log_softmax(model.lm_logits(written).float(), dim=-1)
+        bow = -log_probs.gather(1, writes).mean()
+        value_bow = torch.stack([-log_probs[i, e.values].mean() for i, e in enumerate(episodes)]).mean()
+        # the questions: bank = history, m_w, then d - 1 distractors
+        rows, banks, heads, senses, values = [], [], [], [], []
+        for i, episode in enumerate(episodes):
+            for q in episode.questions:
+                rows.append(q.tokens)
+                values.append(q.value_positions)
+                heads.append(q.tokens[:q.query_end])
+                banks.append(question_bank(distractors, written[i], history, q.distance))
+                senses.append(episode.write[-k:] if q.distance == 1 else chain[history + q.distance - 2][-k:])
+        q_prompts, weights = recall_over(model, _queries(model, heads), banks)
+        recall = -torch.log(weights[:, history].clamp_min(1e-9)).mean()
+        answer = torch.stack([_token_loss(model, *read_hidden(model, q_prompts[r:r + 1], [senses[r] if k else []],
+                                                              [rows[r]]), [rows[r]], [values[r]])
+                              for r in range(len(rows))]).mean()  # a row at a time: padding would cost ~40%
+        # the regularizer: a plain segment after every distractor
+        plain_prompt, _ = recall_over(model, _queries(model, [data.plain[:s]]), [distractors])
+        hidden, offset = read_hidden(model, plain_prompt, [chain[-1][-k:] if k else []], [data.plain])
+        lm = _token_loss(model, hidden, offset, [data.plain], [[t + 1 for t in data.lm_positions]])
+    total = (config.answer_weight * answer + config.recall_weight * recall + config.bow_weight * bow
+             + config.value_bow_weight * value_bow + config.lm_weight * lm)
+    parts = {"answer": answer, "recall": recall, "bow": bow, "value_bow": value_bow, "lm": lm, "total": total}
+    recalled = float(weights[:, history].detach().mean())
+    return StepLosses(total, {**{name: float(v.detach()) for name, v in parts.items()}, "recall_weight": recalled})
+
+
+# ----- the held-out evaluation: one chain per key, questions branching off it -----------------------
+
+
+@dataclass(frozen=True)
+class EvalKey:
+    key: int
+    segments: list[list[int]]  # intro + filler + the key line + filler, then filler: read as one chain
+    key_segment: int  # the segment holding the key line's end
+    questions: dict[int, tuple[list[int], list[int]]]  # distance -> (question segment head, answer tokens)
+
+
+def eval_keys(tokenizer: Any, segment_tokens: int, distances: Sequence[int], keys: int, filler: Sequence[int],
+              seed: int = 0, wording: PasskeyWording = STANDARD_WORDING, key_digits: int = 5) -> list[EvalKey]:
+    """Fixed held-out prompts: the standard (held-out) wording, filler from held-out text, key line and
+    question at random offsets; one chain per key long enough for the farthest distance."""
+    rng = random.Random(seed)
+    encode = encoder(tokenizer)
+    out = []
+    for _ in range(keys):
+        key = rng.randrange(10 ** (key_digits - 1), 10 ** key_digits)
+        stream = FillerStream(filler, rng)
+        tokens = (encode(wording.intro) if wording.intro else []) + stream.take(rng.randrange(segment_tokens))
+        tokens += encode(" " + wording.line(key))
+        key_segment = (len(tokens) - 1) // segment_tokens
+        total = (key_segment + max(distances)) * segment_tokens
+        tokens += stream.take(total - len(tokens))
+        segments = [tokens[i:i + segment_tokens] for i in range(0, total, segment_tokens)]
+        question = encode(" " + wording.question)
+        answer = encode(f" {key}")
+        questions = {d: (stream.take(rng.randrange(segment_tokens - len(question) - len(answer))) + question, answer)
+                     for d in distances}
+        out.append(EvalKey(key, segments, key_segment, questions))
+    return out
+
+
+@torch.no_grad()
+def evaluate_keys(model: HMTModel, keys: Sequence[EvalKey], bf16: bool = False) -> dict[str, dict[int, float]]:
+    """Per distance: the mean teacher-forced loss of the key's digits (nats per digit; ln 10 is chance) and the
+    share of keys whose every answer token is the argmax (what greedy decoding would write)."""
+    cfg = model.hmt_config
+    k, s = cfg.num_sensory, cfg.summary_tokens
+    losses: dict[int, list[float]] = {}
+    hits: dict[int, list[bool]] = {}
+    with _autocast(model, bf16):
+        for item in keys:
+            states = list(chain_states(model, item.segments))
+            for distance, (head, answer) in item.questions.items():
+                before = item.key_segment + distance  # segments read before the question's
+                row = head + answer
+                query = _queries(model, [row[:min(s, len(head))]])
+                prompt, _ = recall_over(model, query, [states[before - 1]])
+                hidden, offset = read_hidden(model, prompt, [item.segments[before - 1][-k:] if k else []], [row])
+                logits = model.lm_logits(hidden[0, offset + len(head) - 1:offset + len(row) - 1]).float()
+                log_probs = torch.log_softmax(logits, dim=-1)
+                digits = value_token_indices(model.tokenizer, answer)
+                losses.setdefault(distance, []).append(float(-log_probs[digits, [answer[i] for i in digits]].mean()))
+                hits.setdefault(distance, []).append(logits.argmax(-1).tolist() == answer)
+    return {"digit_loss": {d: sum(v) / len(v) for d, v in sorted(losses.items())},
+            "accuracy": {d: sum(v) / len(v) for d, v in sorted(hits.items())}}
+
+
+# ----- parameters, schedule, checkpoints --------------------------------------------------------------
+
+
+def hmt_parameters(model: HMTModel) -> list[Tensor]:
+    return [model.initial_memory, model.summary_prompt, model.recall_wq.weight, model.recall_wk.weight]
+
+
+def prepare(model: HMTModel, config: EpisodeConfig) -> list[dict[str, Any]]:
+    """Marks what trains (a LoRA on every linear layer, or the whole backbone) and returns optimizer groups with
+    separate learning rates for HMT's own parameters and the backbone's."""
+    model.requires_grad_(False)
+    torch.manual_seed(config.seed)  # the LoRA's initialization
+    if config.backbone_training == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
+                          target_modules="all-linear", lora_dropout=0.0)
+        model.backbone = cast("PreTrainedModel", get_peft_model(model.backbone, lora))
+    else:
+        model.backbone.requires_grad_(True)
+    own = hmt_parameters(model)
+    for param in own:
+        param.requires_grad_(True)
+    ids = {id(p) for p in own}
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": own, "lr": config.lr_hmt, "name": "hmt"},
+            {"params": backbone, "lr": config.lr_backbone, "name": "backbone"}]
+
+
+def lr_scale(step: int, config: EpisodeConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine to a tenth
+
+
+def trainable_state(model: HMTModel) -> dict[str, Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: HMTModel, trainable: dict[str, Tensor], source: Path) -> None:
+    own = dict(model.named_parameters())
+    missing = [name for name, p in own.items() if p.requires_grad and name not in trainable]
+    unexpected = [name for name in trainable if name not in own or own[name].shape != trainable[name].shape]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit this model and configuration "
+                              f"(missing {missing[:2]}, unexpected {unexpected[:2]}): give the run's starting model")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            own[name].copy_(value.to(own[name].dtype))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted((p for p in out_dir.glob("checkpoint-*") if (p / META_FILE).is_file()),
+                   key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def save_checkpoint(model: HMTModel, optimizer: torch.optim.Optimizer, config: EpisodeConfig, out_dir: Path,
+                    step: int, keep: int = 2) -> Path:
+    path = out_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (STATE_FILE + ".tmp")
+    torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict()}, tmp)
+    tmp.replace(path / STATE_FILE)  # a crash mid-write never leaves a checkpoint that looks complete
+    (path / META_FILE).write_text(json.dumps({"step": step, "config": asdict(config)}, indent=1))
+    for old in sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+    return path
+
+
+def save_carry(model: HMTModel, optimizer: torch.optim.Optimizer, config: EpisodeConfig, path: Path,
+               step: int) -> None:
+    """What git carries between sessions: trainable weights in float32, Adam's moments in bfloat16 (half the
+    bytes; a resume from it is close to exact, a resume from a checkpoint directory is exact)."""
+    state = optimizer.state_dict()
+    moments = {index: {name: (value.to(torch.bfloat16) if name.startswith("exp_avg") else value)
+                       for name, value in entry.items()} for index, entry in state["state"].items()}
+    torch.save({"trainable": trainable_state(model), "optimizer": {**state, "state": moments}, "step": step,
+                "config": asdict(config)}, path)
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    optimizer.load_state_dict(saved)
+    for state in optimizer.state.values():
+        for name, value in state.items():
+            if isinstance(value, Tensor) and name.startswith("exp_avg"):
+                state[name] = value.float()
+
+
+# ----- the loop -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpisodeRun:
+    steps_done: int
+    log: list[dict[str, Any]] = field(default_factory=list)
+    output: Path | None = None
+
+
+def _append_log(out_dir: Path, entry: dict[str, Any]) -> None:
+    with (out_dir / LOG_FILE).open("a") as log:
+        log.write(json.dumps(entry) + "\n")
+
+
+def _truncate_log(out_dir: Path, step: int) -> list[dict[str, Any]]:
+    """On resume: drop log lines of steps past the checkpoint (they are about to be redone)."""
+    path = out_dir / LOG_FILE
+    if not path.is_file():
+        return []
+    kept = [entry for entry in map(json.loads, path.read_text().splitlines()) if entry.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+    return kept
+
+
+def train_episodes(model: HMTModel, text_stream: Sequence[int], config: EpisodeConfig, out_dir: str | Path,
+                   eval_filler: Sequence[int] | None = None, stop_after: int | None = None,
+                   carry: Path | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
+                   wordings: Sequence[PasskeyWording] = TRAINING_WORDINGS, fillers: Sequence[str] = TRAINING_FILLERS,
+                   eval_wording: PasskeyWording = STANDARD_WORDING) -> EpisodeRun:
+    """Trains `model` in place (its backbone wrapped by a LoRA when config says so) and returns the log.
+
+    Resumes from the newest checkpoint-<step>/ in out_dir (exact), else from `carry` when given (a file written
+    by save_carry: weights exact, Adam's moments rounded to bfloat16). Checkpoints every
+    config.save_every_seconds and at the end. stop_after: leave after this many steps of this call (the run
+    resumes later), without finishing the model. eval_filler: held-out text for the periodic evaluation."""
+    if model.tokenizer is None:
+        raise InvalidInputError("the episode trainer needs a model with a tokenizer")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = prepare(model, config)
+    lrs = [g["lr"] for g in groups]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    start = 0
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is not None:
+        saved = torch.load(checkpoint / STATE_FILE, map_location=model.device, weights_only=True)
+        load_trainable(model, saved["trainable"], checkpoint)
+        _restore_optimizer(optimizer, saved["optimizer"])
+        start = json.loads((checkpoint / META_FILE).read_text())["step"]
+    elif carry is not None and carry.is_file():
+        saved = torch.load(carry, map_location=model.device, weights_only=True)
+        load_trainable(model, saved["trainable"], carry)
+        _restore_optimizer(optimizer, saved["optimizer"])
+        start = int(saved["step"])
+    log = _truncate_log(out_dir, start)
+    evaluation = eval_keys(model.tokenizer, model.hmt_config.segment_tokens, config.eval_distances,
+                           config.eval_keys, eval_filler if eval_filler is not None else text_stream, seed=1,
+                           wording=eval_wording, key_digits=config.key_digits) \
+        if config.eval_every else []
+    last_save = time.monotonic()
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    for step in range(start, end):
+        began = time.perf_counter()
+        model.train()
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr * lr_scale(step, config)
+        losses = episode_losses(model, step_data(model, config, step, text_stream, wordings, fillers), config)
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        optimizer.step()
+        entry: dict[str, Any] = {"step": step + 1, **{k: round(v, 4) for k, v in losses.parts.items()},
+                 "grad_norm": round(grad_norm, 3), "seconds": round(time.perf_counter() - began, 2)}
+        if evaluation and (step + 1) % config.eval_every == 0:
+            model.eval()
+            entry["eval_fp32"] = evaluate_keys(model, evaluation)
+            if config.bf16:
+                entry["eval_bf16"] = evaluate_keys(model, evaluation, bf16=True)
+        entry = json.loads(json.dumps(entry))  # as the log file holds it (distances as strings), resumed or not
+        log.append(entry)
+        _append_log(out_dir, entry)
+        if progress is not None:
+            progress(entry)
+        if time.monotonic() - last_save >= config.save_every_seconds and step + 1 < end:
+            save_checkpoint(model, optimizer, config, out_dir, step + 1)
+            if carry is not None:
+                save_carry(model, optimizer, config, carry, step + 1)
+            last_save = time.monotonic()
+    model.eval()
+    if end > start:
+        save_checkpoint(model, optimizer, config, out_dir, end)
+        if carry is not None:
+            save_carry(model, optimizer, config, carry, end)
+    return EpisodeRun(end, log)
+
+
+def finish(model: HMTModel, out_dir: str | Path) -> Path:
+    """Fold the LoRA into the backbone's deltas and write a servable model directory (backbone by reference)."""
+    finish_backbone(model)
+    out = Path(out_dir)
+    model.save_pretrained(out, include_backbone=False)
+    return out
+
+
+__all__ = ["STAGES", "EpisodeConfig", "build_episode", "episode_losses", "evaluate_keys", "finish", "step_data",
+           "train_episodes"]

@@ -1,0 +1,176 @@
+"""The episode trainer (hmt_lab.episodes): the episodes it builds, the recall loss's target, exact resume, and
+that a tiny model learns to recall a pass key several segments back with it."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from hmt_core import HMTConfig, HMTModel
+from hmt_core.testing import SAMPLE_TEXTS, tiny_hmt_model
+from hmt_core.tokenizer import train_bpe_tokenizer
+from hmt_lab.episodes import (
+    EpisodeConfig,
+    build_episode,
+    episode_losses,
+    question_bank,
+    step_data,
+    train_episodes,
+)
+from hmt_lab.exercises import TRAINING_WORDINGS, PasskeyWording, encoder
+
+SHORT = PasskeyWording("", "key is {key}.", "key is")  # fits the tiny models' segments
+
+
+@pytest.fixture(scope="module")
+def tok():  # type: ignore[no-untyped-def]
+    return train_bpe_tokenizer([*SAMPLE_TEXTS, "0123456789 key is"], vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def stream(tok) -> list[int]:  # type: ignore[no-untyped-def]
+    return encoder(tok)(" ".join(SAMPLE_TEXTS))
+
+
+def tiny(tok, segment_tokens: int = 32, hidden: int = 32, seed: int = 0) -> HMTModel:  # type: ignore[no-untyped-def]
+    model = tiny_hmt_model("llama", HMTConfig(segment_tokens=segment_tokens, num_sensory=4, ltm_context=16,
+                                              recall_dim=16), vocab_size=len(tok), seed=seed,
+                           hidden_size=hidden, intermediate_size=2 * hidden)
+    model.tokenizer = tok
+    return model
+
+
+# ----- the episodes ---------------------------------------------------------------------------------------
+
+
+def test_no_query_reads_an_answer_token(tok, stream) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(0)
+    for _ in range(300):
+        episode = build_episode(tok, rng, 128, 64, rng.sample(range(1, 9), 3), stream, TRAINING_WORDINGS[2:3], [])
+        for q in episode.questions:
+            assert q.query_end <= q.answer_start and q.query_end <= 64
+            assert min(q.value_positions) >= q.answer_start
+            assert [q.tokens[i] for i in q.value_positions] == episode.values  # the scored tokens are the key's
+            assert len(q.tokens) <= 128 and q.tokens[-1] == q.tokens[max(q.value_positions) + 1]  # cut after "."
+
+
+def test_offsets_spread_over_the_whole_segment(tok, stream) -> None:  # type: ignore[no-untyped-def]
+    """Key lines and questions land anywhere: each quarter of the possible offsets gets its share."""
+    rng = random.Random(1)
+    key_quarters: Counter[int] = Counter()
+    question_quarters: Counter[int] = Counter()
+    for _ in range(400):
+        episode = build_episode(tok, rng, 128, 64, [1], stream, [SHORT], [])
+        line = len(encoder(tok)(" " + SHORT.line(episode.key)))
+        key_quarters[4 * episode.key_start // (128 - line + 1)] += 1
+        q = episode.questions[0]
+        room = 128 - (len(q.tokens) - q.answer_start) - len(encoder(tok)(" " + SHORT.question))
+        question_quarters[4 * (q.answer_start - len(encoder(tok)(" " + SHORT.question))) // (room + 1)] += 1
+    for quarters in (key_quarters, question_quarters):
+        assert sorted(quarters) == [0, 1, 2, 3]
+        assert min(quarters.values()) >= 60, quarters  # 100 expected each
+
+
+def test_distances_are_as_asked(tok, stream) -> None:  # type: ignore[no-untyped-def]
+    model = tiny(tok)
+    config = EpisodeConfig(stage="A", min_distance=3, max_distance=7, questions=3, episodes_per_step=4,
+                           key_digits=3, max_history=2)
+    seen: set[int] = set()
+    for step in range(20):
+        data = step_data(model, config, step, stream, [SHORT], [])
+        assert 1 <= data.history <= 2
+        longest = max(q.distance for e in data.episodes for q in e.questions)
+        assert len(data.chain) == data.history + longest - 1  # every question has its distractors
+        for episode in data.episodes:
+            distances = [q.distance for q in episode.questions]
+            assert distances == sorted(set(distances)) and len(distances) == 3
+            assert all(3 <= d <= 7 for d in distances)
+            assert len(episode.write) == 32 and 100 <= episode.key < 1000
+            seen.update(distances)
+    assert seen == {3, 4, 5, 6, 7}
+    assert step_data(model, config, 5, stream, [SHORT], []) == step_data(model, config, 5, stream, [SHORT], [])
+
+
+def test_the_recall_target_is_the_write_memory() -> None:
+    distractors = torch.arange(10.0)[:, None].expand(10, 4)
+    written = torch.full((4,), -1.0)
+    for history, distance in ((1, 1), (2, 3), (3, 5)):
+        bank = question_bank(distractors, written, history, distance)
+        assert bank.shape[0] == history + distance  # the history, the write, then distance - 1 distractors
+        assert torch.equal(bank[history], written)
+        assert bank[:history, 0].tolist() == list(range(history))
+        assert bank[history + 1:, 0].tolist() == list(range(history, history + distance - 1))
+
+
+def test_every_loss_reaches_what_it_trains(tok, stream) -> None:  # type: ignore[no-untyped-def]
+    model = tiny(tok)
+    config = EpisodeConfig(stage="A", max_distance=3, key_digits=3, bf16=False)
+    model.requires_grad_(True)
+    losses = episode_losses(model, step_data(model, config, 0, stream, [SHORT], []), config)
+    assert set(losses.parts) >= {"answer", "recall", "bow", "value_bow", "lm", "total", "recall_weight"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.parts.values())
+    losses.total.backward()
+    for param in (model.recall_wq.weight, model.recall_wk.weight, model.summary_prompt):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+
+
+# ----- resume ----------------------------------------------------------------------------------------------
+
+
+def _config(**overrides: object) -> EpisodeConfig:
+    base = {"stage": "A", "steps": 6, "max_distance": 3, "key_digits": 3, "backbone_training": "lora",
+            "lora_r": 2, "eval_every": 3, "eval_distances": (1, 3), "eval_keys": 2, "bf16": False,
+            "warmup_steps": 2}
+    return EpisodeConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def _trained(model: HMTModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tok, stream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    whole = tiny(tok)
+    whole_run = train_episodes(whole, stream, _config(), tmp_path / "whole", wordings=[SHORT], fillers=[],
+                               eval_wording=SHORT)
+    first = tiny(tok)
+    assert train_episodes(first, stream, _config(), tmp_path / "split", stop_after=4, wordings=[SHORT],
+                          fillers=[], eval_wording=SHORT).steps_done == 4
+    second = tiny(tok)  # a fresh process: the same starting model, the checkpoint in the directory
+    split_run = train_episodes(second, stream, _config(), tmp_path / "split", wordings=[SHORT], fillers=[],
+                               eval_wording=SHORT)
+    assert split_run.steps_done == whole_run.steps_done == 6
+    expected, got = _trained(whole), _trained(second)
+    assert expected.keys() == got.keys() and any("lora_B" in name for name in got)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    strip = [{k: v for k, v in entry.items() if k != "seconds"} for entry in whole_run.log]
+    assert strip == [{k: v for k, v in entry.items() if k != "seconds"} for entry in split_run.log]
+    assert "eval_fp32" in split_run.log[2] and "eval_fp32" in split_run.log[5]
+
+
+def test_a_run_resumes_from_its_carry_file(tok, stream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    carry = tmp_path / "carry.pt"
+    first = tiny(tok)
+    train_episodes(first, stream, _config(), tmp_path / "one", stop_after=3, carry=carry, wordings=[SHORT],
+                   fillers=[], eval_wording=SHORT)
+    assert carry.is_file()
+    second = tiny(tok)  # another machine: no checkpoint directory, only the carry file
+    run = train_episodes(second, stream, _config(), tmp_path / "two", stop_after=1, carry=carry, wordings=[SHORT],
+                         fillers=[], eval_wording=SHORT)
+    assert run.steps_done == 4 and run.log[-1]["step"] == 4
+
+
+def test_a_checkpoint_of_another_model_is_refused(tok, stream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from hmt_core.errors import CheckpointError
+
+    model = tiny(tok)
+    train_episodes(model, stream, _config(), tmp_path / "run", stop_after=1, wordings=[SHORT], fillers=[],
+                   eval_wording=SHORT)
+    other = tiny(tok, hidden=48)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train_episodes(other, stream, _config(), tmp_path / "run", stop_after=1, wordings=[SHORT], fillers=[],
+                       eval_wording=SHORT)
