@@ -281,6 +281,18 @@ def read_hidden(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int
     return hidden, 1 + len(sensory[0])
 
 
+def length_groups(lengths: Sequence[int], slack: float = 1.25) -> list[list[int]]:
+    """Row indices grouped for right-padded batches: sorted by length, a group's longest row at most `slack`
+    times its shortest (question rows are cut after their answers, so their lengths spread over a segment)."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and lengths[index] <= slack * lengths[groups[-1][0]]:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
 def _token_loss(model: HMTModel, hidden: Tensor, offset: int, rows: Sequence[Sequence[int]],
                 positions: Sequence[Sequence[int]]) -> Tensor:
     """Mean cross-entropy of token rows[r][t] at each t in positions[r], predicted from the position before."""
@@ -332,9 +344,13 @@ def episode_losses(model: HMTModel, data: StepData, config: EpisodeConfig) -> St
                 senses.append(episode.write[-k:] if q.distance == 1 else chain[history + q.distance - 2][-k:])
         q_prompts, weights = recall_over(model, _queries(model, heads), banks)
         recall = -torch.log(weights[:, history].clamp_min(1e-9)).mean()
-        answer = torch.stack([_token_loss(model, *read_hidden(model, q_prompts[r:r + 1], [senses[r] if k else []],
-                                                              [rows[r]]), [rows[r]], [values[r]])
-                              for r in range(len(rows))]).mean()  # a row at a time: padding would cost ~40%
+        scored = []
+        for group in length_groups([len(r) for r in rows]):
+            hidden, offset = read_hidden(model, q_prompts[group], [senses[r] if k else [] for r in group],
+                                         [rows[r] for r in group])
+            scored.append(_token_loss(model, hidden, offset, [rows[r] for r in group], [values[r] for r in group])
+                          * sum(len(values[r]) for r in group))
+        answer = torch.stack(scored).sum() / sum(len(v) for v in values)
         # the regularizer: a plain segment after every distractor
         plain_prompt, _ = recall_over(model, _queries(model, [data.plain[:s]]), [distractors])
         hidden, offset = read_hidden(model, plain_prompt, [chain[-1][-k:] if k else []], [data.plain])

@@ -174,3 +174,14 @@ def test_a_checkpoint_of_another_model_is_refused(tok, stream, tmp_path: Path) -
     with pytest.raises(CheckpointError, match="does not fit"):
         train_episodes(other, stream, _config(), tmp_path / "run", stop_after=1, wordings=[SHORT], fillers=[],
                        eval_wording=SHORT)
+
+
+def test_question_rows_batch_by_length() -> None:
+    from hmt_lab.episodes import length_groups
+
+    lengths = [40, 12, 200, 45, 13, 250, 100]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert max(lengths[i] for i in group) <= 1.25 * min(lengths[i] for i in group)
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[12, 13], [40, 45], [100], [200, 250]]
