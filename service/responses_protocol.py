@@ -1,0 +1,322 @@
+"""Request, response and event bodies of the Responses API (POST /v1/responses), as the Open
+Responses spec defines them for text output.
+
+What the model cannot take (image, file, audio or video input, built-in tools, background mode,
+reasoning options) and what this server does not build yet (function tools, structured output,
+conversations, tool outputs as input) is refused with a 400 that says so, never ignored: a client
+learns at once instead of getting something else than it asked for. Unknown fields are ignored,
+as OpenAI's SDKs add new ones over time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.protocol import Text, check_unicode
+
+INPUT_ROLES = ("user", "system", "developer", "assistant")
+TEXT_PARTS = ("input_text", "output_text")
+MEDIA_PARTS = ("input_image", "input_file", "input_audio", "input_video")
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # the spec's limits
+# tools that run on the provider's side: this server runs the model alone
+BUILT_IN_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use", "computer_use_preview",
+                  "code_interpreter", "image_generation", "mcp", "local_shell", "shell", "apply_patch", "custom")
+NOT_YET = "is not supported yet by this server"
+
+
+@dataclass(frozen=True)
+class InputMessage:
+    """One input message, its content parts joined into text."""
+
+    role: str  # as sent (developer stays developer in the stored items)
+    text: str
+    part: str  # the content part type it came as (input_text; output_text for assistant history)
+
+
+def parse_input(raw: str | list[dict[str, Any]]) -> list[InputMessage]:
+    """The input as messages; ValueError naming the item for anything that is not a text message."""
+    if isinstance(raw, str):
+        return [InputMessage("user", raw, "input_text")]
+    if not raw:
+        raise ValueError("input: give a string or at least one message item")
+    return [_message(i, item) for i, item in enumerate(raw)]
+
+
+def _message(i: int, item: dict[str, Any]) -> InputMessage:
+    where = f"input[{i}]"
+    kind = item.get("type", "message")
+    if kind in ("function_call_output", "function_call"):
+        raise ValueError(f"{where}: {kind} items: function tools {NOT_YET}")
+    if kind == "item_reference":
+        raise ValueError(f"{where}: item references {NOT_YET}; continue with previous_response_id")
+    if kind != "message":
+        raise ValueError(f"{where}: items of type {kind!r} are not supported (give message items)")
+    role = item.get("role")
+    if role not in INPUT_ROLES:
+        raise ValueError(f"{where}: role {role!r} is not supported (use one of {', '.join(INPUT_ROLES)})")
+    content = item.get("content")
+    if isinstance(content, str):
+        return InputMessage(role, check_unicode(content), "output_text" if role == "assistant" else "input_text")
+    if not isinstance(content, list):
+        raise ValueError(f"{where}.content: give a string or a list of content parts")
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        part_type = part.get("type") if isinstance(part, dict) else None
+        if part_type in MEDIA_PARTS:
+            raise ValueError(f"{where}.content[{j}]: {part_type} is not supported: this model reads text only")
+        if part_type not in TEXT_PARTS or not isinstance(part.get("text"), str):  # type: ignore[union-attr]
+            raise ValueError(f"{where}.content[{j}]: give input_text parts ({{'type': 'input_text', 'text': ...}})")
+        texts.append(check_unicode(part["text"]))  # type: ignore[index]
+    return InputMessage(role, "".join(texts), "output_text" if role == "assistant" else "input_text")
+
+
+class CreateResponse(BaseModel):
+    """POST /v1/responses. Accepted and echoed without effect: `truncation` (an HMT session never
+    outgrows its context: its memory is bounded), `user`, `safety_identifier`, `prompt_cache_key`,
+    `parallel_tool_calls`, `service_tier`."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+    model: str
+    input: Text | list[dict[str, Any]] | None = None
+    instructions: Text | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+    # refused unless at their defaults (see _supported)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_tool_calls: int | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    background: bool | None = None
+    conversation: str | dict[str, Any] | None = None
+    include: list[str] | None = None
+    prompt: dict[str, Any] | None = None
+    top_logprobs: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CreateResponse:
+        if self.input is None:
+            raise ValueError("input: required (a string or message items)")
+        parse_input(self.input)
+        if self.background:
+            raise ValueError("background: true is not supported (a response runs within its request; "
+                             "use stream: true to see it as it is made)")
+        if self.reasoning and any(v is not None for v in self.reasoning.values()):
+            raise ValueError("reasoning: this model has no reasoning options")
+        for tool in self.tools or []:
+            kind = str(tool.get("type"))
+            if kind == "function":
+                raise ValueError(f"tools: function tools {NOT_YET}")
+            if kind.startswith(BUILT_IN_TOOLS):
+                raise ValueError(f"tools: the built-in tool {kind!r} is not supported: this server runs the model "
+                                 "alone, with no tools of its own")
+            raise ValueError(f"tools: tools of type {kind!r} are not supported")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError(f"tool_choice: only 'none' and 'auto' (without tools); forcing a tool {NOT_YET}")
+        text_format = (self.text or {}).get("format") or {}
+        if not isinstance(text_format, dict) or text_format.get("type", "text") != "text":
+            named = text_format.get("type") if isinstance(text_format, dict) else text_format
+            raise ValueError(f"text.format: {named!r} (structured output) {NOT_YET}; only {{'type': 'text'}}")
+        if (self.text or {}).get("verbosity") not in (None, "medium"):
+            raise ValueError("text.verbosity: only 'medium' (this model has no verbosity control)")
+        if self.conversation is not None:
+            raise ValueError(f"conversation: conversations {NOT_YET}; continue with previous_response_id")
+        if self.include:
+            raise ValueError(f"include: {', '.join(self.include)} {NOT_YET}")
+        if self.prompt is not None:
+            raise ValueError(f"prompt: prompt templates {NOT_YET}")
+        if self.top_logprobs:
+            raise ValueError(f"top_logprobs: logprobs {NOT_YET}")
+        if self.frequency_penalty or self.presence_penalty:
+            raise ValueError("frequency_penalty and presence_penalty are not supported")
+        if self.metadata is not None:
+            if len(self.metadata) > MAX_METADATA_KEYS:
+                raise ValueError(f"metadata: at most {MAX_METADATA_KEYS} keys")
+            for key, value in self.metadata.items():
+                if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+                    raise ValueError(f"metadata: keys of at most {MAX_METADATA_KEY} characters, values of at "
+                                     f"most {MAX_METADATA_VALUE}")
+        return self
+
+    @property
+    def messages(self) -> list[InputMessage]:
+        assert self.input is not None  # checked in _supported
+        return parse_input(self.input)
+
+
+# ----- the response object ---------------------------------------------------------------------
+
+class InputText(BaseModel):
+    type: Literal["input_text"] = "input_text"
+    text: str
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[dict[str, Any]] = Field(default_factory=list)
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class MessageItem(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: ItemStatus = "completed"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: list[InputText | OutputText]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="tokens of the conversation the memory already held: not read again")
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int = Field(description="the whole context: the tokens held in memory plus those read now")
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class IncompleteDetails(BaseModel):
+    reason: str
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"] = "text"
+
+
+class TextConfig(BaseModel):
+    format: TextFormat = Field(default_factory=TextFormat)
+    verbosity: Literal["medium"] = "medium"
+
+
+ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed", "cancelled"]
+
+
+class ResponseObject(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    completed_at: int | None = None
+    status: ResponseStatus
+    incomplete_details: IncompleteDetails | None = None
+    model: str
+    previous_response_id: str | None = None
+    instructions: str | None = None
+    output: list[MessageItem] = Field(default_factory=list)
+    error: ResponseError | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto"] = "auto"
+    truncation: Literal["auto", "disabled"] = "disabled"
+    parallel_tool_calls: bool = True
+    text: TextConfig = Field(default_factory=TextConfig)
+    top_p: float
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int = 0
+    temperature: float
+    reasoning: None = None
+    usage: ResponseUsage | None = None
+    max_output_tokens: int | None = None
+    max_tool_calls: int | None = None
+    store: bool
+    background: bool = False
+    service_tier: str = "default"
+    metadata: dict[str, str] = Field(default_factory=dict)
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    user: str | None = None
+
+
+class InputItemList(BaseModel):
+    """GET /v1/responses/{id}/input_items: a cursor page."""
+
+    object: Literal["list"] = "list"
+    data: list[MessageItem]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: Literal[True] = True
+
+
+# ----- streaming events (each the `data` of an SSE event named by its type) ---------------------
+
+class ResponseEvent(BaseModel):
+    """response.created, .in_progress, .completed, .incomplete, .failed."""
+
+    type: Literal["response.created", "response.in_progress", "response.completed", "response.incomplete",
+                  "response.failed"]
+    sequence_number: int
+    response: ResponseObject
+
+
+class OutputItemEvent(BaseModel):
+    type: Literal["response.output_item.added", "response.output_item.done"]
+    sequence_number: int
+    output_index: int
+    item: MessageItem
+
+
+class ContentPartEvent(BaseModel):
+    type: Literal["response.content_part.added", "response.content_part.done"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    part: OutputText
+
+
+class TextDeltaEvent(BaseModel):
+    type: Literal["response.output_text.delta"] = "response.output_text.delta"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class TextDoneEvent(BaseModel):
+    type: Literal["response.output_text.done"] = "response.output_text.done"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)

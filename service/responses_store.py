@@ -1,0 +1,122 @@
+"""Stored responses (/v1/responses): each one an HMT session of its own, in Redis.
+
+A stored response is a session whose state is the model's memory after that turn (its input and
+its reply read), so `previous_response_id` resumes it on any replica by reading only the new
+input, and two responses that name the same one both start from that same state (the previous
+state is only read, never written: stored responses do not change). Beside the state, in the same
+atomic save (store.SideWrites), the session's hash keeps the response object, its input items and
+the chat template's text still owed after the reply (`pending`, as service.conversation computes it).
+
+They live in a SessionStore of their own: the key prefix `<key_prefix>responses:` (so they are not
+listed among the /sessions) and the TTL `--response-ttl-s`, which the store's save script sets on
+every key of the response atomically with the write. Each API key's ids are its own namespace (the
+store scopes keys by owner): another key's response id is simply not there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from service.errors import APIError
+from service.responses_protocol import MessageItem, ResponseObject
+from service.session_service import Service
+from service.store import Lease, SessionNotFoundError, SessionStore, SideWrites, StoreUnavailableError
+from service.worker import Job
+
+RESPONSE_FIELD = "response"  # the response object (JSON)
+INPUT_FIELD = "input_items"  # its input items (JSON list)
+PENDING_FIELD = "pending"  # template text after the reply that the state has not read yet
+ID_PATTERN = re.compile(r"resp_[0-9a-f]{32}")
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class Base:
+    """What a continuation starts from: the previous response's state and its pending text."""
+
+    state: bytes
+    pending: str
+
+
+class ResponseStore:
+    def __init__(self, service: Service) -> None:
+        settings = service.settings
+        self.ttl_s = settings.response_ttl_s
+        self.store = SessionStore(service.store.target.url, f"{settings.key_prefix}responses:", settings.response_ttl_s,
+                                  settings.lock_ttl_s, settings.lock_wait_s, settings.redis_wait_replicas,
+                                  settings.redis_wait_s)
+        # the same service (model, worker, signing key) whose jobs save into this store
+        self.writer = copy.copy(service)
+        self.writer.store = self.store
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def base(self, response_id: str, owner: str) -> Base:
+        """The previous response to continue; 404 previous_response_not_found when it is unknown,
+        expired, deleted, not stored, or another API key's."""
+        missing = APIError(404, "previous_response_not_found",
+                           f"Previous response with id {response_id!r} not found.")
+        if ID_PATTERN.fullmatch(response_id) is None:
+            raise missing
+        try:
+            state, _ = await self.store.get(response_id, owner)
+        except SessionNotFoundError:
+            raise missing from None
+        pending = await self.store.field(response_id, owner, PENDING_FIELD)
+        if pending is None:  # deleted between the two reads
+            raise missing
+        return Base(state, pending.decode())
+
+    async def launch(self, response_id: str, owner: str, run: Callable[[Lease], tuple[Job, Any]]) -> tuple[Job, Any]:
+        """Run `run(lease)` (which hands the lease to Service.launch) on the new response's session."""
+        async with self.store.leased(response_id, owner, must_exist=False) as lease:
+            return run(lease)
+
+    @staticmethod
+    def writes(response: ResponseObject, items: list[MessageItem], pending: str) -> SideWrites:
+        return SideWrites(fields={RESPONSE_FIELD: response.model_dump_json().encode(),
+                                  INPUT_FIELD: json.dumps([i.model_dump() for i in items]).encode(),
+                                  PENDING_FIELD: pending.encode()})
+
+    async def saved(self, owner: str) -> None:
+        """After a save: drop listing entries older than the TTL (their responses have expired), so
+        the store's per-owner listing does not grow with every response ever made."""
+        if self.ttl_s:
+            with contextlib.suppress(StoreUnavailableError):
+                async with self.store._op("write"):
+                    await self.store.redis.zremrangebyscore(self.store._listing_key(owner), "-inf",
+                                                            time.time() - self.ttl_s)
+
+    async def _field(self, response_id: str, owner: str, name: str) -> bytes:
+        if ID_PATTERN.fullmatch(response_id) is not None:
+            raw = await self.store.field(response_id, owner, name)
+            if raw is not None and await self.store.exists_for(response_id, owner):
+                return raw
+        raise APIError(404, "not_found", f"Response with id {response_id!r} not found.")
+
+    async def get(self, response_id: str, owner: str) -> ResponseObject:
+        return ResponseObject.model_validate_json(await self._field(response_id, owner, RESPONSE_FIELD))
+
+    async def input_items(self, response_id: str, owner: str) -> list[MessageItem]:
+        raw = await self._field(response_id, owner, INPUT_FIELD)
+        return [MessageItem.model_validate(item) for item in json.loads(raw)]
+
+    async def delete(self, response_id: str, owner: str) -> None:
+        if ID_PATTERN.fullmatch(response_id) is None:
+            raise APIError(404, "not_found", f"Response with id {response_id!r} not found.")
+        try:
+            await self.store.delete(response_id, owner)
+        except SessionNotFoundError:
+            raise APIError(404, "not_found", f"Response with id {response_id!r} not found.") from None

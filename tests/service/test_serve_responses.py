@@ -1,0 +1,306 @@
+"""The Responses API (/v1/responses), driven by the official `openai` package against live servers
+sharing one Redis. Every response object and streaming event is validated against the Open
+Responses schema (the `openresponses-types` models)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import openresponses_types as spec
+import pytest
+from serve_helpers import Fleet, RedisServer, Server
+
+EVENT_MODELS: dict[str, type[Any]] = {
+    "response.created": spec.ResponseCreatedStreamingEvent,
+    "response.in_progress": spec.ResponseInProgressStreamingEvent,
+    "response.output_item.added": spec.ResponseOutputItemAddedStreamingEvent,
+    "response.content_part.added": spec.ResponseContentPartAddedStreamingEvent,
+    "response.output_text.delta": spec.ResponseOutputTextDeltaStreamingEvent,
+    "response.output_text.done": spec.ResponseOutputTextDoneStreamingEvent,
+    "response.content_part.done": spec.ResponseContentPartDoneStreamingEvent,
+    "response.output_item.done": spec.ResponseOutputItemDoneStreamingEvent,
+    "response.completed": spec.ResponseCompletedStreamingEvent,
+    "response.incomplete": spec.ResponseIncompleteStreamingEvent,
+    "response.failed": spec.ResponseFailedStreamingEvent,
+}
+
+
+def sdk_for(server: Server, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def sdk(server: Server) -> Iterator[openai.OpenAI]:
+    with sdk_for(server) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model_id(sdk: openai.OpenAI) -> str:
+    return sdk.models.list().data[0].id
+
+
+def valid(response: openai.types.responses.Response | dict[str, Any]) -> dict[str, Any]:
+    """The response as JSON, checked against the Open Responses schema."""
+    data = response if isinstance(response, dict) else response.model_dump(mode="json")
+    spec.ResponseResource.model_validate(data)
+    return data
+
+
+def create(sdk: openai.OpenAI, model: str, tokens: int = 5, **kwargs: Any) -> openai.types.responses.Response:
+    response = sdk.responses.create(model=model, max_output_tokens=tokens, temperature=0, **kwargs)
+    valid(response)
+    return response
+
+
+def read(response: openai.types.responses.Response) -> int:
+    """Tokens this response read: its input less what the memory already held."""
+    usage = response.usage
+    assert usage is not None
+    return usage.input_tokens - usage.input_tokens_details.cached_tokens
+
+
+def held(response: openai.types.responses.Response) -> int:
+    """Tokens in the memory once the response is done: everything read and written so far."""
+    usage = response.usage
+    assert usage is not None
+    return usage.input_tokens + usage.output_tokens
+
+
+def raw_events(server: Server, body: dict[str, Any], key: str | None = None) -> list[dict[str, Any]]:
+    """A streamed response's events as sent, each checked against its Open Responses model."""
+    events = []
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.stream("POST", f"{server.url}/v1/responses", json={**body, "stream": True}, headers=headers,
+                      timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                assert data["type"] == name, (name, data)
+                EVENT_MODELS[data["type"]].model_validate(data)
+                events.append(data)
+    return events
+
+
+def test_create_retrieve_and_input_items(sdk: openai.OpenAI, model_id: str) -> None:
+    response = create(sdk, model_id, input="hello world", metadata={"topic": "greeting"}, user="someone",
+                      truncation="auto", safety_identifier="user-1")
+    assert response.id.startswith("resp_") and response.object == "response" and response.model == model_id
+    assert response.status in ("completed", "incomplete") and response.store is True
+    assert response.output[0].type == "message" and response.output[0].role == "assistant"
+    assert response.output_text == response.output[0].content[0].text  # type: ignore[union-attr]
+    usage = response.usage
+    assert usage is not None and usage.input_tokens_details.cached_tokens == 0 and 1 <= usage.output_tokens <= 5
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert response.metadata == {"topic": "greeting"} and response.truncation == "auto"
+    if response.status == "incomplete":
+        assert response.incomplete_details is not None
+        assert response.incomplete_details.reason == "max_output_tokens"
+    again = sdk.responses.retrieve(response.id)
+    assert valid(again) == valid(response)
+
+    items = list(sdk.responses.input_items.list(response.id))
+    assert len(items) == 1 and items[0].type == "message" and items[0].role == "user"  # type: ignore[union-attr]
+    assert items[0].content[0].type == "input_text"  # type: ignore[union-attr]
+    assert items[0].content[0].text == "hello world"  # type: ignore[union-attr]
+
+
+def test_input_items_paginate_as_the_spec_says(sdk: openai.OpenAI, model_id: str) -> None:
+    texts = ["the quick brown fox", "jumps over", "the lazy dog"]
+    conversation = [{"role": "developer", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "input_text", "text": texts[0]}]},
+                    {"role": "assistant", "content": [{"type": "output_text", "text": texts[1]}]},
+                    {"type": "message", "role": "user", "content": texts[2]}]
+    response = create(sdk, model_id, input=conversation, instructions="answer in one word")  # type: ignore[arg-type]
+    assert response.instructions == "answer in one word"
+    page = sdk.responses.input_items.list(response.id, limit=3)  # newest first by default
+    assert page.has_more is True and len(page.data) == 3
+    assert [i.role for i in page.data] == ["user", "assistant", "user"]  # type: ignore[union-attr]
+    everything = list(sdk.responses.input_items.list(response.id, limit=1))  # the SDK follows the cursor
+    assert [i.role for i in everything] == ["user", "assistant", "user", "developer"]  # type: ignore[union-attr]
+    assert len({i.id for i in everything}) == 4
+    oldest = list(sdk.responses.input_items.list(response.id, order="asc"))
+    assert [i.id for i in oldest] == [i.id for i in everything][::-1]
+    assert oldest[2].content[0].type == "output_text"  # type: ignore[union-attr]
+    raw = sdk.responses.input_items.list(response.id, order="asc", after=oldest[1].id, limit=1)
+    assert [i.id for i in raw.data] == [oldest[2].id] and raw.has_more is True
+    assert raw.first_id == raw.last_id == oldest[2].id  # type: ignore[attr-defined]
+
+
+def test_streaming_sends_every_event_in_order(sdk: openai.OpenAI, server: Server, model_id: str) -> None:
+    body = {"model": model_id, "input": "hello world", "max_output_tokens": 6, "temperature": 0}
+    events = raw_events(server, body)
+    kinds = [e["type"] for e in events]
+    deltas = kinds.count("response.output_text.delta")
+    assert deltas >= 1
+    last = kinds[-1]
+    assert last in ("response.completed", "response.incomplete")
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", *["response.output_text.delta"] * deltas,
+                     "response.output_text.done", "response.content_part.done", "response.output_item.done", last]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["output"] == []
+    final = events[-1]["response"]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert final["output"][0]["content"][0]["text"] == text == events[-4]["text"]
+    item_id = final["output"][0]["id"]
+    assert {e["item_id"] for e in events if "item_id" in e} == {item_id}
+    assert events[2]["item"]["status"] == "in_progress" and events[-2]["item"] == final["output"][0]
+    # greedy from the same input: the same reply without streaming, and the streamed one is stored
+    plain = create(sdk, model_id, tokens=6, input="hello world")
+    assert plain.output_text == text
+    stored = httpx.get(f"{server.url}/v1/responses/{final['id']}").json()
+    assert valid(stored) == final
+
+    # the SDK's stream: the same events
+    streamed = list(sdk.responses.create(model=model_id, input="hello world", max_output_tokens=6, temperature=0,
+                                         stream=True))
+    assert [e.type for e in streamed] == kinds
+    assert streamed[-1].response.output_text == text  # type: ignore[union-attr]
+
+
+def test_previous_response_id_continues_on_another_replica(sdk: openai.OpenAI, fleet: Fleet, model_id: str,
+                                                           redis_server: RedisServer) -> None:
+    """The history is never read again: each turn reads only its new input, on either replica."""
+    first = create(sdk, model_id, input="hello world")
+    assert read(first) == held(first) - first.usage.output_tokens  # type: ignore[union-attr]
+    with sdk_for(fleet.get("second")) as other:
+        second = create(other, model_id, input="the lazy dog", previous_response_id=first.id)
+        assert second.previous_response_id == first.id
+        assert second.usage is not None and second.usage.input_tokens_details.cached_tokens == held(first)
+        third = create(sdk, model_id, input="the lazy dog", previous_response_id=second.id)
+        assert third.usage is not None and third.usage.input_tokens_details.cached_tokens == held(second)
+        assert read(third) == read(second) < held(second)  # constant cost per turn: only the new message
+        fourth = create(other, model_id, input="the lazy dog", previous_response_id=third.id, instructions="be brief")
+        assert read(fourth) > read(third)  # the instructions are read as a system message
+    assert redis_server.client().hget(f"hmt:responses:session:{{{third.id}}}", "state")  # its own state
+
+
+def test_two_continuations_branch_from_the_same_state(sdk: openai.OpenAI, model_id: str) -> None:
+    root = create(sdk, model_id, input="hierarchical memory")
+    left = create(sdk, model_id, input="the quick brown fox", previous_response_id=root.id)
+    right = create(sdk, model_id, input="the quick brown fox", previous_response_id=root.id)
+    other = create(sdk, model_id, input="sessions live in redis", previous_response_id=root.id)
+    assert len({left.id, right.id, other.id}) == 3
+    assert left.output_text == right.output_text  # greedy from one state: the continuation did not move it
+    for branch in (left, right, other):
+        assert branch.usage is not None and branch.usage.input_tokens_details.cached_tokens == held(root)
+    # a branch continues its own line: from the left branch's state, not the right one's
+    deeper = create(sdk, model_id, input="more", previous_response_id=left.id)
+    assert deeper.usage is not None and deeper.usage.input_tokens_details.cached_tokens == held(left)
+    # an unsaved continuation starts from the same state and answers the same
+    unsaved = create(sdk, model_id, input="the quick brown fox", previous_response_id=root.id, store=False)
+    assert unsaved.output_text == left.output_text and unsaved.store is False
+
+
+def test_store_false_and_delete(sdk: openai.OpenAI, model_id: str, redis_server: RedisServer) -> None:
+    unsaved = create(sdk, model_id, input="hello", store=False)
+    assert unsaved.store is False and unsaved.output_text is not None
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        sdk.responses.retrieve(unsaved.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        create(sdk, model_id, input="more", previous_response_id=unsaved.id)
+    assert caught.value.body["code"] == "previous_response_not_found"  # type: ignore[index]
+    assert not redis_server.client().keys(f"*{unsaved.id}*")
+
+    saved = create(sdk, model_id, input="hello")
+    assert redis_server.client().exists(f"hmt:responses:session:{{{saved.id}}}")
+    sdk.responses.delete(saved.id)
+    assert not redis_server.client().keys(f"*{saved.id}*")
+    for call in (lambda: sdk.responses.retrieve(saved.id), lambda: sdk.responses.delete(saved.id),
+                 lambda: list(sdk.responses.input_items.list(saved.id))):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.NotFoundError, match="Previous response"):
+        create(sdk, model_id, input="more", previous_response_id=saved.id)
+
+
+def test_responses_are_visible_only_to_their_api_key(fleet: Fleet, model_id: str) -> None:
+    server = fleet.get("auth")
+    with sdk_for(server, "key-one") as one, sdk_for(server, "key-two") as two:
+        mine = create(one, model_id, input="hello world")
+        assert create(one, model_id, input="more", previous_response_id=mine.id).usage is not None
+        with pytest.raises(openai.NotFoundError) as caught:
+            create(two, model_id, input="more", previous_response_id=mine.id)
+        unknown = "resp_" + "0" * 32
+        with pytest.raises(openai.NotFoundError) as unknown_caught:
+            create(two, model_id, input="more", previous_response_id=unknown)
+        # another key's id is exactly an unknown one, but for the id itself
+        assert caught.value.body == json.loads(json.dumps(unknown_caught.value.body).replace(unknown, mine.id))
+        assert caught.value.body["code"] == "previous_response_not_found"  # type: ignore[index]
+        for call in (lambda: two.responses.retrieve(mine.id), lambda: two.responses.delete(mine.id),
+                     lambda: list(two.responses.input_items.list(mine.id))):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert one.responses.retrieve(mine.id).id == mine.id  # the other key's delete did nothing
+    with sdk_for(server, "wrong") as bad, pytest.raises(openai.AuthenticationError):
+        bad.responses.retrieve(mine.id)
+
+
+def test_responses_expire_after_their_ttl(model_dir: Path, redis_server: RedisServer, tmp_path: Path) -> None:
+    server = Server(["--model", str(model_dir), "--redis-url", redis_server.url, "--response-ttl-s", "2"],
+                    tmp_path / "ttl.log").start()
+    try:
+        with sdk_for(server) as client:
+            model = client.models.list().data[0].id
+            response = create(client, model, input="hello world")
+            ttl = redis_server.client().pttl(f"hmt:responses:session:{{{response.id}}}")
+            assert 0 < ttl <= 2000
+            assert client.responses.retrieve(response.id).id == response.id
+            time.sleep(2.5)
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(response.id)
+            with pytest.raises(openai.NotFoundError, match="Previous response"):
+                create(client, model, input="more", previous_response_id=response.id)
+            assert not redis_server.client().keys(f"*{response.id}*")
+    finally:
+        server.stop()
+
+
+def test_what_the_model_cannot_take_is_a_clear_400(sdk: openai.OpenAI, server: Server, model_id: str) -> None:
+    image = [{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}]
+    file = [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]
+    tool_output = [{"type": "function_call_output", "call_id": "call_1", "output": "42"}]
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"input": image}, "input_image is not supported: this model reads text only"),
+        ({"input": file}, "input_file is not supported"),
+        ({"input": tool_output}, "function_call_output items: function tools is not supported yet"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "role 'tool'"),
+        ({"input": []}, "at least one message"),
+        ({"tools": [{"type": "web_search"}]}, "built-in tool 'web_search' is not supported"),
+        ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "built-in tool 'file_search'"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "function tools is not supported yet"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"background": True}, "background: true is not supported"),
+        ({"reasoning": {"effort": "low"}}, "no reasoning options"),
+        ({"text": {"format": {"type": "json_object"}}}, "'json_object' (structured output) is not supported yet"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}},
+         "'json_schema' (structured output) is not supported yet"),
+        ({"conversation": "conv_1"}, "conversations is not supported yet"),
+        ({"max_output_tokens": 100000}, "over this server's limit"),
+        ({"temperature": 3}, "temperature"),
+    ]
+    for overrides, message in cases:
+        kwargs = {"model": model_id, "input": "hi", "max_output_tokens": 2, **overrides}
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.responses.create(**kwargs)
+        assert message in caught.value.message, (overrides, caught.value.message)
+        body = caught.value.body
+        assert isinstance(body, dict) and body["type"] == "invalid_request_error" and body["code"], body
+        spec.Error.model_validate(body)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        sdk.responses.create(model="gpt-4o", input="hi")
+    with pytest.raises(openai.NotFoundError, match="Previous response"):
+        sdk.responses.create(model=model_id, input="hi", previous_response_id="resp_nope{}")
+    raw = httpx.post(f"{server.url}/v1/responses", content=b"{not json", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
