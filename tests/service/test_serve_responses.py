@@ -304,3 +304,24 @@ def test_what_the_model_cannot_take_is_a_clear_400(sdk: openai.OpenAI, server: S
         sdk.responses.create(model=model_id, input="hi", previous_response_id="resp_nope{}")
     raw = httpx.post(f"{server.url}/v1/responses", content=b"{not json", headers={"content-type": "application/json"})
     assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_client_leaving_mid_stream_still_stores_its_response(sdk: openai.OpenAI, server: Server,
+                                                               model_id: str) -> None:
+    body = {"model": model_id, "input": "hello world", "max_output_tokens": 250, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=30) as http, \
+            http.stream("POST", "/v1/responses", json=body) as response:
+        lines = response.iter_lines()
+        created = next(line for line in lines if line.startswith("data: "))
+        response_id = json.loads(created.removeprefix("data: "))["response"]["id"]
+    # saved by its own task (the reply so far is in the state), so it can be read and continued
+    deadline = time.monotonic() + 30
+    while (stored := httpx.get(f"{server.url}/v1/responses/{response_id}")).status_code == 404:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    data = valid(stored.json())
+    assert data["status"] == "cancelled" and data["output"][0]["status"] == "incomplete"
+    assert data["usage"]["output_tokens"] < 250
+    after = create(sdk, model_id, input="more", previous_response_id=response_id)
+    assert after.usage is not None and after.usage.input_tokens_details.cached_tokens == (
+        data["usage"]["input_tokens"] + data["usage"]["output_tokens"])
