@@ -3,7 +3,7 @@ Responses spec defines them for text output.
 
 What the model cannot take (image, file, audio or video input, built-in tools, background mode,
 reasoning options) and what this server does not build yet (function tools, structured output,
-conversations, tool outputs as input) is refused with a 400 that says so, never ignored: a client
+tool outputs as input) is refused with a 400 that says so, never ignored: a client
 learns at once instead of getting something else than it asked for. Unknown fields are ignored,
 as OpenAI's SDKs add new ones over time.
 """
@@ -137,8 +137,10 @@ class CreateResponse(BaseModel):
             raise ValueError(f"text.format: {named!r} (structured output) {NOT_YET}; only {{'type': 'text'}}")
         if (self.text or {}).get("verbosity") not in (None, "medium"):
             raise ValueError("text.verbosity: only 'medium' (this model has no verbosity control)")
-        if self.conversation is not None:
-            raise ValueError(f"conversation: conversations {NOT_YET}; continue with previous_response_id")
+        if self.conversation is not None and self.previous_response_id is not None:
+            raise ValueError("give at most one of conversation and previous_response_id")
+        if isinstance(self.conversation, dict) and not isinstance(self.conversation.get("id"), str):
+            raise ValueError("conversation: give its id, or {'id': ...}")
         if self.include:
             raise ValueError(f"include: {', '.join(self.include)} {NOT_YET}")
         if self.prompt is not None:
@@ -147,19 +149,86 @@ class CreateResponse(BaseModel):
             raise ValueError(f"top_logprobs: logprobs {NOT_YET}")
         if self.frequency_penalty or self.presence_penalty:
             raise ValueError("frequency_penalty and presence_penalty are not supported")
-        if self.metadata is not None:
-            if len(self.metadata) > MAX_METADATA_KEYS:
-                raise ValueError(f"metadata: at most {MAX_METADATA_KEYS} keys")
-            for key, value in self.metadata.items():
-                if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
-                    raise ValueError(f"metadata: keys of at most {MAX_METADATA_KEY} characters, values of at "
-                                     f"most {MAX_METADATA_VALUE}")
+        check_metadata(self.metadata)
         return self
 
     @property
     def messages(self) -> list[InputMessage]:
         assert self.input is not None  # checked in _supported
         return parse_input(self.input)
+
+    @property
+    def conversation_id(self) -> str | None:
+        if isinstance(self.conversation, dict):
+            return str(self.conversation["id"])
+        return self.conversation
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise ValueError(f"metadata: at most {MAX_METADATA_KEYS} keys")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise ValueError(f"metadata: keys of at most {MAX_METADATA_KEY} characters, values of at most "
+                             f"{MAX_METADATA_VALUE}")
+
+
+# ----- conversations ---------------------------------------------------------------------------
+
+MAX_ADDED_ITEMS = 20  # items per create or add, as the spec allows
+
+
+class _ConversationBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class CreateConversation(_ConversationBody):
+    items: list[dict[str, Any]] | None = Field(None, max_length=MAX_ADDED_ITEMS)
+    metadata: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> CreateConversation:
+        if self.items:
+            parse_input(self.items)
+        check_metadata(self.metadata)
+        return self
+
+
+class UpdateConversation(_ConversationBody):
+    metadata: dict[str, str]
+
+    @model_validator(mode="after")
+    def _valid(self) -> UpdateConversation:
+        check_metadata(self.metadata)
+        return self
+
+
+class AddItems(_ConversationBody):
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_ADDED_ITEMS)
+
+    @model_validator(mode="after")
+    def _valid(self) -> AddItems:
+        parse_input(self.items)
+        return self
+
+
+class ConversationObject(BaseModel):
+    id: str
+    object: Literal["conversation"] = "conversation"
+    created_at: int
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class DeletedConversation(BaseModel):
+    id: str
+    object: Literal["conversation.deleted"] = "conversation.deleted"
+    deleted: Literal[True] = True
+
+
+class ConversationRef(BaseModel):
+    id: str
 
 
 # ----- the response object ---------------------------------------------------------------------
@@ -257,10 +326,11 @@ class ResponseObject(BaseModel):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     user: str | None = None
+    conversation: ConversationRef | None = None
 
 
 class InputItemList(BaseModel):
-    """GET /v1/responses/{id}/input_items: a cursor page."""
+    """GET /v1/responses/{id}/input_items, GET /v1/conversations/{id}/items: a cursor page."""
 
     object: Literal["list"] = "list"
     data: list[MessageItem]

@@ -1,4 +1,5 @@
-"""Stored responses (/v1/responses): each one an HMT session of its own, in Redis.
+"""Stored responses (/v1/responses) and conversations (/v1/conversations): each an HMT session
+of its own, in Redis.
 
 A stored response is a session whose state is the model's memory after that turn (its input and
 its reply read), so `previous_response_id` resumes it on any replica by reading only the new
@@ -7,7 +8,14 @@ state is only read, never written: stored responses do not change). Beside the s
 atomic save (store.SideWrites), the session's hash keeps the response object, its input items and
 the chat template's text still owed after the reply (`pending`, as service.conversation computes it).
 
-They live in a SessionStore of their own: the key prefix `<key_prefix>responses:` (so they are not
+A conversation is a session that its responses continue in turn (one writer at a time, under the
+session's lock): its state is the memory after its last response, and a record beside it keeps the
+conversation's items, how many of them the state has read (items added through the items API are
+read by the next response), and its metadata. Deleting an item the state has read cannot make the
+memory forget it: the conversation is marked stale, and its next response reads the remaining
+items again from a fresh state.
+
+Both live in a SessionStore of their own: the key prefix `<key_prefix>responses:` (so they are not
 listed among the /sessions) and the TTL `--response-ttl-s`, which the store's save script sets on
 every key of the response atomically with the write. Each API key's ids are its own namespace (the
 store scopes keys by owner): another key's response id is simply not there.
@@ -21,8 +29,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import APIError
@@ -34,11 +42,34 @@ from service.worker import Job
 RESPONSE_FIELD = "response"  # the response object (JSON)
 INPUT_FIELD = "input_items"  # its input items (JSON list)
 PENDING_FIELD = "pending"  # template text after the reply that the state has not read yet
+CONVERSATION_FIELD = "conversation"  # a conversation's record (JSON)
 ID_PATTERN = re.compile(r"resp_[0-9a-f]{32}")
+CONVERSATION_PATTERN = re.compile(r"conv_[0-9a-f]{32}")
 
 
 def new_id(kind: str) -> str:
     return f"{kind}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class ConversationRecord:
+    created_at: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    items: list[MessageItem] = field(default_factory=list)
+    read: int = 0  # items[:read] are in the state
+    pending: str = ""  # template text after the last reply that the state has not read yet
+    stale: bool = False  # the state read an item since deleted: read them all again from a fresh state
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"created_at": self.created_at, "metadata": self.metadata, "read": self.read,
+                           "pending": self.pending, "stale": self.stale,
+                           "items": [item.model_dump() for item in self.items]}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConversationRecord:
+        raw = json.loads(data)
+        return cls(int(raw["created_at"]), dict(raw["metadata"]), [MessageItem.model_validate(i) for i in raw["items"]],
+                   int(raw["read"]), str(raw["pending"]), bool(raw["stale"]))
 
 
 @dataclass
@@ -112,6 +143,58 @@ class ResponseStore:
     async def input_items(self, response_id: str, owner: str) -> list[MessageItem]:
         raw = await self._field(response_id, owner, INPUT_FIELD)
         return [MessageItem.model_validate(item) for item in json.loads(raw)]
+
+    async def keep(self, response_id: str, owner: str, state: bytes, version: int, writes: SideWrites) -> None:
+        """Store a response made in a conversation as a response of its own (its state a copy of the
+        conversation's after it), so it can be retrieved and named by previous_response_id."""
+        async with self.store.leased(response_id, owner, must_exist=False) as lease:
+            await self.store.save(lease, state, version, writes)
+
+    # ----- conversations -----------------------------------------------------------------------
+
+    async def create_conversation(self, owner: str, state: bytes, version: int, record: ConversationRecord) -> str:
+        conversation_id = new_id("conv")
+        async with self.store.leased(conversation_id, owner, must_exist=False) as lease:
+            await self.store.save(lease, state, version, self.conversation_writes(record))
+        return conversation_id
+
+    @staticmethod
+    def conversation_writes(record: ConversationRecord) -> SideWrites:
+        return SideWrites(fields={CONVERSATION_FIELD: record.to_bytes()})
+
+    @contextlib.asynccontextmanager
+    async def conversation(self, conversation_id: str, owner: str) -> AsyncIterator[tuple[Lease, ConversationRecord]]:
+        """A conversation's lock, state and record for a block (handed over when a job takes the lease)."""
+        missing = APIError(404, "not_found", f"Conversation with id {conversation_id!r} not found.")
+        if CONVERSATION_PATTERN.fullmatch(conversation_id) is None:
+            raise missing
+        try:
+            async with self.store.leased(conversation_id, owner) as lease:
+                raw = await self.store.field(conversation_id, owner, CONVERSATION_FIELD)
+                if raw is None:
+                    raise missing
+                yield lease, ConversationRecord.from_bytes(raw)
+        except SessionNotFoundError:
+            raise missing from None
+
+    async def update_conversation(self, lease: Lease, record: ConversationRecord) -> None:
+        """A change of the record only (the state as it is)."""
+        await self.store.save(lease, lease.data, lease.version, self.conversation_writes(record))
+
+    async def read_conversation(self, conversation_id: str, owner: str) -> ConversationRecord:
+        if CONVERSATION_PATTERN.fullmatch(conversation_id) is not None:
+            raw = await self.store.field(conversation_id, owner, CONVERSATION_FIELD)
+            if raw is not None:
+                return ConversationRecord.from_bytes(raw)
+        raise APIError(404, "not_found", f"Conversation with id {conversation_id!r} not found.")
+
+    async def delete_conversation(self, conversation_id: str, owner: str) -> None:
+        if CONVERSATION_PATTERN.fullmatch(conversation_id) is None:
+            raise APIError(404, "not_found", f"Conversation with id {conversation_id!r} not found.")
+        try:
+            await self.store.delete(conversation_id, owner)
+        except SessionNotFoundError:
+            raise APIError(404, "not_found", f"Conversation with id {conversation_id!r} not found.") from None
 
     async def delete(self, response_id: str, owner: str) -> None:
         if ID_PATTERN.fullmatch(response_id) is None:

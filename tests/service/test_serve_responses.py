@@ -243,6 +243,15 @@ def test_responses_are_visible_only_to_their_api_key(fleet: Fleet, model_id: str
             with pytest.raises(openai.NotFoundError):
                 call()
         assert one.responses.retrieve(mine.id).id == mine.id  # the other key's delete did nothing
+        conversation = one.conversations.create()
+        create(one, model_id, input="hello", conversation=conversation.id)
+        for call in (lambda: two.conversations.retrieve(conversation.id),
+                     lambda: two.conversations.delete(conversation.id),
+                     lambda: list(two.conversations.items.list(conversation.id)),
+                     lambda: create(two, model_id, input="hello", conversation=conversation.id)):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert len(list(one.conversations.items.list(conversation.id))) == 2
     with sdk_for(server, "wrong") as bad, pytest.raises(openai.AuthenticationError):
         bad.responses.retrieve(mine.id)
 
@@ -286,7 +295,7 @@ def test_what_the_model_cannot_take_is_a_clear_400(sdk: openai.OpenAI, server: S
         ({"text": {"format": {"type": "json_object"}}}, "'json_object' (structured output) is not supported yet"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}},
          "'json_schema' (structured output) is not supported yet"),
-        ({"conversation": "conv_1"}, "conversations is not supported yet"),
+        ({"conversation": "conv_1", "previous_response_id": "resp_1"}, "at most one of conversation"),
         ({"max_output_tokens": 100000}, "over this server's limit"),
         ({"temperature": 3}, "temperature"),
     ]
@@ -301,7 +310,7 @@ def test_what_the_model_cannot_take_is_a_clear_400(sdk: openai.OpenAI, server: S
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         sdk.responses.create(model="gpt-4o", input="hi")
     with pytest.raises(openai.NotFoundError, match="Previous response"):
-        sdk.responses.create(model=model_id, input="hi", previous_response_id="resp_nope{}")
+        sdk.responses.create(model=model_id, input="hi", previous_response_id="resp_nope{}", max_output_tokens=2)
     raw = httpx.post(f"{server.url}/v1/responses", content=b"{not json", headers={"content-type": "application/json"})
     assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -325,3 +334,57 @@ def test_a_client_leaving_mid_stream_still_stores_its_response(sdk: openai.OpenA
     after = create(sdk, model_id, input="more", previous_response_id=response_id)
     assert after.usage is not None and after.usage.input_tokens_details.cached_tokens == (
         data["usage"]["input_tokens"] + data["usage"]["output_tokens"])
+
+
+def texts(items: Any) -> list[tuple[str, str]]:
+    return [(i.role, "".join(part.text for part in i.content)) for i in items]
+
+
+def test_conversations(sdk: openai.OpenAI, server: Server, model_id: str) -> None:
+    """A conversation is a session its responses continue: each reads only what is new to it."""
+    conversation = sdk.conversations.create(items=[{"type": "message", "role": "user", "content": "hello world"}],
+                                            metadata={"topic": "a"})
+    assert conversation.id.startswith("conv_") and conversation.metadata == {"topic": "a"}
+    assert sdk.conversations.update(conversation.id, metadata={"topic": "b"}).metadata == {"topic": "b"}
+    assert sdk.conversations.retrieve(conversation.id).metadata == {"topic": "b"}
+
+    first = create(sdk, model_id, input="the lazy dog", conversation=conversation.id)
+    assert first.conversation is not None and first.conversation.id == conversation.id
+    assert first.usage is not None and first.usage.input_tokens_details.cached_tokens == 0
+    items = list(sdk.conversations.items.list(conversation.id, order="asc"))
+    assert texts(items) == [("user", "hello world"), ("user", "the lazy dog"), ("assistant", first.output_text)]
+    # the response is stored apart too: a conversation turn and a previous_response_id turn agree
+    second = create(sdk, model_id, input="more", conversation=conversation.id)
+    apart = create(sdk, model_id, input="more", previous_response_id=first.id)
+    assert second.output_text == apart.output_text
+    assert second.usage is not None and apart.usage is not None
+    assert second.usage.input_tokens_details.cached_tokens == held(first)
+    assert second.usage.model_dump() == apart.usage.model_dump()
+
+    # an added item is read by the next response, before its input
+    added = sdk.conversations.items.create(conversation.id, items=[{"role": "user", "content": "the quick fox"}])
+    assert texts(added.data) == [("user", "the quick fox")]
+    third = create(sdk, model_id, input="more", conversation=conversation.id)
+    assert third.usage is not None and third.usage.input_tokens_details.cached_tokens == held(second)
+    assert read(third) > read(second)
+    item = sdk.conversations.items.retrieve(added.data[0].id, conversation_id=conversation.id)
+    assert texts([item]) == [("user", "the quick fox")]
+
+    # deleting an item the memory read: the next response reads the rest again from a fresh state
+    sdk.conversations.items.delete(items[1].id, conversation_id=conversation.id)
+    kept = texts(sdk.conversations.items.list(conversation.id, order="asc"))
+    assert ("user", "the lazy dog") not in kept and len(kept) == 7
+    fourth = create(sdk, model_id, input="more", conversation=conversation.id)
+    assert fourth.usage is not None and fourth.usage.input_tokens_details.cached_tokens == 0
+    assert read(fourth) > read(third)
+    page = sdk.conversations.items.list(conversation.id, limit=2)  # newest first
+    assert texts(page.data)[1] == ("user", "more") and page.has_more is True
+
+    assert sdk.conversations.delete(conversation.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        sdk.conversations.retrieve(conversation.id)
+    with pytest.raises(openai.NotFoundError, match="Conversation"):
+        create(sdk, model_id, input="more", conversation=conversation.id)
+    assert sdk.responses.retrieve(second.id).id == second.id  # its responses stay
+    raw = httpx.post(f"{server.url}/v1/conversations/conv_{'0' * 32}/items", json={"items": []})
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
