@@ -2,8 +2,8 @@
 Responses spec defines them for text output.
 
 What the model cannot take (image, file, audio or video input, built-in tools, background mode,
-reasoning options) and what this server does not build yet (function tools, structured output,
-tool outputs as input) is refused with a 400 that says so, never ignored: a client
+reasoning options) and what this server does not build yet (function tools, tool outputs as
+input) is refused with a 400 that says so, never ignored: a client
 learns at once instead of getting something else than it asked for. Unknown fields are ignored,
 as OpenAI's SDKs add new ones over time.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.protocol import Text, check_unicode
 
@@ -131,10 +131,7 @@ class CreateResponse(BaseModel):
             raise ValueError(f"tools: tools of type {kind!r} are not supported")
         if self.tool_choice not in (None, "none", "auto"):
             raise ValueError(f"tool_choice: only 'none' and 'auto' (without tools); forcing a tool {NOT_YET}")
-        text_format = (self.text or {}).get("format") or {}
-        if not isinstance(text_format, dict) or text_format.get("type", "text") != "text":
-            named = text_format.get("type") if isinstance(text_format, dict) else text_format
-            raise ValueError(f"text.format: {named!r} (structured output) {NOT_YET}; only {{'type': 'text'}}")
+        self.text_format  # noqa: B018  # validates it
         if (self.text or {}).get("verbosity") not in (None, "medium"):
             raise ValueError("text.verbosity: only 'medium' (this model has no verbosity control)")
         if self.conversation is not None and self.previous_response_id is not None:
@@ -156,6 +153,22 @@ class CreateResponse(BaseModel):
     def messages(self) -> list[InputMessage]:
         assert self.input is not None  # checked in _supported
         return parse_input(self.input)
+
+    @property
+    def text_format(self) -> TextFormat | JsonObjectFormat | JsonSchemaFormat:
+        raw = (self.text or {}).get("format") or {"type": "text"}
+        kind = raw.get("type") if isinstance(raw, dict) else raw
+        try:
+            if kind == "json_schema":
+                return JsonSchemaFormat.model_validate(raw)
+            if kind == "json_object":
+                return JsonObjectFormat.model_validate(raw)
+            if kind == "text":
+                return TextFormat.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"text.format: {problems}") from None
+        raise ValueError(f"text.format: type {kind!r} is not supported (text, json_object or json_schema)")
 
     @property
     def conversation_id(self) -> str | None:
@@ -285,8 +298,26 @@ class TextFormat(BaseModel):
     type: Literal["text"] = "text"
 
 
+class JsonObjectFormat(BaseModel):
+    """Any JSON object."""
+
+    type: Literal["json_object"] = "json_object"
+
+
+class JsonSchemaFormat(BaseModel):
+    """JSON that matches `schema` (always enforced, whatever `strict` says: sampling is constrained)."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    type: Literal["json_schema"] = "json_schema"
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
 class TextConfig(BaseModel):
-    format: TextFormat = Field(default_factory=TextFormat)
+    format: TextFormat | JsonObjectFormat | JsonSchemaFormat = Field(default_factory=TextFormat)
     verbosity: Literal["medium"] = "medium"
 
 

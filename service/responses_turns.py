@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from hmt_core import InvalidInputError, SessionState
+from service.constrained import JsonConstraint, SchemaCompiler
 from service.conversation import ChatTemplate, Message
 from service.errors import error_payload
 from service.openai_api import OpenAIFrontend
@@ -35,6 +36,8 @@ from service.responses_protocol import (
     InputMessage,
     InputText,
     InputTokensDetails,
+    JsonObjectFormat,
+    JsonSchemaFormat,
     MessageItem,
     OutputItemEvent,
     OutputText,
@@ -42,6 +45,7 @@ from service.responses_protocol import (
     ResponseEvent,
     ResponseObject,
     ResponseUsage,
+    TextConfig,
     TextDeltaEvent,
     TextDoneEvent,
 )
@@ -69,12 +73,14 @@ class Run:
     pending: str = ""
     items: list[MessageItem] = field(default_factory=list)  # its input items
     keep: bool = False  # a conversation's turn: store the response apart once the conversation is saved
+    constraint: JsonConstraint | None = None  # text.format json_schema / json_object
 
 
 class ResponsesFrontend:
     def __init__(self, service: Service, store: ResponseStore) -> None:
         self.service, self.store = service, store
         self.chat = OpenAIFrontend(service)  # the model's name and chat template, as /v1/chat uses them
+        self.compiler = SchemaCompiler(service.model, self.chat.template.stop_token_ids if self.chat.template else ())
 
     @property
     def template(self) -> ChatTemplate:
@@ -93,6 +99,12 @@ class ResponsesFrontend:
             top_p=1.0 if body.top_p is None else body.top_p,
             stop=template.stop_strings, stop_token_ids=template.stop_token_ids)
         conversation_id = body.conversation_id
+        text_format = body.text_format
+        constraint = None
+        if isinstance(text_format, JsonSchemaFormat):
+            constraint = await self.compiler.compile(text_format.json_schema)
+        elif isinstance(text_format, JsonObjectFormat):
+            constraint = await self.compiler.compile({"type": "object"})
         response = ResponseObject(
             id=new_id("resp"), created_at=int(time.time()), status="in_progress", model=self.chat.model_name,
             previous_response_id=body.previous_response_id, instructions=body.instructions,
@@ -101,27 +113,30 @@ class ResponsesFrontend:
             store=body.store, metadata=body.metadata or {}, safety_identifier=body.safety_identifier,
             prompt_cache_key=body.prompt_cache_key, user=body.user,
             conversation=ConversationRef(id=conversation_id) if conversation_id else None,
+            text=TextConfig(format=text_format),
             service_tier="default" if body.service_tier in (None, "auto") else body.service_tier)
         items = [input_item(m) for m in inputs]
         if conversation_id is not None:
-            return await self._in_conversation(owner, conversation_id, response, instructions, items, params)
+            return await self._in_conversation(owner, conversation_id, response, instructions, items, params,
+                                               constraint)
         if body.previous_response_id is not None:
             base = await self.store.base(body.previous_response_id, owner)
             state, pending = service.state_from(base.state), base.pending
         else:
             state, pending = service.model.new_session(), ""
         run = await self._prepare(response, state, pending, [*instructions, *map(chat_message, items)], items)
+        run.constraint = constraint
         if body.store:
             def side(result: JobResult) -> SideWrites:  # the response is saved with the state, atomically
                 final = self.finish(run, result)
                 return self.store.writes(final, run.items, run.pending)
 
             def launch(lease: Lease) -> tuple[Job, Any]:
-                return self.store.writer.launch(lease, owner, state, run.tokens, params, side)
+                return self.store.writer.launch(lease, owner, state, run.tokens, params, side, constraint)
 
             run.job, run.task = await self.store.launch(response.id, owner, launch)
         else:
-            run.job, run.task = service.run_unsaved(state, run.tokens, params)
+            run.job, run.task = service.run_unsaved(state, run.tokens, params, constraint)
         return run
 
     async def _prepare(self, response: ResponseObject, state: SessionState, pending: str, messages: list[Message],
@@ -134,7 +149,8 @@ class ResponsesFrontend:
                    items=items)
 
     async def _in_conversation(self, owner: str, conversation_id: str, response: ResponseObject,
-                               instructions: list[Message], items: list[MessageItem], params: Any) -> Run:
+                               instructions: list[Message], items: list[MessageItem], params: Any,
+                               constraint: JsonConstraint | None) -> Run:
         """A turn of a conversation, under its lock: it reads the items added since the last turn (all
         of them again from a fresh state when one it had read was deleted), then its own input."""
         service = self.service
@@ -154,7 +170,7 @@ class ResponsesFrontend:
                 after.read, after.pending = len(after.items), run.pending
                 return self.store.conversation_writes(after)
 
-            run.job, run.task = self.store.writer.launch(lease, owner, state, run.tokens, params, side)
+            run.job, run.task = self.store.writer.launch(lease, owner, state, run.tokens, params, side, constraint)
         return run
 
     def finish(self, run: Run, result: JobResult) -> ResponseObject:
