@@ -23,7 +23,7 @@ from service.responses_protocol import (
     DeletedConversation,
     DeletedResponse,
     InputItemList,
-    MessageItem,
+    Item,
     ResponseObject,
     UpdateConversation,
     parse_input,
@@ -34,7 +34,7 @@ from service.session_service import Service
 from service.streaming import token_events
 
 
-def _page(items: list[MessageItem], after: str | None, limit: int, order: str) -> InputItemList:
+def _page(items: list[Item], after: str | None, limit: int, order: str) -> InputItemList:
     ordered = items if order == "asc" else items[::-1]
     start = 0
     if after is not None:
@@ -137,9 +137,8 @@ def create_router(service: Service) -> APIRouter:
                 return index
         raise APIError(404, "not_found", f"Item with id {item_id!r} not found in this conversation.")
 
-    @router.get("/conversations/{conversation_id}/items/{item_id}", response_model=MessageItem,
-                tags=["conversations"])
-    async def get_item(conversation_id: str, item_id: str, owner: str = owner_dep) -> MessageItem:
+    @router.get("/conversations/{conversation_id}/items/{item_id}", response_model=Item, tags=["conversations"])
+    async def get_item(conversation_id: str, item_id: str, owner: str = owner_dep) -> Item:
         record = await store.read_conversation(conversation_id, owner)
         return record.items[find(record, item_id)]
 

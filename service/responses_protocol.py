@@ -2,18 +2,19 @@
 Responses spec defines them for text output.
 
 What the model cannot take (image, file, audio or video input, built-in tools, background mode,
-reasoning options) and what this server does not build yet (function tools, tool outputs as
-input) is refused with a 400 that says so, never ignored: a client
+reasoning options) and what this server does not build yet (allowed_tools, prompt templates,
+logprobs) is refused with a 400 that says so, never ignored: a client
 learns at once instead of getting something else than it asked for. Unknown fields are ignored,
 as OpenAI's SDKs add new ones over time.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from service.protocol import Text, check_unicode
 
@@ -25,15 +26,20 @@ MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # the spe
 BUILT_IN_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use", "computer_use_preview",
                   "code_interpreter", "image_generation", "mcp", "local_shell", "shell", "apply_patch", "custom")
 NOT_YET = "is not supported yet by this server"
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 @dataclass(frozen=True)
 class InputMessage:
-    """One input message, its content parts joined into text."""
+    """One input item: a message (its content parts joined into text), a function call (the
+    arguments as text) or a function call's output."""
 
-    role: str  # as sent (developer stays developer in the stored items)
+    role: str  # as sent (developer stays developer in the stored items); tool for a call's output
     text: str
     part: str  # the content part type it came as (input_text; output_text for assistant history)
+    kind: Literal["message", "function_call", "function_call_output"] = "message"
+    call_id: str = ""
+    name: str = ""
 
 
 def parse_input(raw: str | list[dict[str, Any]]) -> list[InputMessage]:
@@ -49,7 +55,22 @@ def _message(i: int, item: dict[str, Any]) -> InputMessage:
     where = f"input[{i}]"
     kind = item.get("type", "message")
     if kind in ("function_call_output", "function_call"):
-        raise ValueError(f"{where}: {kind} items: function tools {NOT_YET}")
+        call_id = item.get("call_id")
+        if not isinstance(call_id, str) or not 1 <= len(call_id) <= 64:
+            raise ValueError(f"{where}.call_id: give the call's id (1 to 64 characters)")
+        if kind == "function_call":
+            name, arguments = item.get("name"), item.get("arguments")
+            if not isinstance(name, str) or re.fullmatch(FUNCTION_NAME, name) is None:
+                raise ValueError(f"{where}.name: a function name matching {FUNCTION_NAME}")
+            if not isinstance(arguments, str):
+                raise ValueError(f"{where}.arguments: the arguments as a JSON string")
+            return InputMessage("assistant", check_unicode(arguments), "", kind, call_id, name)
+        output = item.get("output")
+        if isinstance(output, list):
+            output = _text_of(f"{where}.output", output)
+        if not isinstance(output, str):
+            raise ValueError(f"{where}.output: a string or input_text parts")
+        return InputMessage("tool", check_unicode(output), "", kind, call_id)
     if kind == "item_reference":
         raise ValueError(f"{where}: item references {NOT_YET}; continue with previous_response_id")
     if kind != "message":
@@ -62,15 +83,20 @@ def _message(i: int, item: dict[str, Any]) -> InputMessage:
         return InputMessage(role, check_unicode(content), "output_text" if role == "assistant" else "input_text")
     if not isinstance(content, list):
         raise ValueError(f"{where}.content: give a string or a list of content parts")
+    return InputMessage(role, _text_of(f"{where}.content", content),
+                        "output_text" if role == "assistant" else "input_text")
+
+
+def _text_of(where: str, parts: list[Any]) -> str:
     texts: list[str] = []
-    for j, part in enumerate(content):
+    for j, part in enumerate(parts):
         part_type = part.get("type") if isinstance(part, dict) else None
         if part_type in MEDIA_PARTS:
-            raise ValueError(f"{where}.content[{j}]: {part_type} is not supported: this model reads text only")
+            raise ValueError(f"{where}[{j}]: {part_type} is not supported: this model reads text only")
         if part_type not in TEXT_PARTS or not isinstance(part.get("text"), str):  # type: ignore[union-attr]
-            raise ValueError(f"{where}.content[{j}]: give input_text parts ({{'type': 'input_text', 'text': ...}})")
+            raise ValueError(f"{where}[{j}]: give input_text parts ({{'type': 'input_text', 'text': ...}})")
         texts.append(check_unicode(part["text"]))  # type: ignore[index]
-    return InputMessage(role, "".join(texts), "output_text" if role == "assistant" else "input_text")
+    return "".join(texts)
 
 
 class CreateResponse(BaseModel):
@@ -121,16 +147,18 @@ class CreateResponse(BaseModel):
                              "use stream: true to see it as it is made)")
         if self.reasoning and any(v is not None for v in self.reasoning.values()):
             raise ValueError("reasoning: this model has no reasoning options")
-        for tool in self.tools or []:
-            kind = str(tool.get("type"))
-            if kind == "function":
-                raise ValueError(f"tools: function tools {NOT_YET}")
-            if kind.startswith(BUILT_IN_TOOLS):
-                raise ValueError(f"tools: the built-in tool {kind!r} is not supported: this server runs the model "
-                                 "alone, with no tools of its own")
-            raise ValueError(f"tools: tools of type {kind!r} are not supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError(f"tool_choice: only 'none' and 'auto' (without tools); forcing a tool {NOT_YET}")
+        names = [tool.name for tool in self.functions]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            if choice.get("type") != "function" or choice.get("name") not in names:
+                raise ValueError("tool_choice: {'type': 'function', 'name': ...} naming one of the tools "
+                                 "(allowed_tools and built-in tools are not supported)")
+        elif choice not in (None, "none", "auto", "required"):
+            raise ValueError("tool_choice: 'none', 'auto', 'required' or {'type': 'function', 'name': ...}")
+        elif choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs function tools")
         self.text_format  # noqa: B018  # validates it
         if (self.text or {}).get("verbosity") not in (None, "medium"):
             raise ValueError("text.verbosity: only 'medium' (this model has no verbosity control)")
@@ -153,6 +181,30 @@ class CreateResponse(BaseModel):
     def messages(self) -> list[InputMessage]:
         assert self.input is not None  # checked in _supported
         return parse_input(self.input)
+
+    @property
+    def functions(self) -> list[FunctionTool]:
+        tools = []
+        for i, tool in enumerate(self.tools or []):
+            kind = str(tool.get("type"))
+            if kind.startswith(BUILT_IN_TOOLS):
+                raise ValueError(f"tools: the built-in tool {kind!r} is not supported: this server runs the model "
+                                 "alone, with no tools of its own")
+            if kind != "function":
+                raise ValueError(f"tools: tools of type {kind!r} are not supported")
+            try:
+                tools.append(FunctionTool.model_validate(tool))
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"tools[{i}]: {problems}") from None
+        return tools
+
+    @property
+    def forced_tools(self) -> list[FunctionTool]:
+        """The tools one of which the reply must call (tool_choice required, or one named)."""
+        if isinstance(self.tool_choice, dict):
+            return [t for t in self.functions if t.name == self.tool_choice["name"]]
+        return self.functions if self.tool_choice == "required" else []
 
     @property
     def text_format(self) -> TextFormat | JsonObjectFormat | JsonSchemaFormat:
@@ -269,6 +321,27 @@ class MessageItem(BaseModel):
     content: list[InputText | OutputText]
 
 
+class FunctionCallItem(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: ItemStatus = "completed"
+
+
+class FunctionCallOutputItem(BaseModel):
+    type: Literal["function_call_output"] = "function_call_output"
+    id: str
+    call_id: str
+    output: str
+    status: ItemStatus = "completed"
+
+
+Item = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")]
+ITEMS: TypeAdapter[list[Item]] = TypeAdapter(list[Item])
+
+
 class InputTokensDetails(BaseModel):
     cached_tokens: int = Field(description="tokens of the conversation the memory already held: not read again")
 
@@ -292,6 +365,16 @@ class ResponseError(BaseModel):
 
 class IncompleteDetails(BaseModel):
     reason: str
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class TextFormat(BaseModel):
@@ -334,10 +417,10 @@ class ResponseObject(BaseModel):
     model: str
     previous_response_id: str | None = None
     instructions: str | None = None
-    output: list[MessageItem] = Field(default_factory=list)
+    output: list[Item] = Field(default_factory=list)
     error: ResponseError | None = None
-    tools: list[dict[str, Any]] = Field(default_factory=list)
-    tool_choice: Literal["none", "auto"] = "auto"
+    tools: list[FunctionTool] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, str] = "auto"
     truncation: Literal["auto", "disabled"] = "disabled"
     parallel_tool_calls: bool = True
     text: TextConfig = Field(default_factory=TextConfig)
@@ -364,7 +447,7 @@ class InputItemList(BaseModel):
     """GET /v1/responses/{id}/input_items, GET /v1/conversations/{id}/items: a cursor page."""
 
     object: Literal["list"] = "list"
-    data: list[MessageItem]
+    data: list[Item]
     first_id: str | None
     last_id: str | None
     has_more: bool
@@ -391,7 +474,7 @@ class OutputItemEvent(BaseModel):
     type: Literal["response.output_item.added", "response.output_item.done"]
     sequence_number: int
     output_index: int
-    item: MessageItem
+    item: Item
 
 
 class ContentPartEvent(BaseModel):
@@ -421,3 +504,19 @@ class TextDoneEvent(BaseModel):
     content_index: int
     text: str
     logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class FunctionArgumentsDeltaEvent(BaseModel):
+    type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class FunctionArgumentsDoneEvent(BaseModel):
+    type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    arguments: str

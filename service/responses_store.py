@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import APIError
-from service.responses_protocol import MessageItem, ResponseObject
+from service.responses_protocol import ITEMS, Item, ResponseObject
 from service.session_service import Service
 from service.store import Lease, SessionNotFoundError, SessionStore, SideWrites, StoreUnavailableError
 from service.worker import Job
@@ -55,7 +55,7 @@ def new_id(kind: str) -> str:
 class ConversationRecord:
     created_at: int
     metadata: dict[str, str] = field(default_factory=dict)
-    items: list[MessageItem] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
     read: int = 0  # items[:read] are in the state
     pending: str = ""  # template text after the last reply that the state has not read yet
     stale: bool = False  # the state read an item since deleted: read them all again from a fresh state
@@ -68,7 +68,7 @@ class ConversationRecord:
     @classmethod
     def from_bytes(cls, data: bytes) -> ConversationRecord:
         raw = json.loads(data)
-        return cls(int(raw["created_at"]), dict(raw["metadata"]), [MessageItem.model_validate(i) for i in raw["items"]],
+        return cls(int(raw["created_at"]), dict(raw["metadata"]), ITEMS.validate_python(raw["items"]),
                    int(raw["read"]), str(raw["pending"]), bool(raw["stale"]))
 
 
@@ -116,7 +116,7 @@ class ResponseStore:
             return run(lease)
 
     @staticmethod
-    def writes(response: ResponseObject, items: list[MessageItem], pending: str) -> SideWrites:
+    def writes(response: ResponseObject, items: list[Item], pending: str) -> SideWrites:
         return SideWrites(fields={RESPONSE_FIELD: response.model_dump_json().encode(),
                                   INPUT_FIELD: json.dumps([i.model_dump() for i in items]).encode(),
                                   PENDING_FIELD: pending.encode()})
@@ -140,9 +140,8 @@ class ResponseStore:
     async def get(self, response_id: str, owner: str) -> ResponseObject:
         return ResponseObject.model_validate_json(await self._field(response_id, owner, RESPONSE_FIELD))
 
-    async def input_items(self, response_id: str, owner: str) -> list[MessageItem]:
-        raw = await self._field(response_id, owner, INPUT_FIELD)
-        return [MessageItem.model_validate(item) for item in json.loads(raw)]
+    async def input_items(self, response_id: str, owner: str) -> list[Item]:
+        return ITEMS.validate_json(await self._field(response_id, owner, INPUT_FIELD))
 
     async def keep(self, response_id: str, owner: str, state: bytes, version: int, writes: SideWrites) -> None:
         """Store a response made in a conversation as a response of its own (its state a copy of the

@@ -16,8 +16,9 @@ the new input.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -32,10 +33,16 @@ from service.responses_protocol import (
     ContentPartEvent,
     ConversationRef,
     CreateResponse,
+    FunctionArgumentsDeltaEvent,
+    FunctionArgumentsDoneEvent,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionTool,
     IncompleteDetails,
     InputMessage,
     InputText,
     InputTokensDetails,
+    Item,
     JsonObjectFormat,
     JsonSchemaFormat,
     MessageItem,
@@ -71,9 +78,10 @@ class Run:
     cached: int  # tokens the base state held
     final: ResponseObject | None = None
     pending: str = ""
-    items: list[MessageItem] = field(default_factory=list)  # its input items
+    items: list[Item] = field(default_factory=list)  # its input items
     keep: bool = False  # a conversation's turn: store the response apart once the conversation is saved
-    constraint: JsonConstraint | None = None  # text.format json_schema / json_object
+    tools: list[FunctionTool] = field(default_factory=list)  # a reply that calls one becomes a function_call
+    buffered: bool = False  # with tools the reply's kind is known at its end: stream its events then
 
 
 class ResponsesFrontend:
@@ -93,6 +101,9 @@ class ResponsesFrontend:
         self.chat.check_model(body.model)
         inputs = body.messages
         instructions = [Message("system", body.instructions)] if body.instructions else []
+        tools = body.functions if body.tool_choice != "none" else []
+        if tools:  # what the model is told (it has no tool format of its own): the calls it may answer with
+            instructions.append(Message("system", tools_prompt(tools)))
         params = service.sampling_params(
             max_tokens=body.max_output_tokens or service.settings.default_max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -101,7 +112,9 @@ class ResponsesFrontend:
         conversation_id = body.conversation_id
         text_format = body.text_format
         constraint = None
-        if isinstance(text_format, JsonSchemaFormat):
+        if body.forced_tools:  # tool_choice required or named: the reply is one of the calls
+            constraint = await self.compiler.compile({"anyOf": [call_schema(t) for t in body.forced_tools]})
+        elif isinstance(text_format, JsonSchemaFormat):
             constraint = await self.compiler.compile(text_format.json_schema)
         elif isinstance(text_format, JsonObjectFormat):
             constraint = await self.compiler.compile({"type": "object"})
@@ -109,23 +122,23 @@ class ResponsesFrontend:
             id=new_id("resp"), created_at=int(time.time()), status="in_progress", model=self.chat.model_name,
             previous_response_id=body.previous_response_id, instructions=body.instructions,
             truncation=body.truncation or "disabled", top_p=params.top_p, temperature=params.temperature,
-            tool_choice="none" if body.tool_choice == "none" else "auto", max_output_tokens=body.max_output_tokens,
+            max_output_tokens=body.max_output_tokens,
             store=body.store, metadata=body.metadata or {}, safety_identifier=body.safety_identifier,
             prompt_cache_key=body.prompt_cache_key, user=body.user,
             conversation=ConversationRef(id=conversation_id) if conversation_id else None,
-            text=TextConfig(format=text_format),
+            text=TextConfig(format=text_format), tools=body.functions,
+            tool_choice=body.tool_choice or "auto",  # type: ignore[arg-type]  # checked in CreateResponse
             service_tier="default" if body.service_tier in (None, "auto") else body.service_tier)
         items = [input_item(m) for m in inputs]
         if conversation_id is not None:
             return await self._in_conversation(owner, conversation_id, response, instructions, items, params,
-                                               constraint)
+                                               constraint, tools)
         if body.previous_response_id is not None:
             base = await self.store.base(body.previous_response_id, owner)
             state, pending = service.state_from(base.state), base.pending
         else:
             state, pending = service.model.new_session(), ""
-        run = await self._prepare(response, state, pending, [*instructions, *map(chat_message, items)], items)
-        run.constraint = constraint
+        run = await self._prepare(response, state, pending, [*instructions, *map(chat_message, items)], items, tools)
         if body.store:
             def side(result: JobResult) -> SideWrites:  # the response is saved with the state, atomically
                 final = self.finish(run, result)
@@ -140,17 +153,17 @@ class ResponsesFrontend:
         return run
 
     async def _prepare(self, response: ResponseObject, state: SessionState, pending: str, messages: list[Message],
-                       items: list[MessageItem]) -> Run:
+                       items: list[Item], tools: list[FunctionTool]) -> Run:
         """The text a turn reads on `state`: the messages as they continue it (or open a fresh one)."""
         prompt = self.template.render(messages, generation_prompt=True)
         text = pending + self.template.continuation(messages) if state.tokens_seen else prompt
         tokens = await self.service.tokens_of(text, None)
         return Run(response, None, None, messages, prompt, tokens, state.tokens_seen,  # type: ignore[arg-type]
-                   items=items)
+                   items=items, tools=tools, buffered=bool(tools))
 
     async def _in_conversation(self, owner: str, conversation_id: str, response: ResponseObject,
-                               instructions: list[Message], items: list[MessageItem], params: Any,
-                               constraint: JsonConstraint | None) -> Run:
+                               instructions: list[Message], items: list[Item], params: Any,
+                               constraint: JsonConstraint | None, tools: list[FunctionTool]) -> Run:
         """A turn of a conversation, under its lock: it reads the items added since the last turn (all
         of them again from a fresh state when one it had read was deleted), then its own input."""
         service = self.service
@@ -161,7 +174,7 @@ class ResponsesFrontend:
                 state, pending, unread = service.state_from(lease.data), record.pending, record.items[record.read:]
             state = replace(state, version=max(state.version, lease.version))  # the version only grows
             messages = [*map(chat_message, unread), *instructions, *map(chat_message, items)]
-            run = await self._prepare(response, state, pending, messages, items)
+            run = await self._prepare(response, state, pending, messages, items, tools)
             run.keep = response.store
 
             def side(result: JobResult) -> SideWrites:  # the conversation advances with the state, atomically
@@ -185,15 +198,20 @@ class ResponsesFrontend:
             status = "incomplete"
         elif result.finish_reason == "cancelled":  # the client went away mid-stream
             status = "cancelled"
-        message = MessageItem(id=self.message_id(run), status="incomplete" if status != "completed" else "completed",
-                              role="assistant", content=[OutputText(text=result.text)])
+        output: Item = MessageItem(id=self.message_id(run), role="assistant", content=[OutputText(text=result.text)],
+                                   status="incomplete" if status != "completed" else "completed")
+        call = as_call(result.text, run.tools) if status == "completed" else None
+        if call is not None:
+            name, arguments = call
+            output = FunctionCallItem(id="fc_" + run.response.id.removeprefix("resp_"), call_id=new_id("call"),
+                                      name=name, arguments=arguments)
         context = run.cached + len(run.tokens)  # input tokens: those held in memory and those read now
         usage = ResponseUsage(input_tokens=context, input_tokens_details=InputTokensDetails(cached_tokens=run.cached),
                               output_tokens=len(result.tokens), total_tokens=context + len(result.tokens))
         run.final = run.response.model_copy(update={
             "status": status, "completed_at": int(time.time()) if status == "completed" else None,
             "incomplete_details": IncompleteDetails(reason=INCOMPLETE[result.finish_reason or ""])
-            if status == "incomplete" else None, "output": [message], "usage": usage})
+            if status == "incomplete" else None, "output": [output], "usage": usage})
         return run.final
 
     @staticmethod
@@ -212,19 +230,40 @@ class ResponsesFrontend:
         item_id = self.message_id(run)
         where = {"item_id": item_id, "output_index": 0, "content_index": 0}
 
-        def message(status: Literal["in_progress", "completed", "incomplete"], text: str | None) -> MessageItem:
-            return MessageItem(id=item_id, status=status, role="assistant",
-                               content=[] if text is None else [OutputText(text=text)])
+        def opened(item: Item) -> Iterator[str]:
+            """The events that open an output item (a message: with its empty text part)."""
+            if isinstance(item, MessageItem):
+                empty = item.model_copy(update={"status": "in_progress", "content": []})
+                yield event(OutputItemEvent, type="response.output_item.added", output_index=0, item=empty)
+                yield event(ContentPartEvent, type="response.content_part.added", part=OutputText(text=""),
+                            **where)
+            elif isinstance(item, FunctionCallItem):
+                empty_call = item.model_copy(update={"status": "in_progress", "arguments": ""})
+                yield event(OutputItemEvent, type="response.output_item.added", output_index=0, item=empty_call)
+
+        def closed(item: Item, streamed: bool) -> Iterator[str]:
+            """The events that end an output item (its whole text as one delta when not streamed)."""
+            if isinstance(item, MessageItem):
+                part = item.content[0]
+                if not streamed and part.text:
+                    yield event(TextDeltaEvent, delta=part.text, **where)
+                yield event(TextDoneEvent, text=part.text, **where)
+                yield event(ContentPartEvent, type="response.content_part.done", part=part, **where)
+            elif isinstance(item, FunctionCallItem):
+                call = {"item_id": item.id, "output_index": 0}
+                yield event(FunctionArgumentsDeltaEvent, delta=item.arguments, **call)
+                yield event(FunctionArgumentsDoneEvent, arguments=item.arguments, **call)
+            yield event(OutputItemEvent, type="response.output_item.done", output_index=0, item=item)
 
         async def stream() -> AsyncIterator[str]:
             try:
                 yield event(ResponseEvent, type="response.created", response=run.response)
                 yield event(ResponseEvent, type="response.in_progress", response=run.response)
-                yield event(OutputItemEvent, type="response.output_item.added", output_index=0,
-                            item=message("in_progress", None))
-                yield event(ContentPartEvent, type="response.content_part.added", part=OutputText(text=""), **where)
+                if not run.buffered:
+                    for line in opened(MessageItem(id=item_id, role="assistant", content=[])):
+                        yield line
                 async for token in token_events(run.job, start):
-                    if token.text:
+                    if token.text and not run.buffered:
                         yield event(TextDeltaEvent, delta=token.text, **where)
                 try:
                     final = await self.completed(run, owner)
@@ -235,10 +274,11 @@ class ResponsesFrontend:
                     yield event(ResponseEvent, type="response.failed", response=failed)
                     return
                 done = final.output[0]
-                text = done.content[0].text
-                yield event(TextDoneEvent, text=text, **where)
-                yield event(ContentPartEvent, type="response.content_part.done", part=done.content[0], **where)
-                yield event(OutputItemEvent, type="response.output_item.done", output_index=0, item=done)
+                if run.buffered:
+                    for line in opened(done):
+                        yield line
+                for line in closed(done, streamed=not run.buffered):
+                    yield line
                 kind = "response.completed" if final.status == "completed" else "response.incomplete"
                 yield event(ResponseEvent, type=kind, response=final)
             finally:
@@ -258,12 +298,53 @@ class ResponsesFrontend:
         return final
 
 
-def input_item(message: InputMessage) -> MessageItem:
+def input_item(message: InputMessage) -> Item:
+    if message.kind == "function_call":
+        return FunctionCallItem(id=new_id("fc"), call_id=message.call_id, name=message.name, arguments=message.text)
+    if message.kind == "function_call_output":
+        return FunctionCallOutputItem(id=new_id("fco"), call_id=message.call_id, output=message.text)
     text = OutputText(text=message.text) if message.part == "output_text" else InputText(text=message.text)
     return MessageItem(id=new_id("msg"), role=message.role, content=[text])  # type: ignore[arg-type]  # parse_input
 
 
-def chat_message(item: MessageItem) -> Message:
-    """An item as the chat template reads it (developer as system)."""
+def chat_message(item: Item) -> Message:
+    """An item as the chat template reads it: developer as system, a call as the JSON the model
+    answers calls with, a call's output as a message of the role tool."""
+    if isinstance(item, FunctionCallItem):
+        try:
+            arguments: Any = json.loads(item.arguments)
+        except ValueError:
+            arguments = item.arguments
+        return Message("assistant", json.dumps({"name": item.name, "arguments": arguments}, separators=(",", ":")))
+    if isinstance(item, FunctionCallOutputItem):
+        return Message("tool", item.output)
     text = "".join(part.text for part in item.content)
     return Message("system" if item.role == "developer" else item.role, text)
+
+
+def call_schema(tool: FunctionTool) -> dict[str, Any]:
+    """The JSON a call of `tool` is: {"name": ..., "arguments": {...}}, the arguments per its parameters."""
+    return {"type": "object", "properties": {"name": {"const": tool.name},
+                                             "arguments": tool.parameters or {"type": "object"}},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def tools_prompt(tools: list[FunctionTool]) -> str:
+    described = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in tools]
+    return ("You can call these functions. To call one, answer with only the JSON "
+            '{"name": <function name>, "arguments": {...}}.\n' + json.dumps(described, ensure_ascii=False))
+
+
+def as_call(text: str, tools: list[FunctionTool]) -> tuple[str, str] | None:
+    """(name, arguments as JSON) when a reply is exactly a call of one of the tools."""
+    if not tools:
+        return None
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or set(call) != {"name", "arguments"} or not isinstance(call["arguments"], dict):
+        return None
+    if call["name"] not in {t.name for t in tools}:
+        return None
+    return call["name"], json.dumps(call["arguments"], ensure_ascii=False)

@@ -27,6 +27,8 @@ EVENT_MODELS: dict[str, type[Any]] = {
     "response.output_text.done": spec.ResponseOutputTextDoneStreamingEvent,
     "response.content_part.done": spec.ResponseContentPartDoneStreamingEvent,
     "response.output_item.done": spec.ResponseOutputItemDoneStreamingEvent,
+    "response.function_call_arguments.delta": spec.ResponseFunctionCallArgumentsDeltaStreamingEvent,
+    "response.function_call_arguments.done": spec.ResponseFunctionCallArgumentsDoneStreamingEvent,
     "response.completed": spec.ResponseCompletedStreamingEvent,
     "response.incomplete": spec.ResponseIncompleteStreamingEvent,
     "response.failed": spec.ResponseFailedStreamingEvent,
@@ -286,17 +288,22 @@ def test_responses_expire_after_their_ttl(model_dir: Path, redis_server: RedisSe
 def test_what_the_model_cannot_take_is_a_clear_400(sdk: openai.OpenAI, server: Server, model_id: str) -> None:
     image = [{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}]
     file = [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]
-    tool_output = [{"type": "function_call_output", "call_id": "call_1", "output": "42"}]
+    tool_output = [{"type": "function_call_output", "output": "42"}]
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
     cases: list[tuple[dict[str, Any], str]] = [
         ({"input": image}, "input_image is not supported: this model reads text only"),
         ({"input": file}, "input_file is not supported"),
-        ({"input": tool_output}, "function_call_output items: function tools is not supported yet"),
+        ({"input": tool_output}, "input[0].call_id: give the call's id"),
         ({"input": [{"role": "tool", "content": "x"}]}, "role 'tool'"),
         ({"input": []}, "at least one message"),
         ({"tools": [{"type": "web_search"}]}, "built-in tool 'web_search' is not supported"),
         ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "built-in tool 'file_search'"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "function tools is not supported yet"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "name": "bad name"}]}, "tools[0]: name"),
+        ({"tools": [tool, tool]}, "function names must be unique"),
+        ({"tool_choice": "required"}, "'required' needs function tools"),
+        ({"tools": [tool], "tool_choice": {"type": "function", "name": "g"}}, "naming one of the tools"),
+        ({"tools": [tool], "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}},
+         "allowed_tools"),
         ({"background": True}, "background: true is not supported"),
         ({"reasoning": {"effort": "low"}}, "no reasoning options"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format: schema: Field required"),
@@ -458,3 +465,58 @@ def test_hostile_schemas_are_refused_or_bounded(sdk: openai.OpenAI, model_id: st
         except openai.BadRequestError as exc:
             assert "text.format.schema" in exc.message or "over" in exc.message, exc.message
         assert time.monotonic() - start < 30
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "the weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
+                          "required": ["city"], "additionalProperties": False}}
+TIME = {"type": "function", "name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"],
+    "additionalProperties": False}}
+
+
+def test_function_call_then_its_output_then_an_answer(sdk: openai.OpenAI, server: Server, model_id: str) -> None:
+    """tool_choice required (or a named function) constrains the reply to a call with valid arguments."""
+    first = create(sdk, model_id, tokens=64, input="what is the weather in paris?", tools=[WEATHER, TIME],
+                   tool_choice="required")
+    call = first.output[0]
+    assert first.status == "completed" and call.type == "function_call", first.output
+    assert call.name in ("get_weather", "get_time") and call.call_id.startswith("call_")
+    arguments = json.loads(call.arguments)
+    jsonschema.validate(arguments, (WEATHER if call.name == "get_weather" else TIME)["parameters"])
+    named = create(sdk, model_id, tokens=64, input="and the time?", tools=[WEATHER, TIME],
+                   tool_choice={"type": "function", "name": "get_time"})
+    assert named.output[0].type == "function_call" and named.output[0].name == "get_time"
+    assert json.loads(named.output[0].arguments)["zone"] in ("utc", "cet")
+
+    answer = create(sdk, model_id, tokens=8, previous_response_id=first.id, tools=[WEATHER, TIME],
+                    tool_choice="none", input=[{"type": "function_call_output", "call_id": call.call_id,
+                                                "output": "sunny, 21 C"}])
+    assert answer.output[0].type == "message" and answer.tool_choice == "none"
+    assert answer.usage is not None and answer.usage.input_tokens_details.cached_tokens == held(first)
+    items = list(sdk.responses.input_items.list(answer.id))
+    assert [(i.type, i.call_id, i.output) for i in items] == [  # type: ignore[union-attr]
+        ("function_call_output", call.call_id, "sunny, 21 C")]
+    # without previous_response_id: the client replays the call and its output
+    replayed = create(sdk, model_id, tokens=8, input=[
+        {"role": "user", "content": "what is the weather in paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}])
+    assert replayed.output[0].type == "message"
+    assert [i.type for i in sdk.responses.input_items.list(replayed.id, order="asc")] == [
+        "message", "function_call", "function_call_output"]
+
+    # streamed: the call's events, each valid, in order
+    body = {"model": model_id, "input": "weather?", "max_output_tokens": 64, "temperature": 0,
+            "tools": [WEATHER], "tool_choice": "required"}
+    events = raw_events(server, body)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    done = events[-1]["response"]["output"][0]
+    assert done["type"] == "function_call" and events[4]["arguments"] == done["arguments"] == events[3]["delta"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    # auto: the model decides; a small one mostly answers in text, and either is a valid response
+    auto = create(sdk, model_id, tokens=16, input="weather in paris?", tools=[WEATHER])
+    assert auto.output[0].type in ("message", "function_call")
