@@ -16,6 +16,7 @@ the end of turn is allowed, so the reply ends there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 from typing import Any
@@ -107,3 +108,9 @@ class SchemaCompiler:
         except TimeoutError:
             raise InvalidInputError(f"text.format.schema: not compiled within {COMPILE_TIMEOUT_S} s; "
                                     "simplify the schema") from None
+
+
+@functools.cache
+def compiler_for(model: HMTModel, end_tokens: tuple[int, ...]) -> SchemaCompiler:
+    """One compiler per model and end of turn (both APIs share its llguidance tokenizer)."""
+    return SchemaCompiler(model, end_tokens)

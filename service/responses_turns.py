@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from hmt_core import InvalidInputError, SessionState
-from service.constrained import JsonConstraint, SchemaCompiler
+from service.constrained import JsonConstraint, compiler_for
 from service.conversation import ChatTemplate, Message
 from service.errors import error_payload
 from service.openai_api import OpenAIFrontend
@@ -88,7 +88,7 @@ class ResponsesFrontend:
     def __init__(self, service: Service, store: ResponseStore) -> None:
         self.service, self.store = service, store
         self.chat = OpenAIFrontend(service)  # the model's name and chat template, as /v1/chat uses them
-        self.compiler = SchemaCompiler(service.model, self.chat.template.stop_token_ids if self.chat.template else ())
+        self.compiler = compiler_for(service.model, self.chat.template.stop_token_ids if self.chat.template else ())
 
     @property
     def template(self) -> ChatTemplate:

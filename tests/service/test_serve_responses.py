@@ -520,3 +520,21 @@ def test_function_call_then_its_output_then_an_answer(sdk: openai.OpenAI, server
     # auto: the model decides; a small one mostly answers in text, and either is a valid response
     auto = create(sdk, model_id, tokens=16, input="weather in paris?", tools=[WEATHER])
     assert auto.output[0].type in ("message", "function_call")
+
+
+def test_chat_completions_response_format_constrains_too(sdk: openai.OpenAI, model_id: str) -> None:
+    """The same constrained decoding on /v1/chat/completions (response_format)."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    completion = sdk.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "weather?"}], max_tokens=64, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema, "strict": True}})
+    assert completion.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(completion.choices[0].message.content or ""), schema)
+    anything = sdk.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=64, temperature=0, response_format={"type": "json_object"})
+    assert (anything.choices[0].message.content or "").startswith("{")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        sdk.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                    response_format={"type": "json_schema"})  # type: ignore[typeddict-item]
