@@ -81,32 +81,33 @@ class SchemaCompiler:
                     eos_token=self.end_token)
             return self._tokenizer
 
-    def _build(self, schema: dict[str, Any], tokenizer: Any) -> JsonConstraint:
+    def _build(self, schema: dict[str, Any], tokenizer: Any, where: str) -> JsonConstraint:
         from llguidance import LLMatcher, LLParserLimits
 
         try:
             grammar = LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_flexible": False})
-        except ValueError as exc:
-            raise InvalidInputError(f"text.format.schema: {exc}") from None
+        except (ValueError, TypeError, RuntimeError) as exc:  # not a JSON object, or not serializable
+            raise InvalidInputError(f"{where}: {exc}") from None
         limits = LLParserLimits(**LIMITS)  # type: ignore[arg-type]
         error = LLMatcher.validate_grammar(grammar, tokenizer, limits=limits)
         if error and not error.startswith("WARNING"):
-            raise InvalidInputError(f"text.format.schema: the schema cannot be compiled: {error[:500]}")
+            raise InvalidInputError(f"{where}: the schema cannot be compiled: {error[:500]}")
         matcher = LLMatcher(tokenizer, grammar, log_level=0, limits=limits)
         if matcher.is_error():
-            raise InvalidInputError(f"text.format.schema: the schema cannot be compiled: {matcher.get_error()[:500]}")
+            raise InvalidInputError(f"{where}: the schema cannot be compiled: {matcher.get_error()[:500]}")
         return JsonConstraint(matcher, self.end_token, self.model.vocab_size)
 
-    async def compile(self, schema: dict[str, Any]) -> JsonConstraint:
+    async def compile(self, schema: dict[str, Any], where: str = "text.format.schema") -> JsonConstraint:
+        """`where`: the request field the schema came from, for the error messages."""
         if self.model.tokenizer is None:
             raise InvalidInputError("structured output needs a model with a tokenizer")
         if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
-            raise InvalidInputError(f"text.format.schema: over {MAX_SCHEMA_BYTES} bytes")
+            raise InvalidInputError(f"{where}: over {MAX_SCHEMA_BYTES} bytes")
         tokenizer = await asyncio.to_thread(self._llg_tokenizer)  # once, outside the schema's time limit
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._build, schema, tokenizer), COMPILE_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.to_thread(self._build, schema, tokenizer, where), COMPILE_TIMEOUT_S)
         except TimeoutError:
-            raise InvalidInputError(f"text.format.schema: not compiled within {COMPILE_TIMEOUT_S} s; "
+            raise InvalidInputError(f"{where}: not compiled within {COMPILE_TIMEOUT_S} s; "
                                     "simplify the schema") from None
 
 

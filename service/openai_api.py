@@ -351,7 +351,8 @@ def create_router(service: Service) -> APIRouter:
             raise InvalidInputError("X-HMT-Messages must be 'full' (the whole history) or 'new' (only new messages)")
         schema, constraint = body.response_schema, None
         if schema is not None:  # response_format: the reply's tokens are constrained to the schema
-            constraint = await compiler_for(service.model, params.stop_token_ids).compile(schema)
+            constraint = await compiler_for(service.model, params.stop_token_ids).compile(
+                schema, "response_format.json_schema.schema")
         turn = await frontend.start_chat(owner, frontend.session_of(request, body.user), messages, params,
                                          delta == "new", constraint)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -113,7 +113,8 @@ class ResponsesFrontend:
         text_format = body.text_format
         constraint = None
         if body.forced_tools:  # tool_choice required or named: the reply is one of the calls
-            constraint = await self.compiler.compile({"anyOf": [call_schema(t) for t in body.forced_tools]})
+            constraint = await self.compiler.compile({"anyOf": [call_schema(t) for t in body.forced_tools]},
+                                                     "tools[].parameters")
         elif isinstance(text_format, JsonSchemaFormat):
             constraint = await self.compiler.compile(text_format.json_schema)
         elif isinstance(text_format, JsonObjectFormat):
