@@ -14,16 +14,14 @@ completions) pays per turn. Both are streamed and timed to the first output_text
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from chat_turns import QUESTIONS
-from common import ROOT, median, print_table, start_server
+from chat_turns import QUESTIONS, served, turn_args
+from common import median, print_table
 from httpx_sse import connect_sse
 
 
@@ -51,45 +49,29 @@ def read(response: dict[str, Any]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "models" / "hmt-demo"))
-    parser.add_argument("--turns", type=int, default=100)
-    parser.add_argument("--checkpoints", default="2,10,25,50,100", help="turns that also run the baseline")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    checkpoints = sorted({int(t) for t in args.checkpoints.split(",") if 0 < int(t) <= args.turns})
-
-    with tempfile.TemporaryDirectory() as data_dir:
-        process, url = start_server(args.model, data_dir, args.threads)
-        try:
-            with httpx.Client(base_url=url, timeout=600) as http:
-                model = http.get("/v1/models").json()["data"][0]["id"]
-                common = {"model": model, "max_output_tokens": args.max_tokens, "temperature": 0}
-                instructions = "Answer from the book."
-                history: list[dict[str, str]] = []  # what a client without server state sends every turn
-                previous: str | None = None
-                rows = []
-                for n in range(1, args.turns + 1):
-                    question = QUESTIONS[n % len(QUESTIONS)]
-                    history.append({"role": "user", "content": question})
-                    if n in checkpoints:  # the baseline first, so both see the same history
-                        base, base_first, base_total = respond(http, {**common, "instructions": instructions,
-                                                                      "input": history, "store": False})
-                    body = {**common, "input": question, "previous_response_id": previous}
-                    if previous is None:
-                        body["instructions"] = instructions
-                    response, first, total = respond(http, body)
-                    previous = response["id"]
-                    history.append({"role": "assistant", "content": response["output"][0]["content"][0]["text"]})
-                    if n in checkpoints:
-                        cached = response["usage"]["input_tokens_details"]["cached_tokens"]
-                        rows.append([n, cached, read(response), read(base), f"{first * 1000:.0f}",
-                                     f"{base_first * 1000:.0f}", f"{base_first / first:.1f}x",
-                                     f"{base_total / total:.2f}x"])
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    args, checkpoints = turn_args(__doc__)
+    with served(args) as (http, model):
+        common = {"model": model, "max_output_tokens": args.max_tokens, "temperature": 0}
+        instructions = "Answer from the book."
+        history: list[dict[str, str]] = []  # what a client without server state sends every turn
+        previous: str | None = None
+        rows = []
+        for n in range(1, args.turns + 1):
+            question = QUESTIONS[n % len(QUESTIONS)]
+            history.append({"role": "user", "content": question})
+            if n in checkpoints:  # the baseline first, so both see the same history
+                base, base_first, base_total = respond(http, {**common, "instructions": instructions,
+                                                              "input": history, "store": False})
+            body = {**common, "input": question, "previous_response_id": previous}
+            if previous is None:
+                body["instructions"] = instructions
+            response, first, total = respond(http, body)
+            previous = response["id"]
+            history.append({"role": "assistant", "content": response["output"][0]["content"][0]["text"]})
+            if n in checkpoints:
+                cached = response["usage"]["input_tokens_details"]["cached_tokens"]
+                rows.append([n, cached, read(response), read(base), f"{first * 1000:.0f}",
+                             f"{base_first * 1000:.0f}", f"{base_first / first:.1f}x", f"{base_total / total:.2f}x"])
 
     print(f"\nmodel {Path(args.model).name}, {args.turns} turns, replies <= {args.max_tokens} tokens, "
           f"{args.threads} thread(s)\n")

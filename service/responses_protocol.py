@@ -477,46 +477,40 @@ class OutputItemEvent(BaseModel):
     item: Item
 
 
-class ContentPartEvent(BaseModel):
-    type: Literal["response.content_part.added", "response.content_part.done"]
+class _ItemEvent(BaseModel):
+    """An event about one output item (and, for text, one of its content parts)."""
+
     sequence_number: int
     item_id: str
     output_index: int
+
+
+class _PartEvent(_ItemEvent):
     content_index: int
+
+
+class ContentPartEvent(_PartEvent):
+    type: Literal["response.content_part.added", "response.content_part.done"]
     part: OutputText
 
 
-class TextDeltaEvent(BaseModel):
+class TextDeltaEvent(_PartEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    sequence_number: int
-    item_id: str
-    output_index: int
-    content_index: int
     delta: str
     logprobs: list[dict[str, Any]] = Field(default_factory=list)
 
 
-class TextDoneEvent(BaseModel):
+class TextDoneEvent(_PartEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    sequence_number: int
-    item_id: str
-    output_index: int
-    content_index: int
     text: str
     logprobs: list[dict[str, Any]] = Field(default_factory=list)
 
 
-class FunctionArgumentsDeltaEvent(BaseModel):
+class FunctionArgumentsDeltaEvent(_ItemEvent):
     type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
-    sequence_number: int
-    item_id: str
-    output_index: int
     delta: str
 
 
-class FunctionArgumentsDoneEvent(BaseModel):
+class FunctionArgumentsDoneEvent(_ItemEvent):
     type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
-    sequence_number: int
-    item_id: str
-    output_index: int
     arguments: str

@@ -51,6 +51,10 @@ def new_id(kind: str) -> str:
     return f"{kind}_{uuid.uuid4().hex}"
 
 
+def not_found(kind: str, object_id: str) -> APIError:
+    return APIError(404, "not_found", f"{kind} with id {object_id!r} not found.")
+
+
 @dataclass
 class ConversationRecord:
     created_at: int
@@ -135,7 +139,7 @@ class ResponseStore:
             raw = await self.store.field(response_id, owner, name)
             if raw is not None and await self.store.exists_for(response_id, owner):
                 return raw
-        raise APIError(404, "not_found", f"Response with id {response_id!r} not found.")
+        raise not_found("Response", response_id)
 
     async def get(self, response_id: str, owner: str) -> ResponseObject:
         return ResponseObject.model_validate_json(await self._field(response_id, owner, RESPONSE_FIELD))
@@ -164,7 +168,7 @@ class ResponseStore:
     @contextlib.asynccontextmanager
     async def conversation(self, conversation_id: str, owner: str) -> AsyncIterator[tuple[Lease, ConversationRecord]]:
         """A conversation's lock, state and record for a block (handed over when a job takes the lease)."""
-        missing = APIError(404, "not_found", f"Conversation with id {conversation_id!r} not found.")
+        missing = not_found("Conversation", conversation_id)
         if CONVERSATION_PATTERN.fullmatch(conversation_id) is None:
             raise missing
         try:
@@ -185,20 +189,18 @@ class ResponseStore:
             raw = await self.store.field(conversation_id, owner, CONVERSATION_FIELD)
             if raw is not None:
                 return ConversationRecord.from_bytes(raw)
-        raise APIError(404, "not_found", f"Conversation with id {conversation_id!r} not found.")
+        raise not_found("Conversation", conversation_id)
 
     async def delete_conversation(self, conversation_id: str, owner: str) -> None:
-        if CONVERSATION_PATTERN.fullmatch(conversation_id) is None:
-            raise APIError(404, "not_found", f"Conversation with id {conversation_id!r} not found.")
-        try:
-            await self.store.delete(conversation_id, owner)
-        except SessionNotFoundError:
-            raise APIError(404, "not_found", f"Conversation with id {conversation_id!r} not found.") from None
+        await self._delete("Conversation", CONVERSATION_PATTERN, conversation_id, owner)
 
     async def delete(self, response_id: str, owner: str) -> None:
-        if ID_PATTERN.fullmatch(response_id) is None:
-            raise APIError(404, "not_found", f"Response with id {response_id!r} not found.")
-        try:
-            await self.store.delete(response_id, owner)
-        except SessionNotFoundError:
-            raise APIError(404, "not_found", f"Response with id {response_id!r} not found.") from None
+        await self._delete("Response", ID_PATTERN, response_id, owner)
+
+    async def _delete(self, kind: str, pattern: re.Pattern[str], object_id: str, owner: str) -> None:
+        """Delete a response's or a conversation's session (state, record, items)."""
+        if pattern.fullmatch(object_id) is not None:
+            with contextlib.suppress(SessionNotFoundError):
+                await self.store.delete(object_id, owner)
+                return
+        raise not_found(kind, object_id)
