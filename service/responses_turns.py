@@ -17,6 +17,7 @@ the new input.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
@@ -63,6 +64,7 @@ from service.streaming import sse, token_events
 from service.worker import Job, JobResult
 
 INCOMPLETE = {"length": "max_output_tokens"}  # finish reason -> incomplete_details.reason
+CALL_HEAD = re.compile(r'\{"name":"(?P<name>[A-Za-z0-9_-]{1,64})","arguments":')  # a call, as constrained
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Run:
     keep: bool = False  # a conversation's turn: store the response apart once the conversation is saved
     tools: list[FunctionTool] = field(default_factory=list)  # a reply that calls one becomes a function_call
     buffered: bool = False  # with tools the reply's kind is known at its end: stream its events then
+    forced: bool = False  # tool_choice required or named: the reply is a call, its arguments stream as they come
+    call_id: str = field(default_factory=lambda: new_id("call"))
 
 
 class ResponsesFrontend:
@@ -132,14 +136,17 @@ class ResponsesFrontend:
             service_tier="default" if body.service_tier in (None, "auto") else body.service_tier)
         items = [input_item(m) for m in inputs]
         if conversation_id is not None:
-            return await self._in_conversation(owner, conversation_id, response, instructions, items, params,
-                                               constraint, tools)
+            run = await self._in_conversation(owner, conversation_id, response, instructions, items, params,
+                                              constraint, tools)
+            run.forced = bool(body.forced_tools)  # before the job's first token reaches the event loop
+            return run
         if body.previous_response_id is not None:
             base = await self.store.base(body.previous_response_id, owner)
             state, pending = service.state_from(base.state), base.pending
         else:
             state, pending = service.model.new_session(), ""
         run = await self._prepare(response, state, pending, [*instructions, *map(chat_message, items)], items, tools)
+        run.forced = bool(body.forced_tools)
         if body.store:
             def side(result: JobResult) -> SideWrites:  # the response is saved with the state, atomically
                 final = self.finish(run, result)
@@ -202,10 +209,13 @@ class ResponsesFrontend:
         output: Item = MessageItem(id=self.message_id(run), role="assistant", content=[OutputText(text=result.text)],
                                    status="incomplete" if status != "completed" else "completed")
         call = as_call(result.text, run.tools) if status == "completed" else None
+        head = CALL_HEAD.match(result.text) if run.forced and call is None else None
+        if head is not None:  # a forced call cut short: the arguments so far
+            call = head["name"], result.text[head.end():]
         if call is not None:
             name, arguments = call
-            output = FunctionCallItem(id="fc_" + run.response.id.removeprefix("resp_"), call_id=new_id("call"),
-                                      name=name, arguments=arguments)
+            output = FunctionCallItem(id=self.call_item_id(run), call_id=run.call_id, name=name, arguments=arguments,
+                                      status="completed" if status == "completed" else "incomplete")
         context = run.cached + len(run.tokens)  # input tokens: those held in memory and those read now
         usage = ResponseUsage(input_tokens=context, input_tokens_details=InputTokensDetails(cached_tokens=run.cached),
                               output_tokens=len(result.tokens), total_tokens=context + len(result.tokens))
@@ -217,7 +227,11 @@ class ResponsesFrontend:
 
     @staticmethod
     def message_id(run: Run) -> str:
-        return "msg_" + run.response.id.removeprefix("resp_")  # one output message per response
+        return "msg_" + run.response.id.removeprefix("resp_")  # one output item per response
+
+    @staticmethod
+    def call_item_id(run: Run) -> str:
+        return "fc_" + run.response.id.removeprefix("resp_")
 
     # ----- streaming ------------------------------------------------------------------------
 
@@ -242,17 +256,19 @@ class ResponsesFrontend:
                 empty_call = item.model_copy(update={"status": "in_progress", "arguments": ""})
                 yield event(OutputItemEvent, type="response.output_item.added", output_index=0, item=empty_call)
 
-        def closed(item: Item, streamed: bool) -> Iterator[str]:
-            """The events that end an output item (its whole text as one delta when not streamed)."""
+        def closed(item: Item, sent: int) -> Iterator[str]:
+            """The events that end an output item, after the `sent` characters of its text (or
+            arguments) streamed so far: the rest as one delta."""
             if isinstance(item, MessageItem):
                 part = item.content[0]
-                if not streamed and part.text:
-                    yield event(TextDeltaEvent, delta=part.text, **where)
+                if part.text[sent:]:
+                    yield event(TextDeltaEvent, delta=part.text[sent:], **where)
                 yield event(TextDoneEvent, text=part.text, **where)
                 yield event(ContentPartEvent, type="response.content_part.done", part=part, **where)
             elif isinstance(item, FunctionCallItem):
                 call = {"item_id": item.id, "output_index": 0}
-                yield event(FunctionArgumentsDeltaEvent, delta=item.arguments, **call)
+                if item.arguments[sent:]:
+                    yield event(FunctionArgumentsDeltaEvent, delta=item.arguments[sent:], **call)
                 yield event(FunctionArgumentsDoneEvent, arguments=item.arguments, **call)
             yield event(OutputItemEvent, type="response.output_item.done", output_index=0, item=item)
 
@@ -263,9 +279,25 @@ class ResponsesFrontend:
                 if not run.buffered:
                     for line in opened(MessageItem(id=item_id, role="assistant", content=[])):
                         yield line
+                text, sent, call_opened = "", 0, False  # a forced call: its arguments stream once it is named
                 async for token in token_events(run.job, start):
-                    if token.text and not run.buffered:
+                    if not token.text:
+                        continue
+                    if not run.buffered:
                         yield event(TextDeltaEvent, delta=token.text, **where)
+                        sent += len(token.text)
+                    elif run.forced:
+                        text += token.text
+                        head = CALL_HEAD.match(text)
+                        if head is not None and not call_opened:
+                            call_opened, text = True, text[head.end():]
+                            for line in opened(FunctionCallItem(id=self.call_item_id(run), call_id=run.call_id,
+                                                                name=head["name"], arguments="")):
+                                yield line
+                        if call_opened and len(text) - 1 > sent:  # the last character may close the call
+                            call = {"item_id": self.call_item_id(run), "output_index": 0}
+                            yield event(FunctionArgumentsDeltaEvent, delta=text[sent:-1], **call)
+                            sent = len(text) - 1
                 try:
                     final = await self.completed(run, owner)
                 except Exception as exc:  # the job or its save failed: the response failed
@@ -275,10 +307,13 @@ class ResponsesFrontend:
                     yield event(ResponseEvent, type="response.failed", response=failed)
                     return
                 done = final.output[0]
-                if run.buffered:
+                if call_opened and not (isinstance(done, FunctionCallItem) and done.arguments.startswith(text[:sent])):
+                    sent = 0  # cannot happen under the constraint; the item's own events say what it is
+                if run.buffered and not call_opened:
                     for line in opened(done):
                         yield line
-                for line in closed(done, streamed=not run.buffered):
+                    sent = 0
+                for line in closed(done, sent):
                     yield line
                 kind = "response.completed" if final.status == "completed" else "response.incomplete"
                 yield event(ResponseEvent, type=kind, response=final)
@@ -337,7 +372,9 @@ def tools_prompt(tools: list[FunctionTool]) -> str:
 
 
 def as_call(text: str, tools: list[FunctionTool]) -> tuple[str, str] | None:
-    """(name, arguments as JSON) when a reply is exactly a call of one of the tools."""
+    """(name, arguments as JSON) when a reply is exactly a call of one of the tools; the arguments
+    as the model wrote them when it wrote the call compactly (as constrained calls are, so they
+    equal what streamed)."""
     if not tools:
         return None
     try:
@@ -348,4 +385,7 @@ def as_call(text: str, tools: list[FunctionTool]) -> tuple[str, str] | None:
         return None
     if call["name"] not in {t.name for t in tools}:
         return None
+    head = CALL_HEAD.match(text)
+    if head is not None and head["name"] == call["name"] and text.endswith("}"):
+        return call["name"], text[head.end():-1]
     return call["name"], json.dumps(call["arguments"], ensure_ascii=False)

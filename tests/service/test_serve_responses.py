@@ -510,13 +510,27 @@ def test_function_call_then_its_output_then_an_answer(sdk: openai.OpenAI, server
     body = {"model": model_id, "input": "weather?", "max_output_tokens": 64, "temperature": 0,
             "tools": [WEATHER], "tool_choice": "required"}
     events = raw_events(server, body)
-    assert [e["type"] for e in events] == [
-        "response.created", "response.in_progress", "response.output_item.added",
-        "response.function_call_arguments.delta", "response.function_call_arguments.done",
-        "response.output_item.done", "response.completed"]
+    kinds = [e["type"] for e in events]
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1  # the arguments stream as they are generated
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     *["response.function_call_arguments.delta"] * len(deltas),
+                     "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
     done = events[-1]["response"]["output"][0]
-    assert done["type"] == "function_call" and events[4]["arguments"] == done["arguments"] == events[3]["delta"]
+    assert done["type"] == "function_call" and events[2]["item"]["name"] == done["name"] == "get_weather"
+    assert events[2]["item"]["call_id"] == done["call_id"] and events[2]["item"]["arguments"] == ""
+    assert "".join(deltas) == events[-3]["arguments"] == done["arguments"]
+    jsonschema.validate(json.loads(done["arguments"]), WEATHER["parameters"])
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    # cut short by max_output_tokens: an incomplete call, its arguments so far, events consistent
+    # (the call's head, {"name":"get_weather","arguments":, is 33 characters: at most 33 tokens)
+    cut = raw_events(server, {**body, "max_output_tokens": 36})
+    item = cut[-1]["response"]["output"][0]
+    assert cut[-1]["type"] == "response.incomplete" and item["status"] == "incomplete"
+    assert cut[-2]["type"] == "response.output_item.done" and cut[-2]["item"] == item
+    assert item["type"] == "function_call" and item["name"] == "get_weather"
+    streamed = [e["delta"] for e in cut if e["type"] == "response.function_call_arguments.delta"]
+    assert "".join(streamed) == item["arguments"] and not item["arguments"].endswith("}}")
     # auto: the model decides; a small one mostly answers in text, and either is a valid response
     auto = create(sdk, model_id, tokens=16, input="weather in paris?", tools=[WEATHER])
     assert auto.output[0].type in ("message", "function_call")
