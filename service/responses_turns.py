@@ -121,6 +121,7 @@ class ResponsesFrontend:
                                                      "tools[].parameters")
         elif isinstance(text_format, JsonSchemaFormat):
             constraint = await self.compiler.compile(text_format.json_schema)
+            text_format = text_format.model_copy(update={"strict": True})  # what was done, whatever was asked
         elif isinstance(text_format, JsonObjectFormat):
             constraint = await self.compiler.compile({"type": "object"})
         response = ResponseObject(

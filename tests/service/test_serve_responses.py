@@ -50,16 +50,25 @@ def model_id(sdk: openai.OpenAI) -> str:
     return sdk.models.list().data[0].id
 
 
+def spec_view(data: dict[str, Any]) -> dict[str, Any]:
+    """openresponses-types 2.4 types JsonSchemaResponseFormat.schema as null (its generator dropped the
+    object type): the response to check against it, with the schema (which the spec and OpenAI echo) left out."""
+    if data["text"]["format"]["type"] != "json_schema":
+        return data
+    return {**data, "text": {**data["text"], "format": {**data["text"]["format"], "schema": None}}}
+
+
 def valid(response: openai.types.responses.Response | dict[str, Any]) -> dict[str, Any]:
     """The response as JSON, checked against the Open Responses schema."""
     data = response if isinstance(response, dict) else response.model_dump(mode="json", by_alias=True)
-    checked = data
-    if data["text"]["format"]["type"] == "json_schema":
-        # openresponses-types 2.4 types JsonSchemaResponseFormat.schema as null (its generator dropped the
-        # object type): check the rest, with the schema (which the spec and OpenAI echo) left out
-        checked = {**data, "text": {**data["text"], "format": {**data["text"]["format"], "schema": None}}}
-    spec.ResponseResource.model_validate(checked)
+    spec.ResponseResource.model_validate(spec_view(data))
     return data
+
+
+def valid_event(event: dict[str, Any]) -> None:
+    """A streaming event, checked against its Open Responses model."""
+    EVENT_MODELS[event["type"]].model_validate({**event, "response": spec_view(event["response"])}
+                                               if "response" in event else event)
 
 
 def create(sdk: openai.OpenAI, model: str, tokens: int = 5, **kwargs: Any) -> openai.types.responses.Response:
@@ -96,7 +105,7 @@ def raw_events(server: Server, body: dict[str, Any], key: str | None = None) -> 
             elif line.startswith("data: "):
                 data = json.loads(line.removeprefix("data: "))
                 assert data["type"] == name, (name, data)
-                EVENT_MODELS[data["type"]].model_validate(data)
+                valid_event(data)
                 events.append(data)
     return events
 
@@ -552,3 +561,60 @@ def test_chat_completions_response_format_constrains_too(sdk: openai.OpenAI, mod
     with pytest.raises(openai.BadRequestError, match="response_format"):
         sdk.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                     response_format={"type": "json_schema"})  # type: ignore[typeddict-item]
+
+
+def test_random_requests_with_the_served_model_never_fail_the_server(server: Server, model_id: str) -> None:
+    """Schemathesis fuzzes with random model names, which stop at the model check: here every
+    request names the served model, so the input, tools, formats and continuations are reached."""
+    import hypothesis
+    from hypothesis import strategies as st
+
+    anchor = httpx.post(f"{server.url}/v1/responses", timeout=60, json={
+        "model": model_id, "input": "hello", "max_output_tokens": 2}).json()["id"]
+    text = st.text(max_size=20)
+    part = st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text", "input_image", "refusal"]),
+                                  "text": st.one_of(text, st.integers())})
+    item = st.one_of(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer", "tool"]),
+                               "content": st.one_of(text, st.lists(part, max_size=2), st.none())}),
+        st.fixed_dictionaries({"type": st.sampled_from(["function_call", "function_call_output", "reasoning"]),
+                               "call_id": st.one_of(text, st.none()), "name": st.sampled_from(["f", "bad name"]),
+                               "arguments": st.sampled_from(["{}", "nope", 3]), "output": text}))
+    schema = st.sampled_from([{"type": "object"}, {"type": "nonsense"}, {"enum": []}, {"type": "integer"},
+                              {"type": "string", "maxLength": 3}, {"anyOf": [{"type": "null"}, {"type": "boolean"}]}])
+    tool = st.fixed_dictionaries({"type": st.sampled_from(["function", "web_search", "mcp"]),
+                                  "name": st.sampled_from(["f", "g", ""]), "parameters": schema})
+    body = st.fixed_dictionaries({
+        "model": st.just(model_id), "input": st.one_of(text, st.lists(item, max_size=3)),
+        "max_output_tokens": st.integers(1, 6), "temperature": st.sampled_from([0, 0.7, 2]),
+        "stream": st.booleans(), "store": st.booleans(),
+        "previous_response_id": st.sampled_from([None, anchor, "resp_x", "resp_" + "1" * 32]),
+        "instructions": st.one_of(st.none(), text),
+        "text": st.one_of(st.none(), st.fixed_dictionaries({"format": st.one_of(
+            st.fixed_dictionaries({"type": st.just("json_schema"), "name": st.just("s"), "schema": schema}),
+            st.fixed_dictionaries({"type": st.sampled_from(["json_object", "text", "yaml"])}))})),
+        "tools": st.one_of(st.none(), st.lists(tool, max_size=2)),
+        "tool_choice": st.sampled_from([None, "auto", "none", "required", {"type": "function", "name": "f"}]),
+    })
+
+    statuses: list[int] = []
+
+    @hypothesis.given(body=body)
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    def call(body: dict[str, Any]) -> None:
+        body = {k: v for k, v in body.items() if v is not None}
+        response = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)
+        statuses.append(response.status_code)
+        described = f"{body}: {response.status_code} {response.text[:300]}"
+        assert response.status_code < 500 and "Traceback" not in response.text, described
+        if response.status_code == 200 and body["stream"]:
+            events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+            assert events[-1]["type"] in ("response.completed", "response.incomplete"), described
+            for event in events:
+                valid_event(event)
+        elif response.status_code == 200:
+            valid(response.json())
+
+    call()
+    assert statuses.count(200) >= 5 and statuses.count(400) >= 5, statuses  # both paths were reached
