@@ -14,10 +14,12 @@ streamed token (the reading cost) and to the end of the reply.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -51,40 +53,48 @@ def turn(http: httpx.Client, model: str, messages: list[dict[str, str]], session
     return "".join(reply), first or total, total, read
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def turn_args(doc: str | None) -> tuple[argparse.Namespace, list[int]]:
+    """The arguments of a turn benchmark (this one and bench/responses_turns.py), and its checkpoints."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "models" / "hmt-demo"))
     parser.add_argument("--turns", type=int, default=100)
     parser.add_argument("--checkpoints", default="2,10,25,50,100", help="turns that also run the baseline")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    checkpoints = sorted({int(t) for t in args.checkpoints.split(",") if 0 < int(t) <= args.turns})
+    return args, sorted({int(t) for t in args.checkpoints.split(",") if 0 < int(t) <= args.turns})
 
+
+@contextlib.contextmanager
+def served(args: argparse.Namespace) -> Iterator[tuple[httpx.Client, str]]:
+    """A live hmt-serve on args.model (embedded Redis in a temporary directory): a client and the model's id."""
     with tempfile.TemporaryDirectory() as data_dir:
         process, url = start_server(args.model, data_dir, args.threads)
         try:
             with httpx.Client(base_url=url, timeout=600) as http:
-                model = http.get("/v1/models").json()["data"][0]["id"]
-                session = f"bench-{uuid.uuid4().hex[:8]}"
-                messages: list[dict[str, str]] = [{"role": "system", "content": "Answer from the book."}]
-                rows = []
-                for n in range(1, args.turns + 1):
-                    messages.append({"role": "user", "content": QUESTIONS[n % len(QUESTIONS)]})
-                    if n in checkpoints:  # the baseline first, so both see the same history
-                        _, base_first, base_total, base_read = turn(http, model, messages, uuid.uuid4().hex,
-                                                                    args.max_tokens)
-                    reply, first, total, read = turn(http, model, messages, session, args.max_tokens)
-                    messages.append({"role": "assistant", "content": reply})
-                    if n in checkpoints:
-                        tokens_seen = http.get(f"/sessions/{session}").json()["tokens_seen"]
-                        rows.append([n, tokens_seen, read, base_read, f"{first * 1000:.0f}",
-                                     f"{base_first * 1000:.0f}", f"{base_first / first:.1f}x",
-                                     f"{base_total / total:.2f}x"])
-                state_bytes = http.get(f"/sessions/{session}").json()["state_bytes"]
+                yield http, http.get("/v1/models").json()["data"][0]["id"]
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+def main() -> None:
+    args, checkpoints = turn_args(__doc__)
+    with served(args) as (http, model):
+        session = f"bench-{uuid.uuid4().hex[:8]}"
+        messages: list[dict[str, str]] = [{"role": "system", "content": "Answer from the book."}]
+        rows = []
+        for n in range(1, args.turns + 1):
+            messages.append({"role": "user", "content": QUESTIONS[n % len(QUESTIONS)]})
+            if n in checkpoints:  # the baseline first, so both see the same history
+                _, base_first, base_total, base_read = turn(http, model, messages, uuid.uuid4().hex, args.max_tokens)
+            reply, first, total, read = turn(http, model, messages, session, args.max_tokens)
+            messages.append({"role": "assistant", "content": reply})
+            if n in checkpoints:
+                tokens_seen = http.get(f"/sessions/{session}").json()["tokens_seen"]
+                rows.append([n, tokens_seen, read, base_read, f"{first * 1000:.0f}", f"{base_first * 1000:.0f}",
+                             f"{base_first / first:.1f}x", f"{base_total / total:.2f}x"])
+        state_bytes = http.get(f"/sessions/{session}").json()["state_bytes"]
 
     print(f"\nmodel {Path(args.model).name}, {args.turns} turns, replies <= {args.max_tokens} tokens, "
           f"{args.threads} thread(s); session state at the end: {state_bytes / 1024:.1f} KiB\n")

@@ -1,5 +1,6 @@
 """The app's assembly: error handlers, middleware (metrics, body limit), the ops routes, and the
-two API routers (/sessions in service.sessions_api, /v1 in service.openai_api)."""
+API routers (/sessions in service.sessions_api, /v1 in service.openai_api and
+service.responses_api)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import metrics, openai_api, sessions_api
+from service import metrics, openai_api, responses_api, sessions_api
 from service.errors import ERRORS, APIError, error_payload, error_response
 from service.protocol import ErrorBody, SegmentProgress
 from service.session_service import Service
@@ -175,4 +176,5 @@ def create_app(service: Service) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(sessions_api.create_router(service))
     app.include_router(openai_api.create_router(service))
+    app.include_router(responses_api.create_router(service))
     return app

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from hmt_core import CorruptStateError, InvalidInputError, SamplingParams
 from service import metrics
+from service.constrained import compiler_for
 from service.conversation import (
     CONVERSATION_FIELD,
     EMPTY,
@@ -63,7 +64,7 @@ from service.protocol import check_session_id
 from service.session_service import Service
 from service.store import SideWrites
 from service.streaming import sse, token_events
-from service.worker import Job, JobResult
+from service.worker import Constraint, Job, JobResult
 
 SESSION_HEADER = "X-Session-Id"
 
@@ -131,14 +132,15 @@ class OpenAIFrontend:
     # ----- chat turns ---------------------------------------------------------------------------
 
     async def start_chat(self, owner: str, session_id: str | None, messages: list[Message],
-                         params: SamplingParams, delta: bool = False) -> Turn:
-        """delta: the messages are only the new ones (X-HMT-Messages: new), not the whole history."""
+                         params: SamplingParams, delta: bool = False, constraint: Constraint | None = None) -> Turn:
+        """delta: the messages are only the new ones (X-HMT-Messages: new), not the whole history.
+        constraint: the reply's tokens are chosen under it (response_format, service.constrained)."""
         if self.template is None:
             raise InvalidInputError("chat needs a model with a tokenizer")
         if delta:
             if session_id is None:
                 raise InvalidInputError("X-HMT-Messages: new needs a session id (X-Session-Id)")
-            turn = await self._start_chat(owner, session_id, messages, [], params, None, False, delta=True)
+            turn = await self._start_chat(owner, session_id, messages, [], params, None, False, True, constraint)
             assert turn is not None
             return turn
         chain = chain_hashes(messages)
@@ -146,12 +148,13 @@ class OpenAIFrontend:
         if session_id is None:
             found, fork = await self._find(owner, chain)
             if found is not None and fork is None:
-                turn = await self._start_chat(owner, found, messages, chain, params, None, implicit=True)
+                turn = await self._start_chat(owner, found, messages, chain, params, None, True,
+                                              constraint=constraint)
                 if turn is not None:
                     return turn
                 # the found session moved on meanwhile: start anew, leaving it alone
             session_id = uuid.uuid4().hex
-        turn = await self._start_chat(owner, session_id, messages, chain, params, fork, implicit=False)
+        turn = await self._start_chat(owner, session_id, messages, chain, params, fork, False, constraint=constraint)
         assert turn is not None
         return turn
 
@@ -175,7 +178,7 @@ class OpenAIFrontend:
 
     async def _start_chat(self, owner: str, session_id: str, messages: list[Message], chain: list[str],
                           params: SamplingParams, fork: Fork | None, implicit: bool,
-                          delta: bool = False) -> Turn | None:
+                          delta: bool = False, constraint: Constraint | None = None) -> Turn | None:
         """Plan and launch a turn under the session's lock; None if an implicitly found session
         no longer ends where the request continues (it is left alone)."""
         service, store, template = self.service, self.service.store, self.template
@@ -238,7 +241,7 @@ class OpenAIFrontend:
                                           TRANSCRIPT_FIELD: transcript.to_bytes()}, state_as=str(len(full_chain)),
                                   states={str(n): s for n, s in snapshots.items()}, drop_states=[str(n) for n in drop])
 
-            turn.job, turn.task = service.launch(lease, owner, state, tokens, params, chat_record)
+            turn.job, turn.task = service.launch(lease, owner, state, tokens, params, chat_record, constraint)
             metrics.CHAT_TURNS.labels(continuation).inc()
             turn.owner = owner
             return turn
@@ -346,8 +349,12 @@ def create_router(service: Service) -> APIRouter:
         delta = request.headers.get("x-hmt-messages", "full").lower()
         if delta not in ("full", "new"):
             raise InvalidInputError("X-HMT-Messages must be 'full' (the whole history) or 'new' (only new messages)")
+        schema, constraint = body.response_schema, None
+        if schema is not None:  # response_format: the reply's tokens are constrained to the schema
+            constraint = await compiler_for(service.model, params.stop_token_ids).compile(
+                schema, "response_format.json_schema.schema")
         turn = await frontend.start_chat(owner, frontend.session_of(request, body.user), messages, params,
-                                         delta == "new")
+                                         delta == "new", constraint)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str | None, finish: str | None) -> ChatCompletionChunk:

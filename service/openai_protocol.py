@@ -96,9 +96,22 @@ class ChatCompletionRequest(_Request):
     def _chat_supported(self) -> ChatCompletionRequest:
         if self.tools:
             raise ValueError("tools: not supported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
+        self.response_schema  # noqa: B018  # validates it
         return self
+
+    @property
+    def response_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the reply must match (response_format json_schema / json_object), if any."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "object"}
+        spec = (self.response_format or {}).get("json_schema")
+        if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ValueError("response_format: {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
+                             "'json_schema': {'name': ..., 'schema': {...}}}")
+        return dict(spec.get("schema") or {"type": "object"})
 
     @property
     def token_limit(self) -> int | None:

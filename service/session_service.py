@@ -28,7 +28,7 @@ from service.protocol import SessionInfo
 from service.settings import Settings
 from service.store import Lease, SessionStore, SideWrites, StoreUnavailableError
 from service.streaming import END
-from service.worker import Job, JobResult, ModelWorker
+from service.worker import Constraint, Job, JobResult, ModelWorker
 
 
 class Service:
@@ -115,23 +115,24 @@ class Service:
             return self.launch(lease, owner, self.state_from(lease.data), tokens, params)
 
     def launch(self, lease: Lease, owner: str, state: SessionState, tokens: list[int], params: SamplingParams | None,
-               side: Callable[[JobResult], SideWrites] | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
+               side: Callable[[JobResult], SideWrites] | None = None,
+               constraint: Constraint | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
         """Run a job on a state read under `lease` (held with `SessionStore.leased`), which the job's
         saver task takes over: it is released when the result is saved (or failed). `side` (from the
         result) is written atomically with the state: the chat layer's conversation record."""
         if params is not None and not tokens and not state.window:
             raise InvalidInputError("the session has no tokens yet: give a prompt")
         metrics.TOKENS_IN.inc(len(tokens))
-        job = self.worker.submit(state, tokens, params)
+        job = self.worker.submit(state, tokens, params, constraint)
         lease.handed_over = True
         task = self.spawn(self._complete(lease, owner, job, side))
         return job, task
 
-    def run_unsaved(self, state: SessionState, tokens: list[int],
-                    params: SamplingParams) -> tuple[Job, asyncio.Task[JobResult]]:
+    def run_unsaved(self, state: SessionState, tokens: list[int], params: SamplingParams,
+                    constraint: Constraint | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
         """A job on a state that is not stored (a stateless request)."""
         metrics.TOKENS_IN.inc(len(tokens))
-        job = self.worker.submit(state, tokens, params)
+        job = self.worker.submit(state, tokens, params, constraint)
 
         async def complete() -> JobResult:
             try:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1, description="/v1 reply length when a request gives none")
     chat_snapshots: int = Field(16, ge=1, description="state snapshots kept per chat session for edits and "
                                                       "regenerates (the first turn's is always kept)")
+    response_ttl_s: float = Field(30 * 86400, ge=0, description="stored /v1/responses (each one's state, input and "
+                                                              "output) expire this long after they are made; 0: "
+                                                              "never")
     log_level: str = Field("info", description="debug, info, warning, error")
 
     @property

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -77,6 +77,14 @@ def _put_events(batch: list[tuple[Job, Any]]) -> None:
         job.events.put_nowait(event)
 
 
+class Constraint(Protocol):
+    """Restricts a reply's tokens (service.constrained.JsonConstraint); called on the worker thread."""
+
+    def choose(self, logits: torch.Tensor, row: DecodeRow) -> int: ...
+
+    def consume(self, token: int) -> None: ...
+
+
 @dataclass(eq=False)  # identity matters: jobs are kept in lists and dicts
 class Job:
     """An append (params None) or a generate (prompt tokens first, then sampling).
@@ -94,6 +102,7 @@ class Job:
     task: AppendTask | None = None  # reading its input
     row: DecodeRow | None = None  # generating
     last_token_at: float = 0.0
+    constraint: Constraint | None = None  # picks each token of the reply (service.constrained)
 
     def emit(self, event: Any) -> None:
         deliver([(self, event)])
@@ -149,10 +158,11 @@ class ModelWorker:
             self._wake.notify()
         self._thread.join(timeout=10)
 
-    def submit(self, state: SessionState, tokens: list[int], params: SamplingParams | None) -> Job:
+    def submit(self, state: SessionState, tokens: list[int], params: SamplingParams | None,
+               constraint: Constraint | None = None) -> Job:
         """Called on the event loop; the job's events and result arrive on that loop."""
         loop = asyncio.get_running_loop()
-        job = Job(state, list(tokens), params, loop, asyncio.Queue(), loop.create_future())
+        job = Job(state, list(tokens), params, loop, asyncio.Queue(), loop.create_future(), constraint=constraint)
         with self._wake:
             self._inbox.append(job)
             metrics.QUEUE_DEPTH.set(self.pending)
@@ -259,7 +269,14 @@ class ModelWorker:
     def _decode_step(self) -> None:
         start = time.perf_counter()
         rows = self.engine.size
-        out = self.engine.step()
+        # Constrained rows choose their own token (masked logits, their own sampling), forced in the
+        # step: they need their logits, so the joining rows are prefilled (as step() would) first.
+        constrained = [(row, job.constraint) for row, job in self._decoding.items() if job.constraint is not None]
+        failed = self.engine.admit() if constrained else []
+        forced = {row: constraint.choose(self.engine.logits_of(row), row) for row, constraint in constrained
+                  if row.slot >= 0 and row.error is None}
+        out = self.engine.step(forced) if forced else self.engine.step()
+        out.failed = failed + out.failed
         metrics.DECODE_STEP_SECONDS.observe(time.perf_counter() - start)
         metrics.DECODE_BATCH_SIZE.observe(rows)
         metrics.SEGMENTS.inc(out.commits)
@@ -272,6 +289,8 @@ class ModelWorker:
                 metrics.INTER_TOKEN_SECONDS.observe(now - job.last_token_at)
             job.last_token_at = now
             metrics.TOKENS_OUT.inc()
+            if job.constraint is not None:
+                job.constraint.consume(token.token_id)
             events.append((job, TokenEvent(token.token_id, token.text)))
             if row.finish_reason is not None:
                 finished.append((job, row, row.finish_reason))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from serve_helpers import Server
 
-FUZZ_EXAMPLES = 25  # per operation and mode (14 operations): well under a minute here
+FUZZ_EXAMPLES = 25  # per operation and mode (26 operations): a minute or two here
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def subnormal_floats() -> Iterator[None]:
 def test_no_route_answers_5xx_or_a_traceback(server: Server, mode: GenerationMode) -> None:
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 14  # /sessions, /v1 and the ops routes
+    assert len(operations) >= 26  # /sessions, /v1 (with /v1/responses and /v1/conversations) and the ops routes
     case_strategy = st.one_of([operation.as_strategy(generation_mode=mode) for operation in operations])
     seen: set[str] = set()
 
@@ -47,4 +47,6 @@ def test_no_route_answers_5xx_or_a_traceback(server: Server, mode: GenerationMod
     if mode == GenerationMode.POSITIVE:
         assert seen == {operation.label for operation in operations}  # every route was called
     else:  # only operations with a body or parameters have invalid forms
-        assert {"POST /sessions/{session_id}/append", "POST /v1/chat/completions"} <= seen
+        assert {"POST /sessions/{session_id}/append", "POST /v1/chat/completions", "POST /v1/responses",
+                "GET /v1/responses/{response_id}/input_items", "POST /v1/conversations",
+                "POST /v1/conversations/{conversation_id}/items"} <= seen
