@@ -66,6 +66,29 @@ def test_ttl_expires_idle_sessions(redis_server: RedisServer) -> None:
     run(scenario())
 
 
+def test_trim_listing_drops_only_entries_older_than_the_ttl(redis_server: RedisServer) -> None:
+    """The owner's listing of a store with a TTL (the stored responses'): entries last written longer
+    than the TTL ago go (their sessions expired), newer ones stay; without a TTL nothing goes."""
+    async def scenario() -> None:
+        store = SessionStore(redis_server.url, prefix="trim:", ttl_s=0.4)
+        await store.create("old", "o", b"v0", 0)
+        await asyncio.sleep(0.6)
+        await store.create("new", "o", b"v0", 0)
+        listing = "trim:sessions:o"
+        assert await store.redis.zcard(listing) == 2  # the expired one is still listed
+        await store.trim_listing("o")
+        assert [m.decode() for m in await store.redis.zrange(listing, 0, -1)] == ["new"]
+        forever = SessionStore(redis_server.url, prefix="trim-none:")
+        await forever.create("a", "o", b"v0", 0)
+        await asyncio.sleep(0.05)
+        await forever.trim_listing("o")
+        assert await forever.redis.zcard("trim-none:sessions:o") == 1
+        await forever.close()
+        await store.close()
+
+    run(scenario())
+
+
 def test_a_lease_is_released_with_its_block_unless_handed_over(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         store = SessionStore(redis_server.url, prefix="leased:", lock_ttl_s=5, lock_wait_s=0.2)
