@@ -282,7 +282,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = HMTModel.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
     # the baselines are the bare backbone: a model trained with LoRA is loaded again without its deltas
-    bare = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
+    bare = load_pretrained(HMTModel, args.model, dtype=DTYPES[args.dtype], device=args.device,
                            backbone_deltas=False).eval() if model.backbone_deltas else model
     if model.tokenizer is None:
         raise SystemExit("the model has no tokenizer: a chat benchmark needs one")

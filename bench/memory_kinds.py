@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     setup(args)
     hmt = HMTModel.from_pretrained(args.model).eval()
-    bare = load_pretrained(args.model, backbone_deltas=False).eval() if hmt.backbone_deltas else hmt
+    bare = load_pretrained(HMTModel, args.model, backbone_deltas=False).eval() if hmt.backbone_deltas else hmt
     seg = hmt.hmt_config.segment_tokens
     rng = random.Random(args.seed)
     history = [[rng.randrange(hmt.vocab_size) for _ in range(args.segments * seg + seg // 2)]

@@ -4,7 +4,8 @@ from hmt_core.config import HMTConfig
 from hmt_core.errors import CheckpointError, CorruptStateError, HMTError, InvalidInputError, ModelMismatchError
 from hmt_core.generation import GeneratedToken, Generation, SamplingParams
 from hmt_core.memory import Memory, MemoryKind, memory_of
-from hmt_core.model import HMTModel, ScoreOutput, SegmentRecall
+from hmt_core.model import HMTModel, ScoreOutput
+from hmt_core.recall import SegmentRecall
 from hmt_core.session import SessionState
 
 __all__ = [

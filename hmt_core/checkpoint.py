@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,12 +27,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from hmt_core import backbones
 from hmt_core.config import HMTConfig
 from hmt_core.errors import CheckpointError
-from hmt_core.model import HMTModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from hmt_core.model import HMTModel
+
 log = logging.getLogger(__name__)
+# the loaders build the class they are handed (HMTModel's from_pretrained and from_hmt_pytorch hand
+# their own), so this module needs the model's type only for checking
+M = TypeVar("M", bound="HMTModel")
 
 NATIVE_FORMAT = "hmt"
 NATIVE_FORMAT_VERSION = 1
@@ -212,9 +216,9 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase | None:
         return None
 
 
-def load_hmt_pytorch(path: str | Path, backbone: PretrainedConfig | str | Path, config: HMTConfig,
+def load_hmt_pytorch(cls: type[M], path: str | Path, backbone: PretrainedConfig | str | Path, config: HMTConfig,
                      lora_alpha: float = 32.0, dtype: torch.dtype | None = None,
-                     device: str | torch.device | None = None) -> HMTModel:
+                     device: str | torch.device | None = None) -> M:
     """Import a checkpoint written by HMT-pytorch (safetensors or torch.save, DP or PEFT LoRA)."""
     raw = read_state_dict(path)
     hmt_params, backbone_raw = split_reference_state(raw)
@@ -231,7 +235,7 @@ def load_hmt_pytorch(path: str | Path, backbone: PretrainedConfig | str | Path, 
         raise CheckpointError("checkpoint holds no backbone weights; pass a backbone directory or name")
     else:
         model = AutoModelForCausalLM.from_pretrained(str(backbone))
-    hmt = HMTModel(model, config, tokenizer)
+    hmt = cls(model, config, tokenizer)
     _set_hmt_parameters(hmt, hmt_params)
     return hmt.to(device=device, dtype=dtype) if (device or dtype) else hmt
 
@@ -356,8 +360,8 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
             from None
 
 
-def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None, backbone_deltas: bool = True) -> HMTModel:
+def load_pretrained(cls: type[M], name_or_path: str | Path, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None, backbone_deltas: bool = True) -> M:
     """backbone_deltas=False: leave the backbone as its source has it (baselines: the bare backbone)."""
     directory = resolve_model_dir(name_or_path)
     config_file = directory / HMT_CONFIG_FILE
@@ -385,7 +389,7 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None,
         rounds = _read_deltas(directory / str(meta["backbone_deltas_applied"]))
         if meta.get("backbone_base"):
             setattr(backbone, BASE_REFERENCE_ATTRIBUTE, meta["backbone_base"])
-    model = HMTModel(backbone, config, tokenizer)
+    model = cls(backbone, config, tokenizer)
     model.backbone_deltas = rounds
     _set_hmt_parameters(model, load_file(str(directory / HMT_WEIGHTS_FILE)))
     return model.to(device=device, dtype=dtype) if (device or dtype) else model

@@ -31,7 +31,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hmt_core.errors import InvalidInputError
-from hmt_core.model import HMTModel, SegmentRecall
+from hmt_core.model import HMTModel
+from hmt_core.recall import SegmentRecall
 from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, TextStream, sample_tokens, seed_key
 from hmt_core.session import SessionState, fill_window
 from hmt_core.temp_lora import Adapter, StackedAdapters, adapters_applied
@@ -60,9 +61,13 @@ class AppendTask:
         return [recall.distance for recall in self.recalls]
 
 
-def begin_append(model: HMTModel, state: SessionState, tokens: Sequence[int] | Tensor) -> AppendTask:
-    """Validate, bump the version and fill the open window; commits come with `advance_appends`."""
-    model.check_session(state)
+def begin_append(model: HMTModel, state: SessionState, tokens: Sequence[int] | Tensor,
+                 checked: bool = False) -> AppendTask:
+    """Validate, bump the version and fill the open window; commits come with `advance_appends`.
+    The state enters the engine here: it is checked (`HMTModel.check_session`) unless the caller
+    already did (`checked`), and never again while the engine works on it."""
+    if not checked:
+        model.check_session(state)
     ids = model.check_tokens(tokens).reshape(-1).tolist() if len(tokens) else []
     state, rest = fill_window(state.bumped(), ids, model.hmt_config)
     return AppendTask(state, rest)
@@ -291,10 +296,12 @@ class DecodeEngine:
     def has_room(self) -> bool:
         return self.size < self.max_rows
 
-    def add(self, state: SessionState, params: SamplingParams) -> DecodeRow:
-        """A session joins (prefilled at the next step). Raises InvalidInputError for a bad request."""
+    def add(self, state: SessionState, params: SamplingParams, checked: bool = False) -> DecodeRow:
+        """A session joins (prefilled at the next step). Raises InvalidInputError for a bad request.
+        The state is checked (`HMTModel.check_session`) unless the caller already did (`checked`)."""
         model = self.model
-        model.check_session(state)
+        if not checked:
+            model.check_session(state)
         if not state.window:
             raise InvalidInputError("the session has no tokens yet: append a prompt before generating")
         if params.stop and model.tokenizer is None:

@@ -26,7 +26,8 @@ from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, Text
 from hmt_core.session import SessionState
 
 if TYPE_CHECKING:
-    from hmt_core.model import HMTModel, SegmentRecall
+    from hmt_core.model import HMTModel
+    from hmt_core.recall import SegmentRecall
 
 __all__ = ["FinishReason", "GeneratedToken", "Generation", "SamplingParams", "TextStream",
            "continuation_log_probs", "decode_one_token"]

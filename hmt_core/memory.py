@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
+from hmt_core.recall import Recall
+
 if TYPE_CHECKING:
-    from hmt_core.model import HMTModel, Recall
+    from hmt_core.model import HMTModel
 
 MemoryKind = Literal["hmt", "rmt", "window", "temp-lora", "hmt+temp-lora"]
 MEMORY_KINDS: tuple[MemoryKind, ...] = get_args(MemoryKind)
@@ -82,8 +84,6 @@ class RMTMemory(Memory):
         return 1
 
     def prompts(self, model: HMTModel, memories: Tensor, lengths: Tensor, queries: Tensor | None) -> Recall:
-        from hmt_core.model import Recall
-
         batch, device = memories.shape[0], model.device
         lengths = lengths.to(device)
         has_memory = lengths > 0

@@ -24,6 +24,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from hmt_core.config import HMTConfig
 from hmt_core.errors import CorruptStateError, InvalidInputError
 from hmt_core.memory import Memory, MemoryKind, memory_of
+from hmt_core.recall import RECALL_TOP_K, Recall, SegmentRecall
 from hmt_core.session import SessionState
 from hmt_core.temp_lora import Adapter, TempLoRAConfig, adapters_applied, new_adapter, train_adapter
 
@@ -38,43 +39,6 @@ class ScoreOutput:
     logits: Tensor  # [B, T, V]
     memories: Tensor  # [B, S, d]
     recall_distances: Tensor  # [B, S]: segments back to the strongest recall weight (0: no recall)
-
-
-RECALL_TOP_K = 4  # recall weights reported per segment: the strongest few, so the trace stays small
-
-
-@dataclass
-class Recall:
-    prompts: Tensor  # [B, d] memory prompt p_n in the backbone's dtype
-    distances: Tensor  # [B] long; 0 where long-term memory was empty
-    top_slots: Tensor  # [B, k] long, k <= RECALL_TOP_K: memory positions by weight, strongest first; -1: none
-    top_weights: Tensor  # [B, k] float32 softmax weights of those positions (0 where none)
-
-    def traces(self, segments: Sequence[int], lengths: Sequence[int]) -> list[SegmentRecall]:
-        """Per row: what recall did for segment `segments[b]` over `lengths[b]` memories, with
-        memory positions named by the segment that wrote them. One host copy for the batch."""
-        slots, weights = self.top_slots.tolist(), self.top_weights.tolist()
-        traces = []
-        for row, (segment, length) in enumerate(zip(segments, lengths, strict=True)):
-            first = segment - length  # memory position 0 holds the memory written by this segment
-            kept = [(first + s, w) for s, w in zip(slots[row], weights[row], strict=True) if s >= 0]
-            traces.append(SegmentRecall(segment, tuple(s for s, _ in kept), tuple(w for _, w in kept)))
-        return traces
-
-
-@dataclass(frozen=True)
-class SegmentRecall:
-    """The recall of one committed segment: which earlier segments' memories it attended to most
-    (by the index of the segment that wrote each memory), and the softmax weight of each."""
-
-    segment: int  # this segment's index (0-based: the session's segments_committed before it)
-    slots: tuple[int, ...]  # earlier segments, strongest first; empty when memory was empty
-    weights: tuple[float, ...]  # their weights: each in [0, 1], descending, summing to at most 1
-
-    @property
-    def distance(self) -> int:
-        """Segments back to the strongest weight (0: no recall), as the paper's recall figure."""
-        return self.segment - self.slots[0] if self.slots else 0
 
 
 def _config_digest(config: PretrainedConfig) -> dict[str, Any]:
@@ -434,12 +398,13 @@ class HMTModel(nn.Module):
 
         Returns the new states and each commit's recall (top slots, weights, distance). The result
         equals committing them one at a time (rows only differ in sensory length 0 vs k, grouped, never padded).
+        The states are the engine's: checked where they entered it (`begin_append`, `DecodeEngine.add`,
+        or `check_session`), so a commit, which runs once per window, does not check them again.
         """
         cfg = self.hmt_config
         if not states:
             return [], []
         for state in states:
-            self.check_session(state)
             if len(state.window) != cfg.segment_tokens:
                 raise InvalidInputError(
                     f"only a full window can be committed ({len(state.window)} of {cfg.segment_tokens} tokens)")
@@ -467,6 +432,12 @@ class HMTModel(nn.Module):
             committed = [replace(c, adapter=a) for c, a in zip(committed, adapters, strict=True)]
         return committed, recalled.traces([s.segments_committed for s in states], [s.ltm.shape[0] for s in states])
 
+    # ----- the facade ----------------------------------------------------------------------
+    # append, generate, from_hmt_pytorch, from_pretrained and save_pretrained are conveniences over
+    # hmt_core.engine, hmt_core.generation and hmt_core.checkpoint, which build on this module: they
+    # import those inside the method, so that importing this module never imports them (the only
+    # imports inside functions in hmt_core; tests/test_layering.py keeps it so).
+
     def append(self, state: SessionState, tokens: Sequence[int] | Tensor) -> SessionState:
         """Append tokens to a session, committing full windows lazily. Returns a new state."""
         from hmt_core.engine import advance_appends, begin_append
@@ -492,7 +463,7 @@ class HMTModel(nn.Module):
                          dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> HMTModel:
         from hmt_core.checkpoint import load_hmt_pytorch
 
-        return load_hmt_pytorch(path, backbone=backbone, config=config, lora_alpha=lora_alpha,
+        return load_hmt_pytorch(cls, path, backbone=backbone, config=config, lora_alpha=lora_alpha,
                                 dtype=dtype, device=device)
 
     @classmethod
@@ -500,7 +471,7 @@ class HMTModel(nn.Module):
                         device: str | torch.device | None = None) -> HMTModel:
         from hmt_core.checkpoint import load_pretrained
 
-        return load_pretrained(name_or_path, dtype=dtype, device=device)
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device)
 
     def save_pretrained(self, directory: str | Path, include_backbone: bool = True) -> None:
         from hmt_core.checkpoint import save_pretrained

@@ -146,7 +146,7 @@ def _bare(args: argparse.Namespace, model: HMTModel) -> HMTModel:
         return model
     from hmt_core.checkpoint import load_pretrained
 
-    return load_pretrained(args.model, backbone_deltas=False).to(args.device)
+    return load_pretrained(HMTModel, args.model, backbone_deltas=False).to(args.device)
 
 
 def _temp_lora(args: argparse.Namespace, model: HMTModel) -> TempLoRAConfig:

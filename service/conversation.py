@@ -28,8 +28,6 @@ ROOT_HASH = "0" * 32
 Continuation = Literal["new", "continued", "branched", "restarted"]
 
 
-CONVERSATION_FIELD = "conversation"  # the session hash field that holds the record (store.SideWrites)
-
 @dataclass(frozen=True)
 class Message:
     role: str
@@ -137,7 +135,6 @@ class Conversation:
         return cls(list(raw["chain"]), str(raw["pending"]), {int(k): str(v) for k, v in raw["snapshots"].items()})
 
 
-TRANSCRIPT_FIELD = "transcript"  # the session hash field with the messages' text (for clients that resume)
 MAX_TRANSCRIPT_CHARS = 1_000_000  # a transcript keeps its newest messages up to this many characters
 
 

@@ -61,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.model_path()  # fail fast, before the slow imports and Redis, when there is no model
-    from service.store import EmbeddedRedis, SessionStore, parse_redis_url
+    from service.embedded_redis import EmbeddedRedis
+    from service.redis_connection import parse_redis_url
+    from service.store import SessionStore
 
     if settings.redis_url is not None:
         try:

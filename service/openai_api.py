@@ -1,13 +1,12 @@
 """The OpenAI-compatible API: GET /v1/models, POST /v1/chat/completions, POST /v1/completions.
 
 Sessions over a stateless protocol: a request names its session with the `X-Session-Id` header
-(or the `user` field); the session is created on first use. Standard clients resend the whole
-history each turn; service.conversation decides what is new, so only that is read. A chat
-request without a session id continues the session whose last turn ended exactly where its
-messages' prefix does (or forks a new session from a snapshot of it, never rewinding another
-client's conversation). Every chat response names its session in `X-Session-Id` and says how it
-continued in `X-HMT-Continuation` (new, continued, branched, restarted). `usage.prompt_tokens`
-counts the tokens read for this request: the new part of the conversation, not the history.
+(or the `user` field); the session is created on first use. A chat request is a turn of a chat
+session (service.chat_sessions: what is new in the resent history, which session a request
+without an id continues, what is stored); this router parses the request and shapes the reply.
+Every chat response names its session in `X-Session-Id` and says how it continued in
+`X-HMT-Continuation` (new, continued, branched, restarted). `usage.prompt_tokens` counts the
+tokens read for this request: the new part of the conversation, not the history.
 
 /v1/completions appends the prompt to the named session and continues it (no template); without
 a session it is stateless.
@@ -15,35 +14,21 @@ a session it is stateless.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from hmt_core import CorruptStateError, InvalidInputError, SamplingParams
-from service import metrics
+from hmt_core import InvalidInputError, SamplingParams
+from service.chat_sessions import ChatSessions, ChatTurn
 from service.constrained import compiler_for
-from service.conversation import (
-    CONVERSATION_FIELD,
-    EMPTY,
-    ROOT_HASH,
-    TRANSCRIPT_FIELD,
-    ChatTemplate,
-    Conversation,
-    Message,
-    Plan,
-    Transcript,
-    after_turn,
-    chain_hashes,
-    plan_turn,
-    restart_plan,
-)
+from service.conversation import Message
 from service.errors import APIError, error_payload
+from service.job import Job, JobResult
 from service.openai_protocol import (
     ChatChoice,
     ChatCompletion,
@@ -62,47 +47,32 @@ from service.openai_protocol import (
 )
 from service.protocol import check_session_id
 from service.session_service import Service
-from service.store import SideWrites
-from service.streaming import sse, token_events
-from service.worker import Constraint, Job, JobResult
+from service.streaming import sse
 
 SESSION_HEADER = "X-Session-Id"
 
 
 @dataclass
-class Turn:
-    """A started request: its job, the task that saves it, and what the response reports."""
+class Reply:
+    """A started request, as a response reports it: its job, its saved result (awaited once the
+    job's stream ends), the tokens it read, and the response's headers."""
 
-    session_id: str | None
     job: Job
-    task: asyncio.Task[JobResult]
+    result: Callable[[], Awaitable[JobResult]]
     prompt_tokens: int
-    continuation: str = ""
-    end_hash: str = ""  # the chain hash after the reply, once saved
-    owner: str = ""
+    headers: dict[str, str]
 
-    def headers(self) -> dict[str, str]:
-        headers = {SESSION_HEADER: self.session_id} if self.session_id else {}
-        if self.continuation:
-            headers["X-HMT-Continuation"] = self.continuation
-        return headers
-
-
-@dataclass
-class Fork:
-    """A new session started from another session's snapshot (a request without a session id)."""
-
-    state: bytes
-    record: Conversation
-    messages: int
+    @classmethod
+    def of_chat(cls, chats: ChatSessions, turn: ChatTurn) -> Reply:
+        return cls(turn.job, lambda: chats.finish(turn), turn.prompt_tokens,
+                   {SESSION_HEADER: turn.session_id, "X-HMT-Continuation": turn.continuation})
 
 
 class OpenAIFrontend:
     def __init__(self, service: Service) -> None:
         self.service = service
+        self.chats = ChatSessions(service)
         self.model_name = service.settings.model_name()
-        tokenizer = service.model.tokenizer
-        self.template = ChatTemplate(tokenizer) if tokenizer is not None else None
         self.created = int(time.time())
 
     @property
@@ -123,197 +93,62 @@ class OpenAIFrontend:
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, chat: bool) -> SamplingParams:
         stop: tuple[str, ...] = tuple(body.stop_list)
         stop_ids: tuple[int, ...] = ()
-        if chat and self.template is not None:  # end the reply where the template ends a turn
-            stop, stop_ids = stop + self.template.stop_strings, self.template.stop_token_ids
+        template = self.chats.template
+        if chat and template is not None:  # end the reply where the template ends a turn
+            stop, stop_ids = stop + template.stop_strings, template.stop_token_ids
         return self.service.sampling_params(
             max_tokens=body.token_limit or self.service.settings.default_max_tokens, temperature=body.temperature,
             top_p=body.top_p, seed=body.seed, stop=stop, stop_token_ids=stop_ids)
 
-    # ----- chat turns ---------------------------------------------------------------------------
-
-    async def start_chat(self, owner: str, session_id: str | None, messages: list[Message],
-                         params: SamplingParams, delta: bool = False, constraint: Constraint | None = None) -> Turn:
-        """delta: the messages are only the new ones (X-HMT-Messages: new), not the whole history.
-        constraint: the reply's tokens are chosen under it (response_format, service.constrained)."""
-        if self.template is None:
-            raise InvalidInputError("chat needs a model with a tokenizer")
-        if delta:
-            if session_id is None:
-                raise InvalidInputError("X-HMT-Messages: new needs a session id (X-Session-Id)")
-            turn = await self._start_chat(owner, session_id, messages, [], params, None, False, True, constraint)
-            assert turn is not None
-            return turn
-        chain = chain_hashes(messages)
-        fork: Fork | None = None
-        if session_id is None:
-            found, fork = await self._find(owner, chain)
-            if found is not None and fork is None:
-                turn = await self._start_chat(owner, found, messages, chain, params, None, True,
-                                              constraint=constraint)
-                if turn is not None:
-                    return turn
-                # the found session moved on meanwhile: start anew, leaving it alone
-            session_id = uuid.uuid4().hex
-        turn = await self._start_chat(owner, session_id, messages, chain, params, fork, False, constraint=constraint)
-        assert turn is not None
-        return turn
-
-    async def _find(self, owner: str, chain: list[str]) -> tuple[str | None, Fork | None]:
-        """The session to continue (its id, no fork), a fork of one, or nothing."""
-        store = self.service.store
-        hit = await store.find_chat(owner, chain)
-        if hit is not None:
-            n, source = hit
-            raw = await store.field(source, owner, CONVERSATION_FIELD)
-            record = _record(raw) if raw else None
-            if record is not None and record.chain[n - 1:n] == chain[n - 1:n]:
-                if len(record.chain) == n:
-                    return source, None
-                k = max((m for m in record.snapshots if m <= n), default=None)
-                data = await store.labelled_state(source, owner, str(k)) if k is not None else None
-                if k is not None and data is not None:
-                    pending = record.snapshots[k]
-                    return None, Fork(data, Conversation(chain[:k], pending, {k: pending}), k)
-        return None, None
-
-    async def _start_chat(self, owner: str, session_id: str, messages: list[Message], chain: list[str],
-                          params: SamplingParams, fork: Fork | None, implicit: bool,
-                          delta: bool = False, constraint: Constraint | None = None) -> Turn | None:
-        """Plan and launch a turn under the session's lock; None if an implicitly found session
-        no longer ends where the request continues (it is left alone)."""
-        service, store, template = self.service, self.service.store, self.template
-        assert template is not None
-        prompt = template.render(messages, generation_prompt=True)  # once: O(history) for full resends
-        async with store.leased(session_id, owner, must_exist=False) as lease:
-            keep: dict[int, bytes] = {}  # snapshots this turn stores besides its result
-            record: Conversation | None = None
-            if lease.version < 0:
-                state = service.state_from(fork.state) if fork else service.model.new_session()
-                if fork:
-                    record, keep[fork.messages] = fork.record, fork.state
-            else:
-                state = service.state_from(lease.data)
-                raw = await store.field(session_id, owner, CONVERSATION_FIELD)
-                record = _record(raw) if raw else None
-            history = Transcript(list(messages))  # the whole conversation, for the transcript
-            if delta:
-                if lease.version >= 0:
-                    history = Transcript.from_bytes(await store.field(session_id, owner, TRANSCRIPT_FIELD))
-                    history.complete &= len(history.messages) == len(record.chain if record else [])
-                    history.messages += messages
-                prior = record.chain if record else []
-                chain = prior + chain_hashes(messages, prior[-1] if prior else ROOT_HASH)
-                plan = Plan("continued" if record else "new", None, len(prior), record.pending if record else "")
-                text: str | None = template.continuation(messages) if prior or state.tokens_seen else prompt
-            else:
-                plan = plan_turn(record, chain)
-                if implicit and plan.continuation != "continued":
-                    return None
-                text = template.suffix(messages, prompt, plan.absorbed)
-            if text is None:  # the template does not render this conversation incrementally
-                plan = restart_plan(record)
-                text = prompt
-            if plan.continuation == "new":
-                keep[0] = lease.data or service.encode(state)
-            if plan.base == EMPTY:
-                state = service.model.new_session()
-                keep[0] = service.encode(state)
-            elif plan.base is not None:
-                data = await store.labelled_state(session_id, owner, str(plan.base))
-                if data is None:
-                    raise CorruptStateError(f"snapshot {plan.base} of session {session_id!r} is missing")
-                state = service.state_from(data)
-            state = replace(state, version=max(state.version, lease.version))  # the version only grows
-            tokens = await service.tokens_of(plan.pending + text, None)
-            continuation = "branched" if fork else plan.continuation
-            turn = Turn(session_id, None, None, len(tokens), continuation)  # type: ignore[arg-type]
-            max_snapshots = service.settings.chat_snapshots
-
-            def chat_record(result: JobResult) -> SideWrites:
-                ended = template.ended_turn(result.tokens, result.finish_reason)
-                pending = template.closing(messages, prompt, result.text, ended)
-                full_chain = chain + chain_hashes([Message("assistant", result.text)], chain[-1])
-                new_record, drop = after_turn(record, plan, full_chain, pending, max_snapshots)
-                turn.end_hash = full_chain[-1]
-                snapshots = {n: s for n, s in keep.items() if n in new_record.snapshots}
-                transcript = Transcript([*history.messages, Message("assistant", result.text)], history.complete)
-                return SideWrites(fields={CONVERSATION_FIELD: new_record.to_bytes(),
-                                          TRANSCRIPT_FIELD: transcript.to_bytes()}, state_as=str(len(full_chain)),
-                                  states={str(n): s for n, s in snapshots.items()}, drop_states=[str(n) for n in drop])
-
-            turn.job, turn.task = service.launch(lease, owner, state, tokens, params, chat_record, constraint)
-            metrics.CHAT_TURNS.labels(continuation).inc()
-            turn.owner = owner
-            return turn
-
-    async def finish(self, turn: Turn) -> JobResult:
-        """The saved result; then let a client without a session id find this session by its
-        history next turn (before the response ends, so that next turn cannot come first)."""
-        result: JobResult = await turn.task
-        if turn.end_hash and turn.session_id:
-            await self.service.store.remember_chat(turn.owner, turn.end_hash, turn.session_id)
-        return result
-
-    # ----- completions --------------------------------------------------------------------------
-
     async def start_completion(self, owner: str, session_id: str | None, tokens: list[int],
-                               params: SamplingParams) -> Turn:
+                               params: SamplingParams) -> Reply:
         service = self.service
         if session_id is None:  # stateless: a fresh state, nothing stored
             job, task = service.run_unsaved(service.model.new_session(), tokens, params)
-            return Turn(None, job, task, len(tokens))
-        async with service.store.leased(session_id, owner, must_exist=False) as lease:
-            state = service.state_from(lease.data) if lease.version >= 0 else service.model.new_session()
-            job, task = service.launch(lease, owner, state, tokens, params)
-        return Turn(session_id, job, task, len(tokens))
+            return Reply(job, lambda: task, len(tokens), {})
+        job, task = await service.start_job(session_id, owner, tokens, params, create=True)
+        return Reply(job, lambda: task, len(tokens), {SESSION_HEADER: session_id})
 
     # ----- responses ----------------------------------------------------------------------------
 
-    def usage(self, turn: Turn, result: JobResult) -> Usage:
-        return Usage(prompt_tokens=turn.prompt_tokens, completion_tokens=len(result.tokens),
-                     total_tokens=turn.prompt_tokens + len(result.tokens))
+    def usage(self, reply: Reply, result: JobResult) -> Usage:
+        return Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=len(result.tokens),
+                     total_tokens=reply.prompt_tokens + len(result.tokens))
 
-    async def respond(self, turn: Turn, start: float, stream: bool, include_usage: bool,
+    async def respond(self, reply: Reply, start: float, stream: bool, include_usage: bool,
                       chunk: Any, final: Any) -> Any:
-        """Collect or stream a turn: chunk(text, finish_reason) -> one SSE payload model;
+        """Collect or stream a reply: chunk(text, finish_reason) -> one SSE payload model;
         final(result) -> the whole response model."""
         if not stream:
-            async for _ in token_events(turn.job, start):
+            async for _ in reply.job.stream_tokens(start):
                 pass
-            result = await self.finish(turn)
-            return JSONResponse(final(result).model_dump(), headers=turn.headers())
+            result = await reply.result()
+            return JSONResponse(final(result).model_dump(), headers=reply.headers)
 
         async def events() -> AsyncIterator[str]:
             try:
                 opening = chunk(None, None)  # chat: the role; completions: nothing
                 if opening is not None:
                     yield sse(opening.model_dump())
-                async for event in token_events(turn.job, start):
+                async for event in reply.job.stream_tokens(start):
                     if event.text:
                         yield sse(chunk(event.text, None).model_dump())
                 try:
-                    result = await self.finish(turn)
+                    result = await reply.result()
                     yield sse(chunk("", _finish_reason(result)).model_dump())
                     if include_usage:
                         usage_chunk = chunk("", None)
                         usage_chunk.choices = []
-                        usage_chunk.usage = self.usage(turn, result)
+                        usage_chunk.usage = self.usage(reply, result)
                         yield sse(usage_chunk.model_dump())
                 except Exception as exc:
                     yield sse(_openai_error(exc))
                 yield sse("[DONE]")
             finally:
-                turn.job.cancelled = True  # no-op after the end; on disconnect, stops sampling
+                reply.job.cancelled = True  # no-op after the end; on disconnect, stops sampling
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", **turn.headers()})
-
-
-def _record(raw: bytes) -> Conversation:
-    try:
-        return Conversation.from_bytes(raw)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptStateError(f"the stored conversation record is unusable: {exc}") from None
+                                 headers={"Cache-Control": "no-cache", **reply.headers})
 
 
 def _finish_reason(result: JobResult) -> str:
@@ -353,8 +188,9 @@ def create_router(service: Service) -> APIRouter:
         if schema is not None:  # response_format: the reply's tokens are constrained to the schema
             constraint = await compiler_for(service.model, params.stop_token_ids).compile(
                 schema, "response_format.json_schema.schema")
-        turn = await frontend.start_chat(owner, frontend.session_of(request, body.user), messages, params,
-                                         delta == "new", constraint)
+        turn = await frontend.chats.start_turn(owner, frontend.session_of(request, body.user), messages, params,
+                                               delta == "new", constraint)
+        reply = Reply.of_chat(frontend.chats, turn)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str | None, finish: str | None) -> ChatCompletionChunk:
@@ -368,10 +204,10 @@ def create_router(service: Service) -> APIRouter:
                                 finish_reason=_finish_reason(result))
             return ChatCompletion(id=response_id, created=created, model=frontend.model_name,
                                   system_fingerprint=frontend.fingerprint, choices=[choice],
-                                  usage=frontend.usage(turn, result))
+                                  usage=frontend.usage(reply, result))
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await frontend.respond(turn, start, body.stream, include_usage, chunk, final)
+        return await frontend.respond(reply, start, body.stream, include_usage, chunk, final)
 
     @router.post("/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {}}}})
     async def completions(body: CompletionRequest, request: Request, owner: str = owner_dep) -> Any:
@@ -388,7 +224,7 @@ def create_router(service: Service) -> APIRouter:
         session_id = frontend.session_of(request, body.user)
         if not tokens and session_id is None:
             raise InvalidInputError("prompt: empty prompt without a session to continue")
-        turn = await frontend.start_completion(owner, session_id, tokens, params)
+        reply = await frontend.start_completion(owner, session_id, tokens, params)
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str | None, finish: str | None) -> Completion | None:
@@ -401,10 +237,10 @@ def create_router(service: Service) -> APIRouter:
         def final(result: JobResult) -> Completion:
             done = chunk(result.text, _finish_reason(result))
             assert done is not None  # result.text is a str, never None
-            done.usage = frontend.usage(turn, result)
+            done.usage = frontend.usage(reply, result)
             return done
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await frontend.respond(turn, start, body.stream, include_usage, chunk, final)
+        return await frontend.respond(reply, start, body.stream, include_usage, chunk, final)
 
     return router

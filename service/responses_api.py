@@ -31,7 +31,6 @@ from service.responses_protocol import (
 from service.responses_store import ConversationRecord, ResponseStore
 from service.responses_turns import ResponsesFrontend, input_item
 from service.session_service import Service
-from service.streaming import token_events
 
 
 def _page(items: list[Item], after: str | None, limit: int, order: str) -> InputItemList:
@@ -64,9 +63,9 @@ def create_router(service: Service) -> APIRouter:
         start = time.perf_counter()
         run = await frontend.start(owner, body)
         if body.stream:
-            return StreamingResponse(frontend.events(run, start, owner), media_type="text/event-stream",
+            return StreamingResponse(frontend.event_stream(run, start, owner), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        async for _ in token_events(run.job, start):  # the job's tokens, for the time-to-first-token metric
+        async for _ in run.job.stream_tokens(start):  # the job's tokens, for the time-to-first-token metric
             pass
         final = await frontend.completed(run, owner)
         return JSONResponse(final.model_dump(mode="json"))

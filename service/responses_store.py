@@ -24,20 +24,18 @@ store scopes keys by owner): another key's response id is simply not there.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import APIError
+from service.job import Job
 from service.responses_protocol import ITEMS, Item, ResponseObject
-from service.session_service import Service
-from service.store import Lease, SessionNotFoundError, SessionStore, SideWrites, StoreUnavailableError
-from service.worker import Job
+from service.session_service import JOB_FIELDS, Service
+from service.store import Lease, SessionNotFoundError, SessionStore, SideWrites
 
 RESPONSE_FIELD = "response"  # the response object (JSON)
 INPUT_FIELD = "input_items"  # its input items (JSON list)
@@ -87,13 +85,9 @@ class Base:
 class ResponseStore:
     def __init__(self, service: Service) -> None:
         settings = service.settings
-        self.ttl_s = settings.response_ttl_s
         self.store = SessionStore(service.store.target.url, f"{settings.key_prefix}responses:", settings.response_ttl_s,
                                   settings.lock_ttl_s, settings.lock_wait_s, settings.redis_wait_replicas,
                                   settings.redis_wait_s)
-        # the same service (model, worker, signing key) whose jobs save into this store
-        self.writer = copy.copy(service)
-        self.writer.store = self.store
 
     async def close(self) -> None:
         await self.store.close()
@@ -115,8 +109,9 @@ class ResponseStore:
         return Base(state, pending.decode())
 
     async def launch(self, response_id: str, owner: str, run: Callable[[Lease], tuple[Job, Any]]) -> tuple[Job, Any]:
-        """Run `run(lease)` (which hands the lease to Service.launch) on the new response's session."""
-        async with self.store.leased(response_id, owner, must_exist=False) as lease:
+        """Run `run(lease)` (which hands the lease to Service.launch, with this store) on the new
+        response's session."""
+        async with self.store.leased(response_id, owner, must_exist=False, fields=JOB_FIELDS) as lease:
             return run(lease)
 
     @staticmethod
@@ -128,11 +123,7 @@ class ResponseStore:
     async def saved(self, owner: str) -> None:
         """After a save: drop listing entries older than the TTL (their responses have expired), so
         the store's per-owner listing does not grow with every response ever made."""
-        if self.ttl_s:
-            with contextlib.suppress(StoreUnavailableError):
-                async with self.store._op("write"):
-                    await self.store.redis.zremrangebyscore(self.store._listing_key(owner), "-inf",
-                                                            time.time() - self.ttl_s)
+        await self.store.trim_listing(owner)
 
     async def _field(self, response_id: str, owner: str, name: str) -> bytes:
         if ID_PATTERN.fullmatch(response_id) is not None:
@@ -151,14 +142,14 @@ class ResponseStore:
         """Store a response made in a conversation as a response of its own (its state a copy of the
         conversation's after it), so it can be retrieved and named by previous_response_id."""
         async with self.store.leased(response_id, owner, must_exist=False) as lease:
-            await self.store.save(lease, state, version, writes)
+            await self.store.save(lease, state, version, writes, release=True)
 
     # ----- conversations -----------------------------------------------------------------------
 
     async def create_conversation(self, owner: str, state: bytes, version: int, record: ConversationRecord) -> str:
         conversation_id = new_id("conv")
         async with self.store.leased(conversation_id, owner, must_exist=False) as lease:
-            await self.store.save(lease, state, version, self.conversation_writes(record))
+            await self.store.save(lease, state, version, self.conversation_writes(record), release=True)
         return conversation_id
 
     @staticmethod
@@ -167,13 +158,14 @@ class ResponseStore:
 
     @contextlib.asynccontextmanager
     async def conversation(self, conversation_id: str, owner: str) -> AsyncIterator[tuple[Lease, ConversationRecord]]:
-        """A conversation's lock, state and record for a block (handed over when a job takes the lease)."""
+        """A conversation's lock, state and record (read in one round trip, with what a job's save
+        reads) for a block (handed over when a job takes the lease)."""
         missing = not_found("Conversation", conversation_id)
         if CONVERSATION_PATTERN.fullmatch(conversation_id) is None:
             raise missing
         try:
-            async with self.store.leased(conversation_id, owner) as lease:
-                raw = await self.store.field(conversation_id, owner, CONVERSATION_FIELD)
+            async with self.store.leased(conversation_id, owner, fields=(CONVERSATION_FIELD, *JOB_FIELDS)) as lease:
+                raw = lease.fields[CONVERSATION_FIELD]
                 if raw is None:
                     raise missing
                 yield lease, ConversationRecord.from_bytes(raw)
@@ -182,7 +174,7 @@ class ResponseStore:
 
     async def update_conversation(self, lease: Lease, record: ConversationRecord) -> None:
         """A change of the record only (the state as it is)."""
-        await self.store.save(lease, lease.data, lease.version, self.conversation_writes(record))
+        await self.store.save(lease, lease.data, lease.version, self.conversation_writes(record), release=True)
 
     async def read_conversation(self, conversation_id: str, owner: str) -> ConversationRecord:
         if CONVERSATION_PATTERN.fullmatch(conversation_id) is not None:

@@ -29,6 +29,7 @@ from hmt_core import InvalidInputError, SessionState
 from service.constrained import JsonConstraint, compiler_for
 from service.conversation import ChatTemplate, Message
 from service.errors import error_payload
+from service.job import Job, JobResult
 from service.openai_api import OpenAIFrontend
 from service.responses_protocol import (
     ContentPartEvent,
@@ -60,8 +61,7 @@ from service.responses_protocol import (
 from service.responses_store import ConversationRecord, ResponseStore, new_id
 from service.session_service import Service
 from service.store import Lease, SideWrites
-from service.streaming import sse, token_events
-from service.worker import Job, JobResult
+from service.streaming import sse
 
 INCOMPLETE = {"length": "max_output_tokens"}  # finish reason -> incomplete_details.reason
 CALL_HEAD = re.compile(r'\{"name":"(?P<name>[A-Za-z0-9_-]{1,64})","arguments":')  # a call, as constrained
@@ -92,13 +92,14 @@ class ResponsesFrontend:
     def __init__(self, service: Service, store: ResponseStore) -> None:
         self.service, self.store = service, store
         self.chat = OpenAIFrontend(service)  # the model's name and chat template, as /v1/chat uses them
-        self.compiler = compiler_for(service.model, self.chat.template.stop_token_ids if self.chat.template else ())
+        chat_template = self.chat.chats.template
+        self.compiler = compiler_for(service.model, chat_template.stop_token_ids if chat_template else ())
 
     @property
     def template(self) -> ChatTemplate:
-        if self.chat.template is None:
+        if self.chat.chats.template is None:
             raise InvalidInputError("the Responses API needs a model with a tokenizer")
-        return self.chat.template
+        return self.chat.chats.template
 
     async def start(self, owner: str, body: CreateResponse) -> Run:
         service, template = self.service, self.template
@@ -154,7 +155,7 @@ class ResponsesFrontend:
                 return self.store.writes(final, run.items, run.pending)
 
             def launch(lease: Lease) -> tuple[Job, Any]:
-                return self.store.writer.launch(lease, owner, state, run.tokens, params, side, constraint)
+                return service.launch(lease, owner, state, run.tokens, params, side, constraint, self.store.store)
 
             run.job, run.task = await self.store.launch(response.id, owner, launch)
         else:
@@ -192,7 +193,8 @@ class ResponsesFrontend:
                 after.read, after.pending = len(after.items), run.pending
                 return self.store.conversation_writes(after)
 
-            run.job, run.task = self.store.writer.launch(lease, owner, state, run.tokens, params, side, constraint)
+            run.job, run.task = service.launch(lease, owner, state, run.tokens, params, side, constraint,
+                                               self.store.store)
         return run
 
     def finish(self, run: Run, result: JobResult) -> ResponseObject:
@@ -236,7 +238,8 @@ class ResponsesFrontend:
 
     # ----- streaming ------------------------------------------------------------------------
 
-    def events(self, run: Run, start: float, owner: str) -> AsyncIterator[str]:
+    def event_stream(self, run: Run, start: float, owner: str) -> AsyncIterator[str]:
+        """The response's server-sent events, from its job's tokens (`Job.stream_tokens`)."""
         counter = iter(range(1 << 62))
 
         def event(model: type[BaseModel], **fields: Any) -> str:
@@ -281,7 +284,7 @@ class ResponsesFrontend:
                     for line in opened(MessageItem(id=item_id, role="assistant", content=[])):
                         yield line
                 text, sent, call_opened = "", 0, False  # a forced call: its arguments stream once it is named
-                async for token in token_events(run.job, start):
+                async for token in run.job.stream_tokens(start):
                     if not token.text:
                         continue
                     if not run.buffered:

@@ -2,11 +2,14 @@
 of a write.
 
 Data path of a write: handler -> store.acquire (lock + read) -> worker job -> store.save
-(version compare-and-set) -> release -> response/stream. The store-to-store part runs in its
+(version compare-and-set) and release -> response/stream. The store-to-store part runs in its
 own task, not in the response: a client that disconnects mid-stream cannot leave a session
 half-written. Disconnect rule: accepted input (the append, the generate prompt) is always
 applied in full, and a generation's reply so far is all recorded (every token sent, plus any
 the worker produced before it saw the disconnect); the session stays consistent either way.
+
+A state is checked against the model once, where it enters: read from the store (`state_from`),
+sent by a client (`imported`), or made by the model. The worker trusts those (`Job.checked`).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from fastapi import Request
 from hmt_core import CorruptStateError, HMTModel, InvalidInputError, SamplingParams, SessionState
 from service import metrics
 from service.errors import APIError
+from service.job import Constraint, Job, JobResult
 from service.memory import RECALL_FIELD, merge_history
 from service.protocol import SessionInfo
 from service.settings import Settings
 from service.store import Lease, SessionStore, SideWrites, StoreUnavailableError
-from service.streaming import END
-from service.worker import Constraint, Job, JobResult, ModelWorker
+from service.worker import ModelWorker
+
+JOB_FIELDS = (RECALL_FIELD,)  # what a job's save reads of its session: read with the state, under the lease
 
 
 class Service:
@@ -109,36 +114,42 @@ class Service:
                            window_tokens=len(state.window), state_bytes=size, version=state.version,
                            fingerprint=state.fingerprint)
 
-    async def start_job(self, session_id: str, owner: str, tokens: list[int],
-                        params: SamplingParams | None) -> tuple[Job, asyncio.Task[JobResult]]:
-        async with self.store.leased(session_id, owner) as lease:
-            return self.launch(lease, owner, self.state_from(lease.data), tokens, params)
+    async def start_job(self, session_id: str, owner: str, tokens: list[int], params: SamplingParams | None,
+                        create: bool = False) -> tuple[Job, asyncio.Task[JobResult]]:
+        """A job on a stored session (with `create`, a new one when there is none), saved when done."""
+        async with self.store.leased(session_id, owner, must_exist=not create, fields=JOB_FIELDS) as lease:
+            state = self.state_from(lease.data) if lease.version >= 0 else self.model.new_session()
+            return self.launch(lease, owner, state, tokens, params)
 
     def launch(self, lease: Lease, owner: str, state: SessionState, tokens: list[int], params: SamplingParams | None,
                side: Callable[[JobResult], SideWrites] | None = None,
-               constraint: Constraint | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
-        """Run a job on a state read under `lease` (held with `SessionStore.leased`), which the job's
-        saver task takes over: it is released when the result is saved (or failed). `side` (from the
-        result) is written atomically with the state: the chat layer's conversation record."""
+               constraint: Constraint | None = None,
+               store: SessionStore | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
+        """Run a job on a state read under `lease` (held with `SessionStore.leased`, best with
+        `fields=JOB_FIELDS`), which the job's saver task takes over: it is released when the result is
+        saved (or failed). `state` was checked (`state_from`, `imported`) or made by the model. `side`
+        (from the result) is written atomically with the state: the chat layer's conversation record.
+        `constraint` picks the reply's tokens (service.constrained). `store`: the store the lease is
+        of, when not the sessions' (the Responses API's, service.responses_store)."""
         if params is not None and not tokens and not state.window:
             raise InvalidInputError("the session has no tokens yet: give a prompt")
         metrics.TOKENS_IN.inc(len(tokens))
-        job = self.worker.submit(state, tokens, params, constraint)
+        job = self.worker.submit(state, tokens, params, constraint, checked=True)
         lease.handed_over = True
-        task = self.spawn(self._complete(lease, owner, job, side))
+        task = self.spawn(self._complete(lease, owner, job, side, store or self.store))
         return job, task
 
     def run_unsaved(self, state: SessionState, tokens: list[int], params: SamplingParams,
                     constraint: Constraint | None = None) -> tuple[Job, asyncio.Task[JobResult]]:
-        """A job on a state that is not stored (a stateless request)."""
+        """A job on a state that is not stored (a stateless request); the state was made by the model."""
         metrics.TOKENS_IN.inc(len(tokens))
-        job = self.worker.submit(state, tokens, params, constraint)
+        job = self.worker.submit(state, tokens, params, constraint, checked=True)
 
         async def complete() -> JobResult:
             try:
                 return await job.done
             finally:
-                job.events.put_nowait(END)
+                job.end()
 
         return job, self.spawn(complete())
 
@@ -150,29 +161,31 @@ class Service:
         return task
 
     async def _complete(self, lease: Lease, owner: str, job: Job,
-                        side: Callable[[JobResult], SideWrites] | None) -> JobResult:
+                        side: Callable[[JobResult], SideWrites] | None, store: SessionStore) -> JobResult:
         """Wait for the worker, save with compare-and-set, release; runs even if the client left.
         The recall history of the segments the job committed is saved with the state."""
         metrics.ACTIVE_SESSIONS.inc()
-        renewer = asyncio.create_task(self._renew(lease))
+        renewer = asyncio.create_task(self._renew(lease, store))
         try:
             result: JobResult = await job.done
             writes = side(result) if side else None
             if result.recalls:
-                raw = await self.store.field(lease.session_id, owner, RECALL_FIELD)  # under the lease
+                # under the lease: read with the state (JOB_FIELDS), else now
+                raw = lease.fields[RECALL_FIELD] if RECALL_FIELD in lease.fields else \
+                    await store.field(lease.session_id, owner, RECALL_FIELD)
                 writes = writes or SideWrites()
                 writes.fields[RECALL_FIELD] = merge_history(raw, job.state.segments_committed, result.recalls)
-            await self.store.save(lease, self.encode(result.state), result.state.version, writes)
+            await store.save(lease, self.encode(result.state), result.state.version, writes, release=True)
             return result
         finally:
             renewer.cancel()
-            await self.store.release(lease)
+            await store.release(lease)  # when the save did not
             metrics.ACTIVE_SESSIONS.dec()
-            job.events.put_nowait(END)
+            job.end()
 
-    async def _renew(self, lease: Lease) -> None:
+    async def _renew(self, lease: Lease, store: SessionStore) -> None:
         """Keep the lock while a long job runs; if renewal fails the version fence still protects."""
         while True:
-            await asyncio.sleep(self.store.lock_ttl_ms / 3000)
+            await asyncio.sleep(store.lock_ttl_ms / 3000)
             with contextlib.suppress(StoreUnavailableError):
-                await self.store.renew(lease)
+                await store.renew(lease)

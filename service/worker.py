@@ -6,7 +6,8 @@ generating sessions whose input is in into the decode batch while it has room (`
 one `DecodeEngine.step()` that gives every generating session its next token. The HMT arithmetic
 is all in `hmt_core.engine`; this module only decides what runs when. A bad session fails only
 its own request: the engine isolates rows, and a cancelled stream leaves at the next round.
-Results go back to the event loop through `loop.call_soon_threadsafe`.
+Events and results go back to the event loop through the job's channel (service.job). A state
+the service checked (`Job.checked`) is not checked again.
 
 On CPU the worker thread is the only one that runs parallel torch work: it sets its own OpenMP
 thread count (a per-thread setting), and `hmt-serve` keeps the event loop's thread at one. Two
@@ -18,118 +19,18 @@ of 32 rows (measured with getrusage).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import torch
 
-from hmt_core import HMTModel, SamplingParams, SegmentRecall, SessionState
-from hmt_core.engine import AppendTask, DecodeEngine, DecodeRow, advance_appends, begin_append
+from hmt_core import HMTModel, SamplingParams, SessionState
+from hmt_core.engine import DecodeEngine, DecodeRow, advance_appends, begin_append
 from service import metrics
+from service.job import Constraint, Job, SegmentEvent, TokenEvent, deliver
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SegmentEvent:
-    """One segment committed for this job."""
-
-    segments_committed: int  # by this request so far
-    segments_total: int
-    tokens_seen: int
-    recall: SegmentRecall
-
-
-@dataclass
-class TokenEvent:
-    token: int
-    text: str
-
-
-@dataclass
-class JobResult:
-    state: SessionState
-    segments_committed: int
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # generate: "stop", "length" or "cancelled" (client went away)
-    recalls: list[SegmentRecall] = field(default_factory=list)  # of every segment the job committed, in order
-
-
-def deliver(events: Sequence[tuple[Job, Any]]) -> None:
-    """Hand a step's events to their event loops with one wake-up per loop, not one per token:
-    each wake-up makes the loop thread take the GIL from the model thread."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
-    for job, event in events:
-        by_loop.setdefault(job.loop, []).append((job, event))
-    for loop, batch in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop closed at shutdown: nobody is listening
-            loop.call_soon_threadsafe(_put_events, batch)
-
-
-def _put_events(batch: list[tuple[Job, Any]]) -> None:
-    for job, event in batch:
-        job.events.put_nowait(event)
-
-
-class Constraint(Protocol):
-    """Restricts a reply's tokens (service.constrained.JsonConstraint); called on the worker thread."""
-
-    def choose(self, logits: torch.Tensor, row: DecodeRow) -> int: ...
-
-    def consume(self, token: int) -> None: ...
-
-
-@dataclass(eq=False)  # identity matters: jobs are kept in lists and dicts
-class Job:
-    """An append (params None) or a generate (prompt tokens first, then sampling).
-
-    Cancelling only stops the sampling phase: accepted input is always applied in full, and the
-    reply generated until the worker sees the flag stays in the state (the "all recorded" rule)."""
-
-    state: SessionState
-    tokens: list[int]
-    params: SamplingParams | None
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[Any]
-    done: asyncio.Future[JobResult]
-    cancelled: bool = False
-    task: AppendTask | None = None  # reading its input
-    row: DecodeRow | None = None  # generating
-    last_token_at: float = 0.0
-    constraint: Constraint | None = None  # picks each token of the reply (service.constrained)
-
-    def emit(self, event: Any) -> None:
-        deliver([(self, event)])
-
-    def finish(self, result: JobResult | BaseException) -> None:
-        def settle() -> None:
-            if self.done.done():
-                return
-            if isinstance(result, BaseException):
-                self.done.set_exception(result)
-            else:
-                self.done.set_result(result)
-
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(settle)
-
-    @property
-    def segments(self) -> int:
-        return self.task.segments if self.task is not None else 0
-
-    def result(self, state: SessionState, row: DecodeRow | None = None, finish_reason: str | None = None) -> JobResult:
-        """The job's result: its input's commits, then (with `row`) the reply's."""
-        recalls = list(self.task.recalls) if self.task is not None else []
-        if row is None:
-            return JobResult(state, self.segments, finish_reason=finish_reason, recalls=recalls)
-        return JobResult(state, self.segments, list(row.tokens), row.text.released, finish_reason,
-                         recalls + row.commit_recalls)
 
 
 class ModelWorker:
@@ -159,10 +60,13 @@ class ModelWorker:
         self._thread.join(timeout=10)
 
     def submit(self, state: SessionState, tokens: list[int], params: SamplingParams | None,
-               constraint: Constraint | None = None) -> Job:
-        """Called on the event loop; the job's events and result arrive on that loop."""
+               constraint: Constraint | None = None, checked: bool = False) -> Job:
+        """Called on the event loop; the job's events and result arrive on that loop. `constraint`
+        picks the reply's tokens (service.constrained); `checked`: the caller checked the state
+        against the model (`HMTModel.check_session`), so it is not again."""
         loop = asyncio.get_running_loop()
-        job = Job(state, list(tokens), params, loop, asyncio.Queue(), loop.create_future(), constraint=constraint)
+        job = Job(state, list(tokens), params, loop, asyncio.Queue(), loop.create_future(), checked,
+                  constraint=constraint)
         with self._wake:
             self._inbox.append(job)
             metrics.QUEUE_DEPTH.set(self.pending)
@@ -203,7 +107,7 @@ class ModelWorker:
     def _round(self, inbox: list[Job]) -> None:
         for job in inbox:
             try:
-                job.task = begin_append(self.model, job.state, job.tokens)
+                job.task = begin_append(self.model, job.state, job.tokens, checked=job.checked)
             except Exception as exc:  # a bad request or state fails alone, before it joins a batch
                 job.finish(exc)
                 continue
@@ -260,7 +164,8 @@ class ModelWorker:
                 job.finish(job.result(job.task.state, finish_reason="cancelled"))  # type: ignore[union-attr]
                 continue
             try:
-                job.row = self.engine.add(job.task.state, job.params)  # type: ignore[union-attr,arg-type]
+                # the state begin_append took in (and checked, or found checked), with the input read
+                job.row = self.engine.add(job.task.state, job.params, checked=True)  # type: ignore[union-attr,arg-type]
             except Exception as exc:
                 job.finish(exc)
                 continue

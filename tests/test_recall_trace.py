@@ -9,7 +9,7 @@ import torch
 
 from hmt_core import HMTConfig, HMTModel, SamplingParams, SessionState
 from hmt_core.engine import advance_appends, begin_append
-from hmt_core.model import RECALL_TOP_K
+from hmt_core.recall import RECALL_TOP_K
 from hmt_core.testing import tiny_hmt_model
 
 

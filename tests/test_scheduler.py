@@ -8,7 +8,8 @@ import pytest
 
 from hmt_core import CorruptStateError, HMTModel, SamplingParams, SessionState
 from hmt_core.testing import assert_states_equal
-from service.worker import Job, JobResult, ModelWorker, SegmentEvent, TokenEvent
+from service.job import Job, JobResult, SegmentEvent, TokenEvent
+from service.worker import ModelWorker
 
 
 def _record_batch_widths(worker: ModelWorker) -> list[int]:

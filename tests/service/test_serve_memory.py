@@ -9,7 +9,7 @@ import httpx
 from httpx_sse import connect_sse
 from serve_helpers import error_of
 
-from hmt_core.model import RECALL_TOP_K
+from hmt_core.recall import RECALL_TOP_K
 
 SEG, LTM = 8, 16  # segment_tokens and ltm_context of the test model
 HISTORY = 64  # recall entries a session keeps (service.memory.RECALL_HISTORY)

@@ -24,14 +24,15 @@ import redis
 from redis.cluster import RedisCluster
 from serve_helpers import RedisServer, Server, error_of, redis_binary
 
+from service.redis_connection import parse_redis_url
 from service.store import (
     SessionConflictError,
     SessionNotFoundError,
     SessionStore,
     SideWrites,
     StoreUnavailableError,
-    parse_redis_url,
 )
+from service.store_migration import migrate
 
 
 def _binaries() -> tuple[str, str] | None:
@@ -369,7 +370,7 @@ def test_legacy_keys_move_on_one_server(redis_server: RedisServer) -> None:
         assert client.get("old1:layout") is None, "a key was kept: later starts must look again"
         await use_migrated(first)
         again = SessionStore(redis_server.url, prefix="old1:")  # idempotent: nothing left to move
-        assert await again._migrate() == (0, 1)
+        assert await migrate(again.redis, "old1:") == (0, 1)
         for store in (first, second, again):
             await store.close()
 
@@ -413,7 +414,7 @@ def test_legacy_keys_move_on_a_cluster(cluster: Cluster) -> None:
         assert client.get("old2:layout") is None
         await use_migrated(first)
         again = SessionStore(cluster.url, prefix="old2:")
-        assert await again._migrate() == (0, 1)
+        assert await migrate(again.redis, "old2:") == (0, 1)
         for store in (first, second, again):
             await store.close()
 
