@@ -5,9 +5,11 @@ from hmt_core.errors import CheckpointError, CorruptStateError, HMTError, Invali
 from hmt_core.generation import GeneratedToken, Generation, SamplingParams
 from hmt_core.memory import Memory, MemoryKind, memory_of
 from hmt_core.model import HMTModel, ScoreOutput, SegmentRecall
+from hmt_core.precision import PRECISIONS, Precision, apply_precision
 from hmt_core.session import SessionState
 
 __all__ = [
+    "PRECISIONS",
     "CheckpointError",
     "CorruptStateError",
     "GeneratedToken",
@@ -19,9 +21,11 @@ __all__ = [
     "Memory",
     "MemoryKind",
     "ModelMismatchError",
+    "Precision",
     "SamplingParams",
     "ScoreOutput",
     "SegmentRecall",
     "SessionState",
+    "apply_precision",
     "memory_of",
 ]
