@@ -37,7 +37,8 @@ from hmt_core.model import HMTModel
 Precision = Literal["fp32", "bf16", "int8", "int4"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 COMPUTE_DTYPE = torch.bfloat16  # activations of a quantized backbone: the packed kernels' fast path
-INT8_KERNEL_MAX_ROWS = 16  # above this many rows, dequantize + oneDNN bf16 beats the int8 kernel
+INT8_KERNEL_MAX_ROWS = 32  # decode batches up to hmt-serve's default --max-batch; above it (prefills,
+# commits: hundreds of rows) dequantizing + oneDNN's bf16 matmul beats the kernel (2-5x at 64-290 rows)
 INT4_GROUP_SIZE = 32  # the CPU kernel takes 32..256; with 64 the chat model's top-1 agreement with fp32 fell 71% -> 60%
 
 

@@ -11,7 +11,15 @@ from torch import Tensor
 
 from hmt_core import PRECISIONS, HMTConfig, HMTModel, InvalidInputError, SamplingParams, SessionState, apply_precision
 from hmt_core.engine import DecodeEngine
-from hmt_core.precision import Int4Linear, Int8Embedding, Int8Linear, precision_of, stored_bytes, weight_bytes
+from hmt_core.precision import (
+    INT8_KERNEL_MAX_ROWS,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    precision_of,
+    stored_bytes,
+    weight_bytes,
+)
 from hmt_core.testing import tiny_hmt_model
 
 # relative RMS error of the logits against fp32 (measured on the tiny llama: 0.005, 0.009, 0.04)
@@ -20,8 +28,8 @@ BOUNDS = {"bf16": 0.02, "int8": 0.03, "int4": 0.15}
 LOSS_BOUNDS = {"bf16": 0.005, "int8": 0.01, "int4": 0.03}
 
 
-def tokens(count: int, vocab: int = 128, seed: int = 0) -> Tensor:
-    return torch.randint(1, vocab, (2, count), generator=torch.Generator().manual_seed(seed))
+def tokens(count: int, rows: int = 2, seed: int = 0) -> Tensor:
+    return torch.randint(1, 128, (rows, count), generator=torch.Generator().manual_seed(seed))
 
 
 def relative_rms(got: Tensor, want: Tensor) -> float:
@@ -115,14 +123,15 @@ def test_states_move_between_fp32_and_another_precision(precision: str) -> None:
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_the_engine_decodes_as_scoring_reads(precision: str) -> None:
-    """A decode step (few rows: the packed kernels) gives the logits teacher-forced scoring (many rows:
-    int8 dequantizes) gives at the same positions, for several streams at once."""
+    """A decode step (few rows: the packed kernels) gives the logits teacher-forced scoring (4 x 13
+    positions, over INT8_KERNEL_MAX_ROWS: int8 dequantizes) gives at the same positions."""
     model = converted(precision)
-    ids = tokens(14)
+    ids = tokens(14, rows=4)
+    assert ids.shape[0] * (1 + 3 + 8 + 1) > INT8_KERNEL_MAX_ROWS
     states = [model.append(model.new_session(), row[:12].tolist()) for row in ids]  # 1 segment + 4 open
-    engine = DecodeEngine(model, max_rows=2)
+    engine = DecodeEngine(model, max_rows=4)
     rows = [engine.add(state, SamplingParams(max_tokens=2, ignore_eos=True)) for state in states]
-    engine.step(forced={rows[0]: int(ids[0, 12]), rows[1]: int(ids[1, 12])})  # every row reads its token 12
+    engine.step(forced={row: int(ids[i, 12]) for i, row in enumerate(rows)})  # every row reads its token 12
     scored = model.score(ids[:, :13]).logits[:, -1]
     decoded = torch.stack([engine.logits_of(row) for row in rows])
     assert relative_rms(decoded, scored) < 0.02
