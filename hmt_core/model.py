@@ -77,6 +77,12 @@ class SegmentRecall:
         return self.segment - self.slots[0] if self.slots else 0
 
 
+def fingerprint_sample(tensor: Tensor) -> Tensor:
+    """The values of a tensor the model fingerprint hashes: an evenly strided sample, as bf16 bits."""
+    flat = tensor.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // 4096)].to("cpu", torch.bfloat16).view(torch.int16)
+
+
 def _config_digest(config: PretrainedConfig) -> dict[str, Any]:
     drop = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
             "_attn_implementation_autoset", "_commit_hash"}
@@ -182,11 +188,7 @@ class HMTModel(nn.Module):
         """What the fingerprint hashes of each tensor: its shape and an evenly strided sample of its
         values as bf16 bits. A layer quantized at load (hmt_core.precision) reports those of the
         weight it replaced, so every precision of the same weights keeps one identity."""
-        samples = {}
-        for name, tensor in self.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            sample = flat[::max(1, flat.numel() // 4096)].to("cpu", torch.bfloat16).view(torch.int16)
-            samples[name] = (tuple(tensor.shape), sample)
+        samples = {name: (tuple(t.shape), fingerprint_sample(t)) for name, t in self.state_dict().items()}
         for prefix, module in self.named_modules():
             replaced = getattr(module, "replaced", None)
             if replaced is not None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from hmt_core.errors import InvalidInputError
-from hmt_core.model import HMTModel
+from hmt_core.model import HMTModel, fingerprint_sample
 
 Precision = Literal["fp32", "bf16", "int8", "int4"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
@@ -65,12 +65,6 @@ def precision_of(model: HMTModel) -> Precision:
     if found is not None:
         return cast(Precision, found)
     return "bf16" if model.dtype == torch.bfloat16 else "fp32"
-
-
-def fingerprint_sample(weight: Tensor) -> Tensor:
-    """The values of a tensor the model fingerprint hashes: an evenly strided sample, as bf16 bits."""
-    flat = weight.detach().reshape(-1)
-    return flat[::max(1, flat.numel() // 4096)].to("cpu", torch.bfloat16).view(torch.int16)
 
 
 # ----- quantized modules ---------------------------------------------------------------------------
