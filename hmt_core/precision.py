@@ -13,7 +13,10 @@ state made on an fp32 replica resumes on an int8 one and back.
   by `aten._weight_int4pack_mm_for_cpu` at every row count. Layers the kernel cannot take
   (output channels not a multiple of 16, input channels not a multiple of 32) stay int8, and so
   does the LM head, as llama.cpp keeps its output matrix above 4 bits (an int4 head cost the
-  chat model 6 more points of top-1 agreement with fp32 on held-out text).
+  chat model 6 more points of top-1 agreement with fp32 on held-out text). A model's trained
+  low-rank changes to its backbone (`backbone_deltas`) are kept beside the 4-bit weights in bf16,
+  not rounded with them: they are smaller than a 4-bit step, and rounding them away turned the
+  chat model back into, roughly, its untrained backbone (README, "Precision against fp32").
 - The quantized embedding lookup reads per-row int8 weights (the int8 LM head's own, when tied).
 
 Why these kernels and not torchao: measured on this machine's CPU (README, "Precision"):
@@ -122,10 +125,16 @@ class Int4Linear(QuantizedModule):
     packed: Tensor  # the CPU kernel's layout of the [N, K] 4-bit values
     scales_and_zeros: Tensor  # [K / group, N, 2]
     bias: Tensor | None
+    lora_a: Tensor | None  # [r, K]: low-rank changes kept beside the 4-bit weights (see _quantize)
+    lora_b: Tensor | None  # [N, r]
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, group_size: int) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, group_size: int,
+                 low_rank: tuple[Tensor, Tensor] | None = None) -> None:
+        """low_rank (A [r, K], B [N, r]): weight = base + B @ A; base is quantized, B @ A kept in bf16."""
         super().__init__(weight)
         w = weight.detach().float()
+        if low_rank is not None:
+            w = w - low_rank[1].float() @ low_rank[0].float()
         self.out_features, self.in_features = w.shape
         self.group_size = group_size
         groups = w.reshape(self.out_features, -1, group_size)
@@ -137,11 +146,15 @@ class Int4Linear(QuantizedModule):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(COMPUTE_DTYPE))  # [K / g, N, 2]
         self.register_buffer("bias", None if bias is None else bias.detach().to(COMPUTE_DTYPE))
+        self.register_buffer("lora_a", None if low_rank is None else low_rank[0].detach().to(COMPUTE_DTYPE))
+        self.register_buffer("lora_b", None if low_rank is None else low_rank[1].detach().to(COMPUTE_DTYPE))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(COMPUTE_DTYPE)
         rows = x.reshape(-1, self.in_features).contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_and_zeros)
+        if self.lora_a is not None and self.lora_b is not None:
+            out = out + (rows @ self.lora_a.t()) @ self.lora_b.t()
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
@@ -180,11 +193,24 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def _quantized_linear(linear: nn.Linear, precision: Precision) -> QuantizedModule:
+def _quantized_linear(linear: nn.Linear, precision: Precision,
+                      low_rank: tuple[Tensor, Tensor] | None) -> QuantizedModule:
     group = int4_group_size(linear.out_features, linear.in_features) if precision == "int4" else None
     if group is not None:
-        return Int4Linear(linear.weight, linear.bias, group)
+        return Int4Linear(linear.weight, linear.bias, group, low_rank)
     return Int8Linear(linear.weight, linear.bias)
+
+
+def _low_rank_changes(model: HMTModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """The model's trained changes to its backbone (model.backbone_deltas: every round's A and B per
+    module, already in the weights), joined per module: A [sum r, K], B [N, sum r]."""
+    joined: dict[str, tuple[Tensor, Tensor]] = {}
+    for deltas in model.backbone_deltas:
+        for name, (a, b) in deltas.items():
+            if name in joined:
+                a, b = torch.cat([joined[name][0], a.float()]), torch.cat([joined[name][1], b.float()], dim=1)
+            joined[name] = (a.float(), b.float())
+    return joined
 
 
 def apply_precision(model: HMTModel, precision: str) -> HMTModel:
@@ -211,7 +237,10 @@ def apply_precision(model: HMTModel, precision: str) -> HMTModel:
         backbone.float()
         return model
     if chosen in ("int8", "int4"):
-        _quantize(backbone, chosen)  # from the weights as loaded, not from a bf16 rounding of them
+        # int4 keeps the model's trained low-rank changes beside the 4-bit weights: they are smaller
+        # than a 4-bit step, and rounding them with the rest undid most of them (README, "Precision")
+        changes = _low_rank_changes(model) if chosen == "int4" else {}
+        _quantize(backbone, chosen, changes)  # from the weights as loaded, not from a bf16 rounding of them
     backbone.to(torch.bfloat16)  # int8/int4: the norms and anything not quantized run in bf16
     if chosen == "bf16":
         return model
@@ -219,7 +248,7 @@ def apply_precision(model: HMTModel, precision: str) -> HMTModel:
     return model
 
 
-def _quantize(backbone: nn.Module, precision: Precision) -> None:
+def _quantize(backbone: nn.Module, precision: Precision, low_rank: dict[str, tuple[Tensor, Tensor]]) -> None:
     embedding = cast(Callable[[], nn.Module], backbone.get_input_embeddings)()
     head = cast(Callable[[], nn.Module | None], backbone.get_output_embeddings)()
     if not isinstance(embedding, nn.Embedding):
@@ -230,7 +259,7 @@ def _quantize(backbone: nn.Module, precision: Precision) -> None:
     with torch.no_grad():
         for name, module in list(backbone.named_modules()):
             if isinstance(module, nn.Linear) and module is not head:
-                _replace(backbone, name, _quantized_linear(module, precision))
+                _replace(backbone, name, _quantized_linear(module, precision, low_rank.get(name)))
         shared = quantize_int8(embedding.weight)
         if isinstance(head, nn.Linear) and head_name is not None:  # a head of another kind stays bf16
             _replace(backbone, head_name, Int8Linear(head.weight, head.bias, shared if tied else None))

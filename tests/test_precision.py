@@ -3,6 +3,7 @@ the tiny models, one model identity across precisions, and states moving between
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from hmt_core import PRECISIONS, HMTConfig, HMTModel, InvalidInputError, SamplingParams, SessionState, apply_precision
+from hmt_core.checkpoint import apply_deltas
 from hmt_core.engine import DecodeEngine
 from hmt_core.precision import (
     INT8_KERNEL_MAX_ROWS,
@@ -91,6 +93,37 @@ def test_shapes_the_kernels_cannot_take_fall_back(precision: str) -> None:
     model = converted(precision, **overrides)
     assert not any(isinstance(m, Int4Linear) and m.in_features == 40 for m in model.modules())
     assert relative_rms(model.score(ids).logits, want) < BOUNDS[precision]
+
+
+def test_int4_keeps_the_models_low_rank_changes_aside() -> None:
+    """As the shipped chat model: backbone weights on a 4-bit grid (its GGUF's), plus trained low-rank
+    changes smaller than a 4-bit step (backbone_deltas). Rounding all to 4 bits would drop the
+    changes; int4 quantizes the grid weights and keeps the changes beside them, in bf16."""
+    model = tiny_hmt_model()
+    linears = {name: m for name, m in model.backbone.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not model.backbone.get_output_embeddings()}
+    generator = torch.Generator().manual_seed(1)
+    deltas = {}
+    with torch.no_grad():
+        for name, linear in linears.items():
+            grid = Int4Linear(linear.weight, None, 32)  # the weight as 4-bit groups give it back
+            linear.weight.copy_(grid(torch.eye(linear.in_features)).t().float())
+            step = float(grid.scales_and_zeros[..., 0].float().mean())
+            a = torch.randn(2, linear.in_features, generator=generator) * 0.3
+            b = torch.randn(linear.out_features, 2, generator=generator) * 0.3 * step
+            deltas[name] = (a, b)
+    apply_deltas(model.backbone, deltas)
+    model.backbone_deltas = [deltas]
+    ids = tokens(24)
+    want = model.score(ids).logits
+    kept = apply_precision(copy.deepcopy(model), "int4")
+    dropped = copy.deepcopy(model)
+    dropped.backbone_deltas = []  # the same weights, without knowing which part is the change
+    apply_precision(dropped, "int4")
+    layer = kept.backbone.get_submodule(next(iter(deltas)))
+    assert isinstance(layer, Int4Linear) and layer.lora_a is not None and layer.lora_a.shape[0] == 2
+    assert kept.fingerprint == model.fingerprint
+    assert relative_rms(kept.score(ids).logits, want) < relative_rms(dropped.score(ids).logits, want) / 2
 
 
 def test_the_fingerprint_is_the_same_in_every_precision() -> None:
