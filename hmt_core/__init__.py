@@ -5,10 +5,12 @@ from hmt_core.errors import CheckpointError, CorruptStateError, HMTError, Invali
 from hmt_core.generation import GeneratedToken, Generation, SamplingParams
 from hmt_core.memory import Memory, MemoryKind, memory_of
 from hmt_core.model import HMTModel, ScoreOutput
+from hmt_core.precision import PRECISIONS, Precision, apply_precision
 from hmt_core.recall import SegmentRecall
 from hmt_core.session import SessionState
 
 __all__ = [
+    "PRECISIONS",
     "CheckpointError",
     "CorruptStateError",
     "GeneratedToken",
@@ -20,9 +22,11 @@ __all__ = [
     "Memory",
     "MemoryKind",
     "ModelMismatchError",
+    "Precision",
     "SamplingParams",
     "ScoreOutput",
     "SegmentRecall",
     "SessionState",
+    "apply_precision",
     "memory_of",
 ]

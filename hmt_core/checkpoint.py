@@ -26,7 +26,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from hmt_core import backbones
 from hmt_core.config import HMTConfig
-from hmt_core.errors import CheckpointError
+from hmt_core.errors import CheckpointError, InvalidInputError
+from hmt_core.precision import apply_precision, check_precision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -361,8 +362,15 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 
 
 def load_pretrained(cls: type[M], name_or_path: str | Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None, backbone_deltas: bool = True) -> M:
-    """backbone_deltas=False: leave the backbone as its source has it (baselines: the bare backbone)."""
+                    device: str | torch.device | None = None, backbone_deltas: bool = True,
+                    precision: str | None = None) -> M:
+    """backbone_deltas=False: leave the backbone as its source has it (baselines: the bare backbone).
+    precision: fp32, bf16, int8 or int4 for the backbone's weights (hmt_core.precision), the HMT
+    weights kept float32; instead of dtype, which casts the whole model."""
+    if precision is not None:
+        check_precision(precision)
+        if dtype is not None:
+            raise InvalidInputError("give a dtype or a precision, not both")
     directory = resolve_model_dir(name_or_path)
     config_file = directory / HMT_CONFIG_FILE
     if not config_file.exists():
@@ -392,4 +400,7 @@ def load_pretrained(cls: type[M], name_or_path: str | Path, dtype: torch.dtype |
     model = cls(backbone, config, tokenizer)
     model.backbone_deltas = rounds
     _set_hmt_parameters(model, load_file(str(directory / HMT_WEIGHTS_FILE)))
-    return model.to(device=device, dtype=dtype) if (device or dtype) else model
+    model = model.to(device=device, dtype=dtype) if (device or dtype) else model
+    if precision is not None:
+        apply_precision(model, precision)  # in place
+    return model

@@ -51,7 +51,8 @@ class Memory(ABC):
         keep = self.rows_kept(ltm_context)
         if keep == 0:
             return ltm[:0]
-        return torch.cat([ltm.to(memory.device, memory.dtype), memory.reshape(1, -1)])[-keep:]
+        # float32 whatever the backbone's precision: a state moves between replicas of any precision
+        return torch.cat([ltm.to(memory.device, torch.float32), memory.reshape(1, -1).float()])[-keep:]
 
     @abstractmethod
     def prompts(self, model: HMTModel, memories: Tensor, lengths: Tensor, queries: Tensor | None) -> Recall:

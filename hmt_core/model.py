@@ -41,6 +41,12 @@ class ScoreOutput:
     recall_distances: Tensor  # [B, S]: segments back to the strongest recall weight (0: no recall)
 
 
+def fingerprint_sample(tensor: Tensor) -> Tensor:
+    """The values of a tensor the model fingerprint hashes: an evenly strided sample, as bf16 bits."""
+    flat = tensor.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // 4096)].to("cpu", torch.bfloat16).view(torch.int16)
+
+
 def _config_digest(config: PretrainedConfig) -> dict[str, Any]:
     drop = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
             "_attn_implementation_autoset", "_commit_hash"}
@@ -57,8 +63,9 @@ class HMTModel(nn.Module):
         self.hmt_config = config
         self.tokenizer = tokenizer
         embeddings = cast(nn.Embedding, backbone.get_input_embeddings())
-        dim = embeddings.weight.shape[1]
-        std = float(embeddings.weight.detach().float().std())
+        dim = embeddings.embedding_dim
+        weight = getattr(embeddings, "weight", None)  # None: a quantized lookup (with_memory of an int8 model)
+        std = float(weight.detach().float().std()) if weight is not None else 0.02
         self.summary_prompt = nn.Parameter(torch.randn(1, dim) * std)  # reference key "mem"
         self.initial_memory = nn.Parameter(torch.randn(1, dim) * std)  # "memory_cell.memory"
         self.recall_wq = nn.Linear(dim, config.recall_dim, bias=False)  # "cross_attn.wq"
@@ -84,7 +91,7 @@ class HMTModel(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return cast(nn.Embedding, self.backbone.get_input_embeddings()).weight.shape[0]
+        return cast(nn.Embedding, self.backbone.get_input_embeddings()).num_embeddings
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +99,9 @@ class HMTModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return cast(nn.Embedding, self.backbone.get_input_embeddings()).weight.dtype
+        """The backbone's activations' dtype (its weights' own, or bf16 for quantized weights)."""
+        embeddings = self.backbone.get_input_embeddings()
+        return cast(torch.dtype, getattr(embeddings, "compute_dtype", None) or embeddings.weight.dtype)
 
     @property
     def kv_cache_bytes_per_token(self) -> int:
@@ -133,14 +142,23 @@ class HMTModel(nn.Module):
             digest.update(json.dumps(self.hmt_config.to_dict(), sort_keys=True).encode())
             digest.update(json.dumps(_config_digest(self.backbone.config), sort_keys=True, default=str).encode())
             with torch.no_grad():
-                for name, tensor in sorted(self.state_dict().items()):
-                    flat = tensor.detach().reshape(-1)
-                    step = max(1, flat.numel() // 4096)
-                    sample = flat[::step].to("cpu", torch.bfloat16).view(torch.int16)
-                    digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+                for name, (shape, sample) in sorted(self._weight_samples().items()):
+                    digest.update(f"{name}:{shape}".encode())
                     digest.update(sample.numpy().tobytes())
             self._fingerprint = digest.hexdigest()[:32]
         return self._fingerprint
+
+    def _weight_samples(self) -> dict[str, tuple[tuple[int, ...], Tensor]]:
+        """What the fingerprint hashes of each tensor: its shape and an evenly strided sample of its
+        values as bf16 bits. A layer quantized at load (hmt_core.precision) reports those of the
+        weight it replaced, so every precision of the same weights keeps one identity."""
+        samples = {name: (tuple(t.shape), fingerprint_sample(t)) for name, t in self.state_dict().items()}
+        for prefix, module in self.named_modules():
+            replaced = getattr(module, "replaced", None)
+            if replaced is not None:
+                samples = {k: v for k, v in samples.items() if not k.startswith(prefix + ".")}
+                samples.update({f"{prefix}.{k}": v for k, v in replaced.items()})
+        return samples
 
     def refresh_fingerprint(self) -> str:
         """Recompute the identity after the weights changed (training); states made before won't load."""
@@ -286,9 +304,10 @@ class HMTModel(nn.Module):
                 ids = torch.tensor([heads[i] for i in rows], dtype=torch.long, device=self.device)
                 queries[torch.tensor(rows, device=self.device)] = self.summary_queries(ids)
         lengths = torch.tensor([ltm.shape[0] for ltm in ltms], device=self.device)
-        memories = torch.zeros(len(ltms), int(lengths.max()), self.dim, dtype=self.dtype, device=self.device)
+        # float32 as the states keep them: recall reads them at full precision whatever the backbone's
+        memories = torch.zeros(len(ltms), int(lengths.max()), self.dim, device=self.device)
         for row, ltm in enumerate(ltms):
-            memories[row, :ltm.shape[0]] = ltm.to(self.device, self.dtype)
+            memories[row, :ltm.shape[0]] = ltm.to(self.device, torch.float32)
         return self.memory.prompts(self, memories, lengths, queries)
 
     # ----- whole-sequence scoring (teacher-forced, as the reference evaluates) ------------
@@ -468,10 +487,11 @@ class HMTModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> HMTModel:
+                        device: str | torch.device | None = None, precision: str | None = None) -> HMTModel:
+        """precision: "fp32", "bf16", "int8" or "int4" weights for the backbone (hmt_core.precision)."""
         from hmt_core.checkpoint import load_pretrained
 
-        return load_pretrained(cls, name_or_path, dtype=dtype, device=device)
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, precision=precision)
 
     def save_pretrained(self, directory: str | Path, include_backbone: bool = True) -> None:
         from hmt_core.checkpoint import save_pretrained

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hmt_core.precision import precision_of, stored_bytes
 from service import metrics, openai_api, responses_api, sessions_api
 from service.errors import ERRORS, APIError, error_payload, error_response
 from service.protocol import ErrorBody, SegmentProgress
@@ -152,7 +153,8 @@ def create_app(service: Service) -> FastAPI:
     async def readyz() -> JSONResponse:
         if not await service.store.ping():
             return error_response(503, "store_unavailable", "Redis is not reachable")
-        return JSONResponse({"status": "ready", "fingerprint": service.fingerprint})
+        return JSONResponse({"status": "ready", "fingerprint": service.fingerprint,
+                             "precision": precision_of(service.model)})
 
     @app.get("/metrics", tags=["ops"])
     async def metrics_route() -> Response:
@@ -160,7 +162,7 @@ def create_app(service: Service) -> FastAPI:
         if model.device.type == "cuda":
             metrics.MODEL_MEMORY_BYTES.set(torch.cuda.memory_allocated(model.device))
         else:
-            metrics.MODEL_MEMORY_BYTES.set(sum(p.numel() * p.element_size() for p in model.parameters()))
+            metrics.MODEL_MEMORY_BYTES.set(stored_bytes(model))  # packed int8/int4 weights are buffers
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)

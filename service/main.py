@@ -39,19 +39,27 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
 def load_model(settings: Settings) -> HMTModel:
     import torch
 
-    from hmt_core import CheckpointError, HMTModel
+    from hmt_core import CheckpointError, HMTModel, InvalidInputError, apply_precision
+    from hmt_core.precision import default_precision
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    if dtype is not None and settings.precision != "auto":
+        raise SystemExit("hmt-serve: give --dtype or --precision, not both (--precision is the serving choice)")
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     path = settings.model_path()
     try:
         model = HMTModel.from_pretrained(path, dtype=dtype, device=device)
-    except CheckpointError as exc:
+        if dtype is None:
+            precision = settings.precision
+            if precision == "auto":
+                precision = default_precision(model)
+            apply_precision(model, precision)
+    except (CheckpointError, InvalidInputError) as exc:
         raise SystemExit(f"hmt-serve: cannot load model {path}: {exc}") from None
     model.eval()
     return model
@@ -74,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
     import uvicorn
 
+    from hmt_core.precision import precision_of
     from service.app import Service, create_app
 
     # The model worker thread runs the model with these threads. The loading runs on a passing
@@ -90,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("embedded redis-server at %s (AOF in %s)", url, embedded.data_dir)
     try:
         model = in_passing_thread(lambda: load_model(settings))
-        log.info("model %s loaded: fingerprint %s", settings.model_path(), model.fingerprint)
+        log.info("model %s loaded: fingerprint %s, precision %s", settings.model_path(), model.fingerprint,
+                 precision_of(model))
         store = SessionStore(url, settings.key_prefix, settings.session_ttl_s, settings.lock_ttl_s,
                              settings.lock_wait_s, settings.redis_wait_replicas, settings.redis_wait_s)
         app = create_app(Service(settings, model, store))

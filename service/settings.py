@@ -23,7 +23,13 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
     device: str = Field("auto", description="torch device: auto (cuda when available), cpu, cuda, cuda:1, mps")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (the whole "
+                                                                      "model; --precision is the serving choice)")
+    precision: Literal["auto", "fp32", "bf16", "int8", "int4"] = Field(
+        "auto", description="the backbone's weights: fp32, bf16, int8 or int4 (int8/int4: CPU only); the HMT "
+                            "weights and session states stay fp32, so states move between replicas of any "
+                            "precision; auto: int8 on a CPU (fp32 for Temp-LoRA memory), bf16 on a GPU, or what "
+                            "--dtype says when it is set")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
     redis_url: str | None = Field(None, description="Redis URL: redis://[:password@]host:6379/0, rediss:// (TLS), "
                                                      "unix:///path.sock, redis+cluster://host:port[,host:port...] "

@@ -113,8 +113,9 @@ class RedisServer:
 class Server:
     """One `python -m service.main` process on a free loopback port."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str | None] | None = None) -> None:
         self.args = args
+        self.env = env or {}  # more environment for the process; None removes a variable
         self.port = free_port()
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
@@ -125,11 +126,14 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def launch(self) -> Server:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+        # fp32 unless a test says otherwise: tests compare served tokens with an in-process fp32 model
+        env: dict[str, str | None] = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+                                      "HMT_PRECISION": "fp32", **self.env}
         command = [sys.executable, "-m", "service.main", "--port", str(self.port), "--threads", "1",
                    "--log-level", "warning", *self.args]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=ROOT, env={k: v for k, v in env.items() if v is not None},
+                                            stdout=log, stderr=subprocess.STDOUT)
         self.ready = False
         return self
 
