@@ -47,16 +47,15 @@ from hmt_lab.exercises import (
     encoder,
     sentence_filler,
 )
-from hmt_lab.train import finish_backbone
+from hmt_lab.train import TRAINER_META, TRAINER_STATE, finish_backbone, latest_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 BackboneTraining = Literal["lora", "full"]
-STATE_FILE = "trainer_state.pt"
-META_FILE = "trainer.json"
+STATE_FILE = TRAINER_STATE  # the checkpoint-<step>/ layout of `hmt train`, so latest_checkpoint serves both
+META_FILE = TRAINER_META
 LOG_FILE = "episodes_log.jsonl"
-CARRY_FILE = "carry.pt"
 
 # stage -> the distances it trains (question segments after the write segment)
 STAGES: dict[str, tuple[int, int]] = {"A": (1, 2), "B1": (1, 8), "B2": (1, 32)}
@@ -473,12 +472,6 @@ def load_trainable(model: HMTModel, trainable: dict[str, Tensor], source: Path) 
     with torch.no_grad():
         for name, value in trainable.items():
             own[name].copy_(value.to(own[name].dtype))
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((p for p in out_dir.glob("checkpoint-*") if (p / META_FILE).is_file()),
-                   key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
 
 
 def save_checkpoint(model: HMTModel, optimizer: torch.optim.Optimizer, config: EpisodeConfig, out_dir: Path,
