@@ -214,7 +214,8 @@ def _train_episodes(args: argparse.Namespace) -> int:
 
     torch.set_flush_denormal(True)  # subnormal activations made CPU matmuls up to 10x slower
     names = ("stage", "steps", "episodes_per_step", "questions", "min_distance", "max_distance", "lr_hmt",
-             "lr_backbone", "recall_weight", "value_bow_weight", "eval_every", "seed")
+             "lr_backbone", "answer_weight", "recall_weight", "bow_weight", "value_bow_weight", "lm_weight",
+             "eval_every", "seed")
     overrides: dict[str, Any] = {name: value for name in names if (value := getattr(args, name)) is not None}
     if args.eval_distances:
         overrides["eval_distances"] = tuple(args.eval_distances)
@@ -338,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     episodes.add_argument("--finish", metavar="DIR", help="when the schedule is done, write the model here")
     for flag in ("--episodes-per-step", "--questions", "--min-distance", "--max-distance", "--eval-every", "--seed"):
         episodes.add_argument(flag, type=int)
-    for flag in ("--lr-hmt", "--lr-backbone", "--recall-weight", "--value-bow-weight"):
+    for flag in ("--lr-hmt", "--lr-backbone", "--answer-weight", "--recall-weight", "--bow-weight",
+                 "--value-bow-weight", "--lm-weight"):
         episodes.add_argument(flag, type=float)
     episodes.add_argument("--eval-distances", type=int, nargs="+", metavar="D")
     episodes.add_argument("--fp32", action="store_true", help="no bf16 autocast")
