@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -576,9 +576,52 @@ def train_episodes(model: HMTModel, text_stream: Sequence[int], config: EpisodeC
                            config.eval_keys, eval_filler if eval_filler is not None else text_stream, seed=1,
                            wording=eval_wording, key_digits=config.key_digits) \
         if config.eval_every else []
-    last_save = time.monotonic()
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    stop = _StopRequest()
+    with stop.on_sigterm():
+        end = _run_steps(model, text_stream, config, out_dir, optimizer, lrs, start, end, log, evaluation,
+                         carry, progress, wordings, fillers, stop)
+    model.eval()
+    if end > start:
+        save_checkpoint(model, optimizer, config, out_dir, end)
+        if carry is not None:
+            save_carry(model, optimizer, config, carry, end)
+    return EpisodeRun(end, log)
+
+
+class _StopRequest:
+    """SIGTERM asks the run to leave after the step in progress, with a checkpoint (and carry) written."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    @contextmanager
+    def on_sigterm(self) -> Iterator[None]:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, self._request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_steps(model: HMTModel, text_stream: Sequence[int], config: EpisodeConfig, out_dir: Path,
+               optimizer: torch.optim.Optimizer, lrs: list[float], start: int, end: int, log: list[dict[str, Any]],
+               evaluation: list[EvalKey], carry: Path | None, progress: Callable[[dict[str, Any]], None] | None,
+               wordings: Sequence[PasskeyWording], fillers: Sequence[str], stop: _StopRequest) -> int:
+    """Steps start..end-1; returns the step reached (earlier than end when a stop was requested)."""
+    last_save = time.monotonic()
     for step in range(start, end):
+        if stop.requested:
+            return step
         began = time.perf_counter()
         model.train()
         for group, lr in zip(optimizer.param_groups, lrs, strict=True):
@@ -606,12 +649,7 @@ def train_episodes(model: HMTModel, text_stream: Sequence[int], config: EpisodeC
             if carry is not None:
                 save_carry(model, optimizer, config, carry, step + 1)
             last_save = time.monotonic()
-    model.eval()
-    if end > start:
-        save_checkpoint(model, optimizer, config, out_dir, end)
-        if carry is not None:
-            save_carry(model, optimizer, config, carry, end)
-    return EpisodeRun(end, log)
+    return end
 
 
 def finish(model: HMTModel, out_dir: str | Path) -> Path:

@@ -185,3 +185,20 @@ def test_question_rows_batch_by_length() -> None:
     for group in groups:
         assert max(lengths[i] for i in group) <= 1.25 * min(lengths[i] for i in group)
     assert [sorted(lengths[i] for i in g) for g in groups] == [[12, 13], [40, 45], [100], [200, 250]]
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tok, stream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    def stop_at_two(entry: dict) -> None:
+        if entry["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill <pid>` does to a background run
+
+    carry = tmp_path / "carry.pt"
+    run = train_episodes(tiny(tok), stream, _config(eval_every=0), tmp_path / "run", carry=carry, progress=stop_at_two,
+                         wordings=[SHORT], fillers=[], eval_wording=SHORT)
+    assert run.steps_done == 2 and [e["step"] for e in run.log] == [1, 2]
+    assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.pt").is_file() and carry.is_file()
+    assert torch.load(carry, weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
