@@ -42,6 +42,9 @@ class Playground:
 
     def open(self, key: bool = True) -> Playground:
         self.page.goto(self.server.url + "/")
+        # the page's own start-up connect() sets the hint first; a key entered before it runs makes two
+        # connects race, and the later one folds away a panel the test has opened since (seen on a loaded CI)
+        self.page.wait_for_function("() => document.getElementById('key-hint').textContent !== ''", polling=100)
         if key:
             self.page.fill("#api-key", KEY)
             self.page.press("#api-key", "Enter")
