@@ -46,6 +46,7 @@ from hmt_lab.exercises import (
     PasskeyWording,
     encoder,
     sentence_filler,
+    value_token_indices,
 )
 from hmt_lab.train import TRAINER_META, TRAINER_STATE, finish_backbone, latest_checkpoint
 
@@ -151,11 +152,6 @@ class StepData:
     episodes: list[Episode]
     plain: list[int]  # a book segment for the LM regularizer, read after the whole chain
     lm_positions: list[int]  # its positions whose next token is scored
-
-
-def value_token_indices(tokenizer: Any, answer: Sequence[int]) -> list[int]:
-    """Which tokens of an answer carry its value: the digits of a pass key."""
-    return [i for i, token in enumerate(answer) if str(tokenizer.decode([token])).strip().isdigit()]
 
 
 def build_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, summary_tokens: int,

@@ -29,6 +29,7 @@ from hmt_lab.exercises import (
     PasskeyPrompt,
     build_passkey_prompt,
     passkey_answer_correct,
+    value_token_indices,
 )
 
 READERS: tuple[MemoryKind, ...] = ("window", "rmt", "hmt")
@@ -191,7 +192,7 @@ def key_digit_loss(model: HMTModel, prompt: Sequence[int], key: int, reader: Pas
     answer. None: the prompt does not fit the full-context reader."""
     tokenizer = model.tokenizer
     answer = tokenizer.encode(f" {key}", add_special_tokens=False)  # type: ignore[union-attr]
-    digits = [i for i, token in enumerate(answer) if tokenizer.decode([token]).strip().isdigit()]  # type: ignore[union-attr]
+    digits = value_token_indices(tokenizer, answer)
     if reader in SESSION_READERS:
         state = state if state is not None else model.append(model.new_session(), prompt)
         hmt_log_probs = continuation_log_probs(model, state, answer)

@@ -106,6 +106,11 @@ def sentence_filler(tokenizer: Any, sentence: str = PASSKEY_FILLER, repeats: int
     return encoder(tokenizer)(" " + " ".join([sentence] * repeats))
 
 
+def value_token_indices(tokenizer: Any, answer: Sequence[int]) -> list[int]:
+    """Which tokens of an answer carry its value: the digits of a pass key."""
+    return [i for i, token in enumerate(answer) if str(tokenizer.decode([token])).strip().isdigit()]
+
+
 def build_passkey_prompt(tokenizer: Any, key: int, distance_segments: int, segment_tokens: int,
                          rng: random.Random | None = None, wording: PasskeyWording = STANDARD_WORDING,
                          filler: Sequence[int] | None = None) -> PasskeyPrompt:
