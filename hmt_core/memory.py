@@ -92,7 +92,8 @@ class RMTMemory(Memory):
         if memories.shape[1] == 0:
             prompts = initial
         else:
-            last = memories.to(device, model.dtype)[torch.arange(batch, device=device), (lengths - 1).clamp(min=0)]
+            last = model.injected(
+                memories.to(device, model.dtype)[torch.arange(batch, device=device), (lengths - 1).clamp(min=0)])
             prompts = torch.where(has_memory[:, None], last, initial)
         # the trace names the memory read, with all the weight: one segment back
         slots = torch.where(has_memory, lengths - 1, -1)[:, None]

@@ -70,6 +70,9 @@ class HMTModel(nn.Module):
         self.initial_memory = nn.Parameter(torch.randn(1, dim) * std)  # "memory_cell.memory"
         self.recall_wq = nn.Linear(dim, config.recall_dim, bias=False)  # "cross_attn.wq"
         self.recall_wk = nn.Linear(dim, config.recall_dim, bias=False)  # "cross_attn.wk"
+        self.memory_log_scale: nn.Parameter | None = None
+        if config.memory_input_scale is not None:
+            self.memory_log_scale = nn.Parameter(torch.tensor(math.log(config.memory_input_scale)))
         self._fingerprint: str | None = None
         self._fresh_adapter: Adapter | None = None
         # low-rank changes made to the backbone since it was loaded, one dict per LoRA training run:
@@ -199,17 +202,16 @@ class HMTModel(nn.Module):
     def recall(self, queries: Tensor, memories: Tensor, lengths: Tensor) -> Recall:
         """Step 2. queries [B, d]; memories [B, n, d] left-aligned, row b valid up to lengths[b]."""
         batch = queries.shape[0]
-        initial = self.initial_memory.to(self.dtype).expand(batch, self.dim)
         if memories.shape[1] == 0:
+            initial = self.initial_memory.to(self.dtype).expand(batch, self.dim)
             none = torch.zeros(batch, 0, device=self.device)
             return Recall(initial, torch.zeros(batch, dtype=torch.long, device=self.device), none.long(), none)
         rdtype = getattr(torch, self.hmt_config.recall_dtype)
         mem = memories.to(self.device, rdtype)
         lengths = lengths.to(self.device)
         probs = self.recall_weights(queries, mem, lengths)
-        prompts = torch.einsum("bn,bnd->bd", probs.to(rdtype), mem).to(self.dtype)
+        prompts = self.recalled_prompts(probs, mem, lengths, self.dtype)
         has_memory = lengths > 0
-        prompts = torch.where(has_memory[:, None], prompts, initial)
         # the float32 softmax, strongest first; a stable sort, not topk: ties keep memory order
         # (oldest first, as argmax), whatever the batch's padding
         top_weights, top_slots = probs.sort(dim=-1, descending=True, stable=True)
@@ -217,6 +219,33 @@ class HMTModel(nn.Module):
         top_slots = top_slots.masked_fill(top_slots >= lengths[:, None], -1)  # past a row's memory: no slot
         distances = torch.where(has_memory, lengths - top_slots[:, 0], 0)
         return Recall(prompts, distances, top_slots, top_weights.masked_fill(top_slots < 0, 0.0))
+
+    def recalled_prompts(self, weights: Tensor, memories: Tensor, lengths: Tensor, dtype: torch.dtype) -> Tensor:
+        """Step 2's prompts [B, d] in `dtype`: the memories [B, n, d] averaged by recall's weights [B, n] (in
+        the memories' dtype), as the backbone reads them; the initial memory where a row has none."""
+        mixed = self.injected(torch.einsum("bn,bnd->bd", weights.to(memories.dtype), memories).to(dtype))
+        initial = self.initial_memory.to(dtype).expand_as(mixed)
+        return torch.where((lengths.to(self.device) > 0)[:, None], mixed, initial)
+
+    def injected(self, memories: Tensor) -> Tensor:
+        """Memories as the backbone reads them at a window's prompt positions: as they are, or times the learned
+        scale (HMTConfig.memory_input_scale)."""
+        if self.memory_log_scale is None:
+            return memories
+        return memories * self.memory_log_scale.exp().to(memories.dtype)
+
+    def add_memory_input_scale(self, initial: float) -> None:
+        """Give a model without one the learned memory input scale, starting at `initial`."""
+        if self.memory_log_scale is not None:
+            raise InvalidInputError("this model already scales the memories it reads")
+        self.hmt_config = replace(self.hmt_config, memory_input_scale=initial)
+        self.memory_log_scale = nn.Parameter(torch.tensor(math.log(initial), device=self.device))
+        self._fingerprint = None
+
+    def own_parameters(self) -> list[Tensor]:
+        """HMT's parameters beside the backbone's: what its training always updates."""
+        own: list[Tensor] = [self.initial_memory, self.summary_prompt, self.recall_wq.weight, self.recall_wk.weight]
+        return own + ([self.memory_log_scale] if self.memory_log_scale is not None else [])
 
     def recall_weights(self, queries: Tensor, memories: Tensor, lengths: Tensor) -> Tensor:
         """Recall's float32 softmax over the memories [B, n] (0 past each row's length): what step 2

@@ -215,7 +215,7 @@ def _train_episodes(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)  # subnormal activations made CPU matmuls up to 10x slower
     names = ("stage", "steps", "episodes_per_step", "questions", "min_distance", "max_distance", "lr_hmt",
              "lr_backbone", "answer_weight", "recall_weight", "bow_weight", "value_bow_weight", "lm_weight",
-             "eval_every", "seed")
+             "eval_every", "seed", "memory_input_scale", "min_history", "max_history")
     overrides: dict[str, Any] = {name: value for name in names if (value := getattr(args, name)) is not None}
     if args.eval_distances:
         overrides["eval_distances"] = tuple(args.eval_distances)
@@ -337,10 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     episodes.add_argument("--carry", metavar="FILE", help="also keep the latest weights and optimizer here (what "
                           "git carries between sessions); a run with no checkpoint in --out resumes from it")
     episodes.add_argument("--finish", metavar="DIR", help="when the schedule is done, write the model here")
-    for flag in ("--episodes-per-step", "--questions", "--min-distance", "--max-distance", "--eval-every", "--seed"):
+    for flag in ("--episodes-per-step", "--questions", "--min-distance", "--max-distance", "--min-history",
+                 "--max-history", "--eval-every", "--seed"):
         episodes.add_argument(flag, type=int)
     for flag in ("--lr-hmt", "--lr-backbone", "--answer-weight", "--recall-weight", "--bow-weight",
-                 "--value-bow-weight", "--lm-weight"):
+                 "--value-bow-weight", "--lm-weight", "--memory-input-scale"):
         episodes.add_argument(flag, type=float)
     episodes.add_argument("--eval-distances", type=int, nargs="+", metavar="D")
     episodes.add_argument("--fp32", action="store_true", help="no bf16 autocast")

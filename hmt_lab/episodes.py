@@ -71,7 +71,10 @@ class EpisodeConfig:
     questions: int = 2  # question segments per episode (distinct distances, increasing)
     min_distance: int | None = None  # None: the stage's
     max_distance: int | None = None
-    max_history: int = 3  # distractor memories before the write segment: uniform in [1, max_history]
+    # distractor memories before the write segment: uniform in [min_history, max_history]. 0 is the key in a
+    # session's first segment (the initial memory as its prompt, no sensory tokens), as often in serving
+    min_history: int = 0
+    max_history: int = 3
     # HMT's own parameters (recall projections, summary prompt, initial memory). Recall reads final hidden states
     # (norm ~50), so one Adam step of 1e-3 on its projections moves recall scores by ~20: keep it small
     lr_hmt: float = 1e-4
@@ -82,6 +85,9 @@ class EpisodeConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     answer_weight: float = 1.0
+    # the share of the answer's (and recall's) gradient that reaches the write segment through its memory m_w;
+    # below 1 the writer learns mostly from value_bow/bow, which carry a clean signal while the reader cannot read
+    write_grad_from_questions: float = 1.0
     # the first steps on the chat model: with recall at 0.1 and the segment's bag of words at 0.3, recall's mass
     # on the key's memory fell from 0.80 to ~0 within 4 steps as the bag-of-words gradients (norm up to 176)
     # reshaped the write memory; recall is what the answer needs, so it weighs as much as the answer
@@ -89,6 +95,8 @@ class EpisodeConfig:
     bow_weight: float = 0.1
     value_bow_weight: float = 0.3
     lm_weight: float = 0.5
+    # a model without the learned memory input scale (HMTConfig.memory_input_scale) gets one starting here
+    memory_input_scale: float | None = None
     bf16: bool = True
     eval_every: int = 100  # optimizer steps between held-out evaluations (0: none)
     eval_distances: tuple[int, ...] = (2, 8, 32)
@@ -101,6 +109,8 @@ class EpisodeConfig:
             raise InvalidInputError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if min(self.steps, self.episodes_per_step, self.questions, self.max_history) < 1:
             raise InvalidInputError("steps, episodes_per_step, questions and max_history must be >= 1")
+        if not 0 <= self.min_history <= self.max_history:
+            raise InvalidInputError(f"min_history must be in 0..max_history, got {self.min_history}")
         if not 1 <= self.key_digits <= 18:
             raise InvalidInputError(f"key_digits must be in 1..18, got {self.key_digits}")
         if self.backbone_training not in ("lora", "full"):
@@ -197,14 +207,14 @@ def step_data(model: HMTModel, config: EpisodeConfig, step: int, text_stream: Se
     rng = random.Random(config.seed * 1_000_003 + step)
     cfg = model.hmt_config
     low, high = config.distances
-    history = rng.randint(1, config.max_history)
+    history = rng.randint(config.min_history, config.max_history)
     episodes = [build_episode(model.tokenizer, rng, cfg.segment_tokens, cfg.summary_tokens,
                               rng.sample(range(low, high + 1), config.questions), text_stream, wordings, fillers,
                               config.key_digits)
                 for _ in range(config.episodes_per_step)]
     longest = max(q.distance for e in episodes for q in e.questions)
     books = FillerStream(text_stream, rng)
-    chain = [books.take(cfg.segment_tokens) for _ in range(history + longest - 1)]
+    chain = [books.take(cfg.segment_tokens) for _ in range(max(1, history + longest - 1))]
     plain = books.take(cfg.segment_tokens)
     positions = sorted(rng.sample(range(cfg.segment_tokens - 1), max(1, (cfg.segment_tokens - 1) // 4)))
     return StepData(history, chain, episodes, plain, positions)
@@ -229,9 +239,7 @@ def recall_over(model: HMTModel, queries: Tensor, banks: Sequence[Tensor]) -> tu
         memories[row, :bank.shape[0]] = bank.float()
     with _no_autocast(model):
         weights = model.recall_weights(queries.float(), memories, lengths)
-        prompts = torch.einsum("bn,bnd->bd", weights, memories)
-    initial = model.initial_memory.float().expand(len(banks), model.dim)
-    return torch.where((lengths > 0)[:, None], prompts, initial), weights
+        return model.recalled_prompts(weights, memories, lengths, torch.float32), weights
 
 
 def chain_states(model: HMTModel, segments: Sequence[Sequence[int]]) -> Iterator[Tensor]:
@@ -326,22 +334,29 @@ def episode_losses(model: HMTModel, data: StepData, config: EpisodeConfig) -> St
         with torch.no_grad():  # the write's own prompt matters little to m_w: spare its backward
             queries = model.summary_queries(writes[:, :s])
         prompts, _ = recall_over(model, queries, [distractors[:history]] * len(episodes))
-        sensory = torch.tensor([chain[history - 1][-k:]] * len(episodes), device=model.device) if k else None
+        sensory = torch.tensor([chain[history - 1][-k:]] * len(episodes), device=model.device) \
+            if k and history else None  # a session's first segment has no sensory tokens
         written = model.segment_memories(prompts.to(model.dtype), sensory, writes).float()  # [E, d]
         log_probs = torch.log_softmax(model.lm_logits(written).float(), dim=-1)
         bow = -log_probs.gather(1, writes).mean()
         value_bow = torch.stack([-log_probs[i, e.values].mean() for i, e in enumerate(episodes)]).mean()
         # the questions: bank = history, m_w, then d - 1 distractors
+        share = config.write_grad_from_questions
+        read = written if share == 1.0 else share * written + (1 - share) * written.detach()
         rows, banks, heads, senses, values = [], [], [], [], []
         for i, episode in enumerate(episodes):
             for q in episode.questions:
                 rows.append(q.tokens)
                 values.append(q.value_positions)
                 heads.append(q.tokens[:q.query_end])
-                banks.append(question_bank(distractors, written[i], history, q.distance))
+                banks.append(question_bank(distractors, read[i], history, q.distance))
                 senses.append(episode.write[-k:] if q.distance == 1 else chain[history + q.distance - 2][-k:])
-        q_prompts, weights = recall_over(model, _queries(model, heads), banks)
-        recall = -torch.log(weights[:, history].clamp_min(1e-9)).mean()
+        queries = _queries(model, heads)
+        q_prompts, weights = recall_over(model, queries, banks)
+        # recall CE trains the query and key projections, not the memories: through m_w it pushed the writer to
+        # make m_w easy to find rather than to hold the key (value_bow stayed at chance, tiny model and chat model)
+        _, target_weights = recall_over(model, queries, [bank.detach() for bank in banks])
+        recall = -torch.log(target_weights[:, history].clamp_min(1e-9)).mean()
         scored = []
         for group in length_groups([len(r) for r in rows]):
             hidden, offset = read_hidden(model, q_prompts[group], [senses[r] if k else [] for r in group],
@@ -398,7 +413,7 @@ def eval_keys(tokenizer: Any, segment_tokens: int, distances: Sequence[int], key
 @torch.no_grad()
 def evaluate_keys(model: HMTModel, keys: Sequence[EvalKey], bf16: bool = False) -> dict[str, dict[int, float]]:
     """Per distance: the mean teacher-forced loss of the key's digits (nats per digit; ln 10 is chance) and the
-    share of keys whose every answer token is the argmax (what greedy decoding would write)."""
+    share of keys whose every digit is the argmax (what greedy decoding would write after the digits before it)."""
     cfg = model.hmt_config
     k, s = cfg.num_sensory, cfg.summary_tokens
     losses: dict[int, list[float]] = {}
@@ -415,8 +430,9 @@ def evaluate_keys(model: HMTModel, keys: Sequence[EvalKey], bf16: bool = False) 
                 logits = model.lm_logits(hidden[0, offset + len(head) - 1:offset + len(row) - 1]).float()
                 log_probs = torch.log_softmax(logits, dim=-1)
                 digits = value_token_indices(model.tokenizer, answer)
-                losses.setdefault(distance, []).append(float(-log_probs[digits, [answer[i] for i in digits]].mean()))
-                hits.setdefault(distance, []).append(logits.argmax(-1).tolist() == answer)
+                wanted = [answer[i] for i in digits]
+                losses.setdefault(distance, []).append(float(-log_probs[digits, wanted].mean()))
+                hits.setdefault(distance, []).append(logits[digits].argmax(-1).tolist() == wanted)
     return {"digit_loss": {d: sum(v) / len(v) for d, v in sorted(losses.items())},
             "accuracy": {d: sum(v) / len(v) for d, v in sorted(hits.items())}}
 
@@ -424,14 +440,12 @@ def evaluate_keys(model: HMTModel, keys: Sequence[EvalKey], bf16: bool = False) 
 # ----- parameters, schedule, checkpoints --------------------------------------------------------------
 
 
-def hmt_parameters(model: HMTModel) -> list[Tensor]:
-    return [model.initial_memory, model.summary_prompt, model.recall_wq.weight, model.recall_wk.weight]
-
-
 def prepare(model: HMTModel, config: EpisodeConfig) -> list[dict[str, Any]]:
     """Marks what trains (a LoRA on every linear layer, or the whole backbone) and returns optimizer groups with
     separate learning rates for HMT's own parameters and the backbone's."""
     model.requires_grad_(False)
+    if config.memory_input_scale is not None and model.memory_log_scale is None:
+        model.add_memory_input_scale(config.memory_input_scale)
     torch.manual_seed(config.seed)  # the LoRA's initialization
     if config.backbone_training == "lora":
         from peft import LoraConfig, get_peft_model
@@ -441,7 +455,7 @@ def prepare(model: HMTModel, config: EpisodeConfig) -> list[dict[str, Any]]:
         model.backbone = cast("PreTrainedModel", get_peft_model(model.backbone, lora))
     else:
         model.backbone.requires_grad_(True)
-    own = hmt_parameters(model)
+    own = model.own_parameters()
     for param in own:
         param.requires_grad_(True)
     ids = {id(p) for p in own}

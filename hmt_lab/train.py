@@ -156,8 +156,8 @@ def _prepare_parameters(model: HMTModel, config: TrainConfig) -> list[torch.nn.P
         model.backbone = cast("PreTrainedModel", get_peft_model(model.backbone, lora))
     elif config.backbone_training == "full":
         model.backbone.requires_grad_(True)
-    hmt_params = [model.initial_memory] if config.stage == 1 else \
-        [model.initial_memory, model.summary_prompt, model.recall_wq.weight, model.recall_wk.weight]
+    scale = [model.memory_log_scale] if model.memory_log_scale is not None else []
+    hmt_params = [model.initial_memory, *scale] if config.stage == 1 else model.own_parameters()
     for param in hmt_params:
         param.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
