@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -217,7 +218,17 @@ CHAT_BOUNDS = {"bf16": 0.4, "int8": 0.4, "int4": 0.3}
 
 
 @pytest.fixture(scope="module")
-def quality(text_model: HMTModel) -> PrecisionReport:
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls gain nothing from a second thread, and on a loaded 2-core machine OpenMP's barriers
+    stall them (measured: this module's quality run 237 s on 2 threads, 18 s on 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quality(text_model: HMTModel, one_thread: None) -> PrecisionReport:
     models = precision_models(text_model, PRECISIONS)
     held_out = held_out_ids(text_model, " ".join(SAMPLE_TEXTS), 64)
     return precision_quality(models, held_out, distances=(1, 8, 32), trials=2, chats=4, chat_tokens=8)
@@ -257,7 +268,7 @@ def test_reply_agreement_counts_every_position() -> None:
     assert token_agreement([[1, 2, 3], [4]], [[1, 5, 3], [4, 6]]) == 3 / 5
 
 
-def test_the_eval_command_compares_precisions(text_model: HMTModel, tmp_path: Path,
+def test_the_eval_command_compares_precisions(text_model: HMTModel, tmp_path: Path, one_thread: None,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     text_model.save_pretrained(tmp_path)
     base = ["eval", "precision", "--model", str(tmp_path), "--doc-segments", "4", "--distances", "1",
