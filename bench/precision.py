@@ -147,6 +147,8 @@ def main() -> None:
     assert len({m.fingerprint for m in models.values()}) == 1, "every precision keeps the model's identity"
     ids = held_out_ids(base, (Path(args.model) / "held_out.txt").read_text(), args.eval_tokens)
     cfg = base.hmt_config
+    if args.append_tokens <= cfg.segment_tokens:  # a window that never fills never commits: nothing timed
+        parser.error(f"--append-tokens must exceed the model's {cfg.segment_tokens}-token segments")
     generator = torch.Generator().manual_seed(args.seed)
     vocab = base.vocab_size
 

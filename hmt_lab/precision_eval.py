@@ -176,33 +176,32 @@ class PrecisionReport:
         return [first_divergence(a, b) for a, b in zip(self.base.replies, self.results[precision].replies, strict=True)]
 
     def headers(self) -> list[str]:
+        chats = [f"chat tokens = fp32 ({self.chat_tokens} greedy)", "identical chats", "first divergence (median)"]
         return ["held-out ppl", "ppl vs fp32", "top-1 = fp32",
-                *(f"digit loss {d} seg (vs fp32)" for d in self.distances),
-                f"chat tokens = fp32 ({self.chat_tokens} greedy)", "identical chats", "first divergence (median)"]
+                *(f"digit loss {d} seg (vs fp32)" for d in self.distances), *(chats if self.base.replies else [])]
 
     def cells(self, precision: str) -> list[str]:
         """This precision's quality columns (`headers`), as the CLI and bench/precision.py print them."""
         parted = [d for d in self.divergences(precision) if d is not None]
         chats = len(self.base.replies)
+        chat_cells = [f"{self.chat_agreement(precision):.1%}", f"{chats - len(parted)}/{chats}",
+                      f"{statistics.median(parted):.0f}" if parted else "-"]
         return [f"{self.perplexity(precision):.3f}", f"{self.perplexity_change(precision) * 100:+.2f}%",
                 f"{self.top1_agreement(precision):.1%}",
                 *(f"{self.digit_loss(precision, d):.3f} ({self.digit_loss_change(precision, d):+.3f})"
-                  for d in self.distances),
-                f"{self.chat_agreement(precision):.1%}", f"{chats - len(parted)}/{chats}",
-                f"{statistics.median(parted):.0f}" if parted else "-"]
+                  for d in self.distances), *(chat_cells if chats else [])]
 
     def table(self) -> str:
         headers = ["precision", *self.headers()]
         rows = ["| " + " | ".join(headers) + " |", "| --- |" + " ---: |" * (len(headers) - 1)]
         rows += [f"| {p} | " + " | ".join(self.cells(p)) + " |" for p in self.results]
         noise = ", ".join(f"{d} seg {self.digit_loss_noise(d):.3f}" for d in self.distances)
+        keys = (f"; pass keys: {self.trials} keys per distance, the same for every precision (digit loss in nats per "
+                f"digit, chance ln 10 = {math.log(10):.2f}); fp32's standard error over the keys: {noise}"
+                if self.distances else "")
         by_position = [f"{p}: " + " ".join(f"{x:.2f}" for x in q.loss_by_position) for p, q in self.results.items()]
-        return "\n".join([
-            *rows, "",
-            f"held-out: {self.held_out_tokens} tokens, teacher-forced with memory; pass keys: {self.trials} keys per "
-            f"distance, the same for every precision (digit loss in nats per digit, chance ln 10 = "
-            f"{math.log(10):.2f}); fp32's standard error over the keys: {noise}",
-            "held-out loss by segment (nats):", *(f"  {line}" for line in by_position)])
+        return "\n".join([*rows, "", f"held-out: {self.held_out_tokens} tokens, teacher-forced with memory{keys}",
+                          "held-out loss by segment (nats):", *(f"  {line}" for line in by_position)])
 
     def to_json(self) -> dict:
         return {"segment_tokens": self.segment_tokens, "held_out_tokens": self.held_out_tokens,

@@ -283,3 +283,6 @@ def test_the_eval_command_compares_precisions(text_model: HMTModel, tmp_path: Pa
     assert set(report["precisions"]["int8"]["digit_loss"]) == {"1"}
     assert cli.main([*base, "--precisions", "int8", "fp32"]) == 2
     assert "must start with fp32" in capsys.readouterr().err
+    assert cli.main([*base, "--precisions", "fp32", "bf16", "--chats", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "| bf16 |" in table and "digit loss 1 seg" in table and "identical chats" not in table  # none asked
