@@ -101,10 +101,12 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def engine_rate(model: HMTModel, states: list[SessionState], tokens: int, with_prefill: bool) -> float:
+def engine_rate(model: HMTModel, states: list[SessionState], tokens: int, with_prefill: bool,
+                engine: DecodeEngine | None = None) -> float:
     """Aggregate tokens/s of len(states) rows generating `tokens` each in one engine (window
-    commits included: a row whose window fills commits and re-prefills, as in real use)."""
-    engine = DecodeEngine(model, max_rows=len(states))
+    commits included: a row whose window fills commits and re-prefills, as in real use).
+    engine: an idle one to reuse (a compiled engine keeps its compiled forward), else a new one."""
+    engine = engine or DecodeEngine(model, max_rows=len(states))
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     for state in states:
         engine.add(state, params)

