@@ -288,6 +288,8 @@ class DecodeEngine:
         self._lean_step: Callable[..., Tensor] = decode_step
         self._decode_forward = self._backbone_decode if self.lean_reason else self._lean_decode
         if compile:
+            # each model, precision and bucket compiles once: more than dynamo's default 8 per function
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = "reduce-overhead" if model.device.type == "cuda" and self.lean_reason else None
             if self.lean_reason:
                 self._decode_forward = torch.compile(self._backbone_decode, mode=mode, dynamic=False,
@@ -538,7 +540,10 @@ class DecodeEngine:
         if committing:
             prompts = torch.stack([row.prompt for row in committing])  # type: ignore[misc]
             embeds[[row.slot for row in committing], 0] = prompts.to(embeds.dtype)
-        if self.compiled or not self.lean_reason:  # the compiled HF (GPU) forward keeps sdpa
+        if not self.lean_reason and not self.compiled:  # eager: attend to the columns in use only
+            width = max(row.length for row in (*rows, *committing)) + 1
+            hidden = self._lean_decode(embeds, mask, position_ids[:, None], width)
+        elif self.compiled or not self.lean_reason:  # the compiled HF (GPU) forward keeps sdpa
             hidden = self._decode_forward(embeds, mask, position_ids[:, None])
         else:
             with decode_attention_for(model.base_model), adapters_applied(model.backbone, self._decode_adapters(count)):
@@ -622,12 +627,14 @@ class DecodeEngine:
         """Whether decode forwards run the lean step (`hmt_core.fast_decode`)."""
         return self.lean_reason is None
 
-    def _lean_decode(self, inputs_embeds: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
-        """The decode forward on the lean path: same arguments and result as `_backbone_decode`."""
+    def _lean_decode(self, inputs_embeds: Tensor, mask: Tensor, position_ids: Tensor,
+                     width: int | None = None) -> Tensor:
+        """The decode forward on the lean path: same arguments and result as `_backbone_decode`
+        (`width`: see `fast_decode.decode_step`)."""
         layers = cast("list[_SlotLayer]", self._ensure_buffers().layers)
         weights = lean_weights_for(self.model, self.columns)
         return self._lean_step(weights, inputs_embeds[:, 0], mask, position_ids[:, 0],
-                               [layer.keys for layer in layers], [layer.values for layer in layers])
+                               [layer.keys for layer in layers], [layer.values for layer in layers], width)
 
     def _release(self, row: DecodeRow) -> None:
         """Free the row's slot; the last row moves into it so slots stay packed."""

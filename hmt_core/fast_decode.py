@@ -21,7 +21,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +81,7 @@ def lean_weights(model: HMTModel, columns: int, join: bool = True) -> LeanWeight
     """The backbone's decode weights, in the lean step's layout. `join`: q/k/v and gate/up as one
     matmul each where the layers allow (a copy of those weights: about 60% of the backbone's
     linear weights more memory; see README)."""
-    base = cast(nn.Module, model.base_model)
+    base: Any = model.base_model  # a LlamaModel (lean_support checked)
     config = model.backbone.config.get_text_config()
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -91,7 +91,7 @@ def lean_weights(model: HMTModel, columns: int, join: bool = True) -> LeanWeight
         return layers if fused is None else [fused]
 
     layers = []
-    for layer in cast(nn.ModuleList, base.layers):
+    for layer in base.layers:
         attention, mlp = layer.self_attn, layer.mlp
         layers.append(LeanLayer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                                 joined([attention.q_proj, attention.k_proj, attention.v_proj]), attention.o_proj,
@@ -103,7 +103,7 @@ def lean_weights(model: HMTModel, columns: int, join: bool = True) -> LeanWeight
     sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # rotate_half(x) = roll(x, half) * sign
     return LeanWeights(layers, base.norm.weight.detach(), cos[0].contiguous(), sin.contiguous(),
                        float(base.norm.variance_epsilon), heads, kv_heads, head_dim, head_dim ** -0.5,
-                       cast(nn.Module, base.layers[0]).mlp.act_fn)
+                       base.layers[0].mlp.act_fn)
 
 
 _built: weakref.WeakKeyDictionary[HMTModel, tuple[tuple[object, ...], LeanWeights]] = weakref.WeakKeyDictionary()
@@ -143,11 +143,17 @@ def _project(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
 
 
 def decode_step(weights: LeanWeights, x: Tensor, mask: Tensor, positions: Tensor,
-                keys: Sequence[Tensor], values: Sequence[Tensor]) -> Tensor:
+                keys: Sequence[Tensor], values: Sequence[Tensor], width: int | None = None) -> Tensor:
     """One token for each of rows 0..n-1 of the slot cache: x [n, d] embeddings, mask [n, 1, 1, C]
     (additive, the engine's), positions [n] (where each row writes its k/v); keys/values per layer
-    [slots, kv_heads, C, head_dim]. Returns the final hidden states [n, d] (after the final norm)."""
+    [slots, kv_heads, C, head_dim]. Returns the final hidden states [n, d] (after the final norm).
+
+    `width`: attend to the first `width` columns only (the engine passes one more than the largest
+    position a row whose output it reads writes: the columns past it are masked for those rows).
+    Attention costs time in proportion; None (static shapes, for the compiler): all C."""
     rows, w = x.shape[0], weights
+    if width is not None:
+        mask = mask[..., :width]
     heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
     group, rotated = heads // kv_heads, heads + kv_heads
     cos, sin = w.cos[positions][:, None], w.sin[positions][:, None]  # [n, 1, d]
@@ -161,11 +167,11 @@ def decode_step(weights: LeanWeights, x: Tensor, mask: Tensor, positions: Tensor
         layer_values.transpose(1, 2).index_put_((slots, positions), qkv[:, rotated:])
         # engine.decode_attention: query heads grouped per KV head, float32 softmax
         grouped = (qk[:, :heads] * w.scale).view(rows, kv_heads, group, dim)
-        scores = torch.matmul(grouped, layer_keys[:rows].transpose(-1, -2))  # [n, kv, group, C]
+        scores = torch.matmul(grouped, layer_keys[:rows, :, :width].transpose(-1, -2))  # [n, kv, group, C]
         scores = (scores if scores.dtype == torch.float32 else scores.float()).add_(mask)
         probs = torch.softmax(scores, dim=-1)
         probs = probs if probs.dtype == layer_values.dtype else probs.to(layer_values.dtype)
-        attended = torch.matmul(probs, layer_values[:rows]).view(rows, heads * dim)
+        attended = torch.matmul(probs, layer_values[:rows, :, :width]).view(rows, heads * dim)
         x = x + layer.o(attended)
         h = rms_norm(x, layer.post_norm, w.eps)
         if len(layer.gate_up) == 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from hmt_core.testing import assert_states_equal, tiny_hmt_model
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-def _model(precision: str = "fp32", **overrides: object) -> HMTModel:
+def _model(precision: str = "fp32", **overrides: Any) -> HMTModel:
     model = tiny_hmt_model("llama", **{**SHAPE, **overrides})
     return apply_precision(model, precision) if precision != "fp32" else model
 
@@ -29,8 +30,11 @@ def _sessions(model: HMTModel, lengths: tuple[int, ...] = (1, 7, 8, 9, 17, 30)) 
     return [model.append(model.new_session(), [rng.randrange(model.vocab_size) for _ in range(n)]) for n in lengths]
 
 
+Decoded = tuple[DecodeEngine, list[list[int]], list[SessionState], list[torch.Tensor]]
+
+
 def _decode(model: HMTModel, states: list[SessionState], lean: bool, tokens: int = 20,
-            forced: list[int] | None = None) -> tuple[DecodeEngine, list[list[int]], list[SessionState], list[torch.Tensor]]:
+            forced: list[int] | None = None) -> Decoded:
     """Every row decodes `tokens` (greedy, or `forced` ones); returns the tokens, the final states
     and each step's next-token logits of all rows."""
     engine = DecodeEngine(model, max_rows=len(states), lean=lean)
@@ -57,8 +61,8 @@ def test_lean_greedy_decoding_equals_hf_in_fp32() -> None:
     assert lean.lean and not hf.lean
     assert lean_tokens == hf_tokens
     assert all(state.segments_committed >= 3 for state in lean_states)
-    for a, b in zip(lean_states, hf_states, strict=True):
-        assert_states_equal(a, b)
+    for lean_state, hf_state in zip(lean_states, hf_states, strict=True):
+        assert_states_equal(lean_state, hf_state)
     for a, b in zip(lean_logits, hf_logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
