@@ -3,10 +3,12 @@ the lean step compiled (`--compile`), for each precision at 1, 8 and 32 streams.
 
 For each precision (the shipped chat model, `--precisions`) and stream count: one engine per way
 over the same sessions (windows with room: no commit during the measure), each decoding
-`--tokens` tokens per stream per repetition; repetitions interleaved across the ways (best of
-`--reps`), so a slow patch of the shared machine does not favour one. Reported: tokens/s and the
-ratio against the HF forward measured in the same run, the aten op calls of one step at one
-stream (torch.profiler, nested calls included, as `bench/precision.py --profile` counts them), and
+`--tokens` tokens per stream per repetition; repetitions interleaved across the ways, each step
+timed and the fastest kept (the step least disturbed by other jobs on a shared machine; every
+step does the same work). Reported: tokens/s (streams / fastest step) and the ratio against the
+HF forward measured in the same run, the aten op calls of one step at one stream (torch.profiler:
+all, nested calls included as `bench/precision.py --profile` counts them, and those called from
+Python), and
 for the compiled step the seconds its compilation took (one bucket per stream count: the engine
 has exactly that many rows).
 
@@ -54,11 +56,15 @@ def engine_for(model: HMTModel, states: list[SessionState], steps: int, **way: b
     return engine, time.perf_counter() - start
 
 
-def step_ops(engine: DecodeEngine, steps: int = 3) -> float:
+def step_ops(engine: DecodeEngine, steps: int = 3) -> tuple[float, float]:
+    """aten op calls per step: all of them (nested ones included, as `bench/precision.py --profile`
+    counts) and those called from Python (each one a trip through the dispatcher from Python)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(events) / steps, len(top) / steps
 
 
 def main() -> None:
@@ -66,8 +72,8 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "models" / "hmt-smollm2"), help="model directory")
     parser.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated")
     parser.add_argument("--streams", default="1,8,32", help="comma-separated decode batch sizes")
-    parser.add_argument("--tokens", type=int, default=8, help="tokens per stream per repetition")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (best of)")
+    parser.add_argument("--tokens", type=int, default=4, help="steps per way per repetition")
+    parser.add_argument("--reps", type=int, default=4, help="interleaved repetitions")
     parser.add_argument("--compile", action="store_true", help="also the compiled lean step (slow to compile)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0: cores left idle")
     parser.add_argument("--seed", type=int, default=0)
@@ -85,7 +91,7 @@ def main() -> None:
         model = apply_precision(HMTModel.from_pretrained(Path(args.model)), precision) if precision != "fp32" \
             else loaded
         rates: dict[str, list[str]] = {name: [] for name in ways}
-        ops: dict[str, float] = {}
+        ops: dict[str, tuple[float, float]] = {}
         compile_s: dict[str, list[float]] = {name: [] for name in ways}
         for count in streams:
             states = sessions(model, count, args.seed)
@@ -96,25 +102,26 @@ def main() -> None:
                 compile_s[name].append(first)
             if count == 1:
                 ops = {name: step_ops(engine) for name, engine in engines.items()}
-            best = {name: math.inf for name in ways}
+            best = {name: math.inf for name in ways}  # the fastest step: the least disturbed by other jobs
             for _ in range(args.reps):
                 for name, engine in engines.items():
-                    start = time.perf_counter()
                     for _ in range(args.tokens):
+                        start = time.perf_counter()
                         engine.step()
-                    best[name] = min(best[name], time.perf_counter() - start)
-            base = count * args.tokens / best["HF forward"]
+                        best[name] = min(best[name], time.perf_counter() - start)
+            base = count / best["HF forward"]
             for name in ways:
-                rate = count * args.tokens / best[name]
+                rate = count / best[name]
                 rates[name].append(f"{rate:.1f} ({rate / base:.2f}x)")
             print(f"{precision} {count} streams: " + ", ".join(f"{n} {r[-1]}" for n, r in rates.items()), flush=True)
         for name in ways:
             compiled = " / ".join(f"{s:.0f}" for s in compile_s[name]) if ways[name].get("compile") else "-"
-            table.append([f"{precision}, {name}", *rates[name], f"{ops.get(name, 0):,.0f}", compiled])
+            calls = ops.get(name, (0.0, 0.0))
+            table.append([f"{precision}, {name}", *rates[name], f"{calls[0]:,.0f} / {calls[1]:,.0f}", compiled])
     headers = ["precision, decode step", *(f"{n} stream{'s' * (n > 1)} tok/s (vs HF)" for n in streams),
-               "aten ops / step (1 stream)", "compile s (per bucket)"]
-    print_table(headers, table, title=f"Decode step, {torch.get_num_threads()} thread(s), best of {args.reps} x "
-                                      f"{args.tokens} tokens per stream")
+               "aten calls / step at 1 stream (all / from Python)", "compile s (per bucket)"]
+    print_table(headers, table, title=f"Decode step, {torch.get_num_threads()} thread(s), the fastest of "
+                                      f"{args.reps} x {args.tokens} steps")
     print(f"({time.perf_counter() - started:.0f} s)")
 
 

@@ -44,8 +44,8 @@ class ModelWorker:
         self.compile = compile and not model.memory.adapts  # Temp-LoRA adapters are hooks: never compiled
         if compile and not self.compile:
             log.warning("--compile ignored: %s memory decodes on the HF path", model.hmt_config.memory)
-        self.engine = DecodeEngine(model, max_rows=max_batch, compile=compile)
-        if compile:  # every bucket now, so that no request waits for a compilation
+        self.engine = DecodeEngine(model, max_rows=max_batch, compile=self.compile)
+        if self.compile:  # every bucket now, so that no request waits for a compilation
             metrics.DECODE_COMPILE_SECONDS.set(self.engine.warm_up())
         self._inbox: list[Job] = []
         self._reading: list[Job] = []  # input still to commit

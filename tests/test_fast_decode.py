@@ -164,3 +164,12 @@ def test_compiled_lean_step_equals_eager_with_inductor() -> None:
     while engine.size:
         engine.step()
     assert row.tokens == _decode(model, states, lean=True, tokens=12)[1][0]
+
+
+def test_the_worker_never_compiles_temp_lora_rows() -> None:
+    from service.worker import ModelWorker
+
+    config = HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4, recall_dim=16, memory="temp-lora",
+                       temp_lora=TempLoRAConfig())
+    worker = ModelWorker(tiny_hmt_model("llama", config=config), max_batch=2, compile=True)
+    assert not worker.compile and not worker.engine.compiled
