@@ -2,15 +2,15 @@
 the lean step compiled (`--compile`), for each precision at 1, 8 and 32 streams.
 
 For each precision (the shipped chat model, `--precisions`) and stream count: one engine per way
-over the same sessions (windows with room: no commit during the measure), each decoding
-`--tokens` tokens per stream per repetition; repetitions interleaved across the ways, each step
-timed and the fastest kept (the step least disturbed by other jobs on a shared machine; every
-step does the same work). Reported: tokens/s (streams / fastest step) and the ratio against the
-HF forward measured in the same run, the aten op calls of one step at one stream (torch.profiler:
-all, nested calls included as `bench/precision.py --profile` counts them, and those called from
-Python), and
-for the compiled step the seconds its compilation took (one bucket per stream count: the engine
-has exactly that many rows).
+over the same sessions (windows with room: no commit during the measure). Repetitions (`--reps`
+of `--tokens` steps) are interleaved across the ways, each step timed and the fastest kept (the
+step least disturbed by other jobs on a shared machine; every step does the same work), by the
+CPU time of the stepping thread when torch runs one thread (`--wall`, or more threads: the wall
+clock). Reported: tokens/s (streams / fastest step) and the ratio against the HF forward in the
+same run; the aten op calls of one step at one stream (torch.profiler: all, nested ones included
+as `bench/precision.py --profile` counts them, and those called from Python); for the compiled
+step, the seconds its first step took (its compilation: the engine has exactly that many rows,
+one bucket).
 
     python bench/decode_step.py                                  # fp32, bf16, int8: eager ways only
     python bench/decode_step.py --precisions int8 --compile      # + compiled (about a minute per bucket)
@@ -76,10 +76,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=4, help="interleaved repetitions")
     parser.add_argument("--compile", action="store_true", help="also the compiled lean step (slow to compile)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0: cores left idle")
+    parser.add_argument("--wall", action="store_true", help="time steps by the wall clock, not the thread's CPU time")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.device, args.dtype = "cpu", "float32"
     setup(args)
+    # one torch thread does all of a step's work in this thread: its CPU time leaves out the time
+    # slices other jobs on a shared machine take (the wall clock counts them)
+    clock = time.perf_counter if args.wall or torch.get_num_threads() > 1 else time.thread_time
     streams = [int(s) for s in args.streams.split(",")]
     ways = {name: way for name, way in WAYS.items() if args.compile or not way.get("compile")}
     # one compiled graph per precision and bucket: more than dynamo's default of 8 recompilations
@@ -106,9 +110,9 @@ def main() -> None:
             for _ in range(args.reps):
                 for name, engine in engines.items():
                     for _ in range(args.tokens):
-                        start = time.perf_counter()
+                        start = clock()
                         engine.step()
-                        best[name] = min(best[name], time.perf_counter() - start)
+                        best[name] = min(best[name], clock() - start)
             base = count / best["HF forward"]
             for name in ways:
                 rate = count / best[name]
@@ -120,8 +124,9 @@ def main() -> None:
             table.append([f"{precision}, {name}", *rates[name], f"{calls[0]:,.0f} / {calls[1]:,.0f}", compiled])
     headers = ["precision, decode step", *(f"{n} stream{'s' * (n > 1)} tok/s (vs HF)" for n in streams),
                "aten calls / step at 1 stream (all / from Python)", "compile s (per bucket)"]
+    timing = "wall clock" if clock is time.perf_counter else "thread CPU time"
     print_table(headers, table, title=f"Decode step, {torch.get_num_threads()} thread(s), the fastest of "
-                                      f"{args.reps} x {args.tokens} steps")
+                                      f"{args.reps} x {args.tokens} steps by {timing}")
     print(f"({time.perf_counter() - started:.0f} s)")
 
 
