@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hmt_core.errors import InvalidInputError
-from hmt_core.fast_decode import decode_step, lean_support, lean_weights_for
+from hmt_core.fast_decode import LeanWeights, decode_step, lean_support, lean_weights_for
 from hmt_core.model import HMTModel
 from hmt_core.recall import SegmentRecall
 from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, TextStream, sample_tokens, seed_key
@@ -269,9 +269,9 @@ class DecodeEngine:
 
     `compile=True` pads every decode forward to a power-of-two number of rows (capped at
     `max_rows`), so its shapes take a handful of values and rows joining or leaving within a bucket
-    do not recompile, and runs the decode forward through `torch.compile`: the lean step where it
-    applies (CPU or GPU), else the HF forward (CUDA graphs on CUDA). `warm_up()` compiles every
-    bucket up front and reports how long it took (`compile_seconds`)."""
+    do not recompile, and runs the decode forward through `torch.compile`: on a CPU the lean step
+    where it applies, on CUDA the HF forward under CUDA graphs (the GPU path). `warm_up()` compiles
+    every bucket up front and reports how long it took (`compile_seconds`)."""
 
     def __init__(self, model: HMTModel, max_rows: int = 16, compile: bool = False, lean: bool = True,
                  compile_backend: str | Callable[..., Any] = "inductor") -> None:
@@ -284,13 +284,16 @@ class DecodeEngine:
         self.compiled = compile
         self.recoveries = 0  # decode forwards that failed and were redone as prefills
         self.lean_reason = lean_support(model) if lean else "lean=False"  # None: the lean step decodes
+        if compile and model.device.type == "cuda" and self.lean_reason is None:
+            # the GPU path as it was (CUDA graphs over the HF forward); a compiled lean step is unmeasured there
+            self.lean_reason = "compile on CUDA: the HF forward under CUDA graphs"
         self.compile_seconds = 0.0  # spent compiling in warm_up()
         self._lean_step: Callable[..., Tensor] = decode_step
         self._decode_forward = self._backbone_decode if self.lean_reason else self._lean_decode
         if compile:
             # each model, precision and bucket compiles once: more than dynamo's default 8 per function
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            mode = "reduce-overhead" if model.device.type == "cuda" and self.lean_reason else None
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
             if self.lean_reason:
                 self._decode_forward = torch.compile(self._backbone_decode, mode=mode, dynamic=False,
                                                      backend=compile_backend)
@@ -304,6 +307,7 @@ class DecodeEngine:
         self._cache: SlotCache | None = None
         self._logits: Tensor | None = None  # [max_rows, V] float32, next-token logits per slot
         self._stacked: StackedAdapters | None = None  # the last decode forward's adapters, stacked
+        self._lean_weights: LeanWeights | None = None
 
     # ----- membership ---------------------------------------------------------------------------
 
@@ -632,8 +636,9 @@ class DecodeEngine:
         """The decode forward on the lean path: same arguments and result as `_backbone_decode`
         (`width`: see `fast_decode.decode_step`)."""
         layers = cast("list[_SlotLayer]", self._ensure_buffers().layers)
-        weights = lean_weights_for(self.model, self.columns)
-        return self._lean_step(weights, inputs_embeds[:, 0], mask, position_ids[:, 0],
+        if self._lean_weights is None:  # once per engine: checking the backbone for changes costs a walk of it
+            self._lean_weights = lean_weights_for(self.model, self.columns)
+        return self._lean_step(self._lean_weights, inputs_embeds[:, 0], mask, position_ids[:, 0],
                                [layer.keys for layer in layers], [layer.values for layer in layers], width)
 
     def _release(self, row: DecodeRow) -> None:
