@@ -3,17 +3,19 @@ functions over the engine's static slot cache, in the gpt-fast style.
 
 Why: the HuggingFace forward costs about 240 aten op calls per layer for one decode token
 (SmolLM2-135M: 7,149 per step), and on a CPU the Python and dispatch around them took 20-27 ms of
-each step, as much as the int8 matmuls themselves (README, "Precision against fp32"). Here one
-layer is RMSNorm, one q/k/v matmul (the three joined, `precision.joined_linear`), rotary embedding
-from cos/sin tables indexed by position, the new k/v written into the slot cache, attention over
-the slot (the engine's `decode_attention`, same arithmetic), the output projection, RMSNorm, one
-gate/up matmul, the down projection: a few dozen ops. The numbers are the HF path's: same
-operations in the same order and dtypes (fp32 greedy decoding is token-identical; tested).
+each step, as much as the int8 matmuls themselves (README, "The decode step"). Here one layer is
+RMSNorm, one q/k/v matmul (the three joined, `precision.joined_linear`), rotary embedding from
+cos/sin tables indexed by position, the new k/v written into the slot cache, attention over the
+slot's columns in use (the engine's `decode_attention` arithmetic), the output projection,
+RMSNorm, one gate/up matmul, the down projection: about 40 calls from Python, half the HF
+forward's. The numbers are the HF path's: the same operations in the same dtypes (fp32 greedy
+decoding is token-identical; tested). `torch.compile` of `decode_step` (the engine's
+`compile=True`) removes the rest of the per-op overhead.
 
 Only the backbone's decode forward is replaced: prefills and commits (hundreds of positions,
 matmul-bound) keep the HF forward, and the memory (embeddings, recall, the state) is untouched.
 Backbones other than Llama's, and Temp-LoRA sessions (adapters are forward hooks on the HF
-modules), decode on the HF path (`lean_decoder` returns None).
+modules), decode on the HF path (`lean_support` says why).
 """
 
 from __future__ import annotations
@@ -66,12 +68,15 @@ def lean_support(model: HMTModel) -> str | None:
     backbone = model.backbone
     if hasattr(backbone, "get_base_model"):
         return "the backbone is wrapped (peft) for training"
-    config = backbone.config.get_text_config()
+    config = backbone.config  # the model's own type: a multimodal wrapper of a Llama is not one
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         return f"{config.model_type} backbones decode on the HF path"
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    rope = rope_parameters.get("rope_type", "default")
     if rope not in STATIC_ROPE_TYPES:
         return f"{rope} rotary embeddings change with the sequence length"
+    if rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        return "partial rotary embeddings"
     if getattr(config, "pretraining_tp", 1) > 1:
         return "pretraining_tp > 1 splits the matmuls"
     return None
@@ -79,8 +84,8 @@ def lean_support(model: HMTModel) -> str | None:
 
 def lean_weights(model: HMTModel, columns: int, join: bool = True) -> LeanWeights:
     """The backbone's decode weights, in the lean step's layout. `join`: q/k/v and gate/up as one
-    matmul each where the layers allow (a copy of those weights: about 60% of the backbone's
-    linear weights more memory; see README)."""
+    matmul each where the layers allow (a copy of those weights: about two thirds of the layers'
+    linear weights again; see README)."""
     base: Any = model.base_model  # a LlamaModel (lean_support checked)
     config = model.backbone.config.get_text_config()
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
