@@ -19,7 +19,8 @@ Per token there is one host synchronisation for the whole batch: reading the sam
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -31,6 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hmt_core.errors import InvalidInputError
+from hmt_core.fast_decode import LeanWeights, decode_step, lean_support, lean_weights_for
 from hmt_core.model import HMTModel
 from hmt_core.recall import SegmentRecall
 from hmt_core.sampling import FinishReason, GeneratedToken, SamplingParams, TextStream, sample_tokens, seed_key
@@ -261,10 +263,18 @@ class StepOutput:
 class DecodeEngine:
     """A decode batch of up to `max_rows` sessions over one static slot cache.
 
-    `compile=True` (for GPUs) pads every decode forward to a power-of-two number of rows, so its
-    shapes take a handful of values, and runs it through `torch.compile` (CUDA graphs on CUDA)."""
+    `lean` (the default): a Llama-family backbone decodes with `hmt_core.fast_decode`'s plain
+    functions instead of its HuggingFace forward (same numbers, a fraction of the op calls); other
+    backbones, and Temp-LoRA sessions, decode on the HF path (`lean_reason` says why).
 
-    def __init__(self, model: HMTModel, max_rows: int = 16, compile: bool = False) -> None:
+    `compile=True` pads every decode forward to a power-of-two number of rows (capped at
+    `max_rows`), so its shapes take a handful of values and rows joining or leaving within a bucket
+    do not recompile, and runs the decode forward through `torch.compile`: on a CPU the lean step
+    where it applies, on CUDA the HF forward under CUDA graphs (the GPU path). `warm_up()` compiles
+    every bucket up front and reports how long it took (`compile_seconds`)."""
+
+    def __init__(self, model: HMTModel, max_rows: int = 16, compile: bool = False, lean: bool = True,
+                 compile_backend: str | Callable[..., Any] = "inductor") -> None:
         if max_rows < 1:
             raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
         self.model = model
@@ -273,10 +283,22 @@ class DecodeEngine:
             raise InvalidInputError("Temp-LoRA sessions decode uncompiled: their adapters are forward hooks")
         self.compiled = compile
         self.recoveries = 0  # decode forwards that failed and were redone as prefills
-        self._decode_forward = self._backbone_decode
+        self.lean_reason = lean_support(model) if lean else "lean=False"  # None: the lean step decodes
+        if compile and model.device.type == "cuda" and self.lean_reason is None:
+            # the GPU path as it was (CUDA graphs over the HF forward); a compiled lean step is unmeasured there
+            self.lean_reason = "compile on CUDA: the HF forward under CUDA graphs"
+        self.compile_seconds = 0.0  # spent compiling in warm_up()
+        self._lean_step: Callable[..., Tensor] = decode_step
+        self._decode_forward = self._backbone_decode if self.lean_reason else self._lean_decode
         if compile:
+            # each model, precision and bucket compiles once: more than dynamo's default 8 per function
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = "reduce-overhead" if model.device.type == "cuda" else None
-            self._decode_forward = torch.compile(self._backbone_decode, mode=mode, dynamic=False)
+            if self.lean_reason:
+                self._decode_forward = torch.compile(self._backbone_decode, mode=mode, dynamic=False,
+                                                     backend=compile_backend)
+            else:
+                self._lean_step = torch.compile(decode_step, dynamic=False, backend=compile_backend)
         cfg = model.hmt_config
         self.columns = 1 + cfg.num_sensory + cfg.segment_tokens + 1  # last column: scratch for idle rows
         self.scratch = self.columns - 1
@@ -285,6 +307,7 @@ class DecodeEngine:
         self._cache: SlotCache | None = None
         self._logits: Tensor | None = None  # [max_rows, V] float32, next-token logits per slot
         self._stacked: StackedAdapters | None = None  # the last decode forward's adapters, stacked
+        self._lean_weights: LeanWeights | None = None
 
     # ----- membership ---------------------------------------------------------------------------
 
@@ -505,8 +528,8 @@ class DecodeEngine:
     def _decode_batch(self, rows: list[DecodeRow], committing: list[DecodeRow]) -> None:
         model, cache = self.model, self._ensure_buffers()
         device, count = model.device, len(self.rows)
-        if self.compiled:  # static shapes: the free slots past the last row ride along as idle rows
-            count = min(self.max_rows, 1 << (count - 1).bit_length())
+        if self.compiled:  # static shapes (`buckets`): the free slots past the last row ride along as idle rows
+            count = self._bucket(count)
         tokens = [0] * count
         positions = [self.scratch] * count
         for row in rows:
@@ -514,16 +537,17 @@ class DecodeEngine:
         for row in committing:
             positions[row.slot] = row.length
         position_ids = torch.tensor(positions, device=device)
-        visible = torch.arange(self.columns, device=device)[None, :] <= position_ids[:, None]
-        mask = torch.zeros(visible.shape, dtype=model.dtype, device=device)
-        mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)[:, None, None, :]
+        mask = self._decode_mask(position_ids)
         cache.decode_rows = torch.arange(count, device=device)
         cache.decode_positions = position_ids
         embeds = model.embed(torch.tensor(tokens, device=device)[:, None])
         if committing:
             prompts = torch.stack([row.prompt for row in committing])  # type: ignore[misc]
             embeds[[row.slot for row in committing], 0] = prompts.to(embeds.dtype)
-        if self.compiled:  # the compiled (GPU) forward keeps sdpa
+        if not self.lean_reason and not self.compiled:  # eager: attend to the columns in use only
+            width = max(row.length for row in (*rows, *committing)) + 1
+            hidden = self._lean_decode(embeds, mask, position_ids[:, None], width)
+        elif self.compiled or not self.lean_reason:  # the compiled HF (GPU) forward keeps sdpa
             hidden = self._decode_forward(embeds, mask, position_ids[:, None])
         else:
             with decode_attention_for(model.base_model), adapters_applied(model.backbone, self._decode_adapters(count)):
@@ -539,6 +563,48 @@ class DecodeEngine:
             row.state, _ = fill_window(state, [row.tokens[-1]], cfg)
             assert row.prompt_recall is not None  # set with row.prompt, which this commit read
             row.commit_recalls.append(row.prompt_recall)
+
+    def _decode_mask(self, position_ids: Tensor) -> Tensor:
+        """[rows, 1, 1, columns] additive: row i sees the columns up to its own position."""
+        dtype = self.model.dtype
+        visible = torch.arange(self.columns, device=position_ids.device)[None, :] <= position_ids[:, None]
+        mask = torch.zeros(visible.shape, dtype=dtype, device=position_ids.device)
+        return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None, None, :]
+
+    def _bucket(self, rows: int) -> int:
+        return min(self.max_rows, 1 << (rows - 1).bit_length())
+
+    def buckets(self) -> list[int]:
+        """The row counts a compiled decode forward runs at: powers of two, and max_rows."""
+        return sorted({self._bucket(n) for n in range(1, self.max_rows + 1)})
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Compile the decode forward for every bucket now, not at the first step that needs it (a
+        server does this at start); returns the seconds it took, also kept in `compile_seconds`.
+        Idle rows on the scratch column: no slot's contents change. Nothing to do uncompiled."""
+        if not self.compiled:
+            return 0.0
+        model, cache = self.model, self._ensure_buffers()
+        config = model.backbone.config.get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        for layer in cast("list[_SlotLayer]", cache.layers):
+            if not layer.is_initialized:
+                empty = torch.zeros(1, kv_heads, 1, head_dim, dtype=model.dtype, device=model.device)
+                layer.lazy_initialization(empty, empty)
+        start = time.perf_counter()
+        for rows in self.buckets():
+            position_ids = torch.full((rows,), self.scratch, device=model.device)
+            cache.decode_rows = torch.arange(rows, device=model.device)
+            cache.decode_positions = position_ids
+            embeds = torch.zeros(rows, 1, model.dim, dtype=model.dtype, device=model.device)
+            self._decode_forward(embeds, self._decode_mask(position_ids), position_ids[:, None])
+        self.compile_seconds += time.perf_counter() - start
+        log.info("decode step compiled for %s rows in %.1f s (%s forward)", self.buckets(), self.compile_seconds,
+                 "lean" if self.lean else "HF")
+        return self.compile_seconds
 
     def _adapters(self, rows: Sequence[DecodeRow]) -> list[Adapter | None]:
         """Each row's Temp-LoRA adapter (read with it applied: batched multi-adapter matmuls), or none."""
@@ -559,6 +625,21 @@ class DecodeEngine:
         """The decode forward proper: [rows, 1, d] embeddings -> final hidden states [rows, d]."""
         return self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
                                      past_key_values=self._cache, use_cache=True).last_hidden_state[:, -1]
+
+    @property
+    def lean(self) -> bool:
+        """Whether decode forwards run the lean step (`hmt_core.fast_decode`)."""
+        return self.lean_reason is None
+
+    def _lean_decode(self, inputs_embeds: Tensor, mask: Tensor, position_ids: Tensor,
+                     width: int | None = None) -> Tensor:
+        """The decode forward on the lean path: same arguments and result as `_backbone_decode`
+        (`width`: see `fast_decode.decode_step`)."""
+        layers = cast("list[_SlotLayer]", self._ensure_buffers().layers)
+        if self._lean_weights is None:  # once per engine: checking the backbone for changes costs a walk of it
+            self._lean_weights = lean_weights_for(self.model, self.columns)
+        return self._lean_step(self._lean_weights, inputs_embeds[:, 0], mask, position_ids[:, 0],
+                               [layer.keys for layer in layers], [layer.values for layer in layers], width)
 
     def _release(self, row: DecodeRow) -> None:
         """Free the row's slot; the last row moves into it so slots stay packed."""

@@ -27,7 +27,7 @@ The quantized kernels run on the CPU only; on a GPU use bf16.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, cast, get_args
 
 import torch
@@ -76,10 +76,11 @@ def precision_of(model: HMTModel) -> Precision:
 class QuantizedModule(nn.Module):
     """A layer whose weight was replaced by a packed form; keeps what the fingerprint hashed of it."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor | None) -> None:
+        """weight: the one replaced; None for a layer made from others (`joined_linear`), never in a model."""
         super().__init__()
         # {parameter name: (shape, fingerprint sample)} of the weight this module replaced
-        self.replaced = {"weight": (tuple(weight.shape), fingerprint_sample(weight))}
+        self.replaced = {} if weight is None else {"weight": (tuple(weight.shape), fingerprint_sample(weight))}
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,9 +95,13 @@ class Int8Linear(QuantizedModule):
     scales: Tensor  # [N]
     bias: Tensor | None
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, quantized: tuple[Tensor, Tensor] | None = None) -> None:
+    def __init__(self, weight: Tensor | None, bias: Tensor | None,
+                 quantized: tuple[Tensor, Tensor] | None = None) -> None:
         super().__init__(weight)
-        q, scales = quantized if quantized is not None else quantize_int8(weight)
+        if quantized is None:
+            assert weight is not None, "an int8 layer is made from a weight or from its quantized form"
+            quantized = quantize_int8(weight)
+        q, scales = quantized
         self.out_features, self.in_features = q.shape
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
@@ -105,11 +110,13 @@ class Int8Linear(QuantizedModule):
         self.kernel = self.in_features % 16 == 0
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.to(COMPUTE_DTYPE)
-        rows = x.reshape(-1, self.in_features)
+        # no op that changes nothing (the lean decode step calls this with [rows, K] bf16 rows)
+        x = x if x.dtype == COMPUTE_DTYPE else x.to(COMPUTE_DTYPE)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.kernel and rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scales)
-            out = out.reshape(*x.shape[:-1], self.out_features)
+            out = torch.ops.aten._weight_int8pack_mm(rows if rows.is_contiguous() else rows.contiguous(),
+                                                     self.qweight, self.scales)
+            out = out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
         return functional.linear(x, self.qweight.to(COMPUTE_DTYPE) * self.scales[:, None], self.bias)
 
@@ -183,6 +190,35 @@ class Int8Embedding(QuantizedModule):
         rows = functional.embedding(ids, self.qweight).to(COMPUTE_DTYPE)
         out = rows * functional.embedding(ids, self.scales[:, None])
         return out if self.embed_scale is None else out * self.embed_scale.to(COMPUTE_DTYPE)
+
+
+def joined_linear(layers: Sequence[nn.Module]) -> nn.Module | None:
+    """One layer computing several that read the same input (q, k and v; gate and up), their outputs
+    side by side: one matmul instead of several. A copy of their weights (so a step reads each once,
+    from one place); None when they cannot be joined (int4's packed layout is blocked, not by row;
+    layers of different kinds)."""
+    def cat(tensors: Sequence[Tensor | None]) -> Tensor | None:  # None: the layers have no biases
+        return None if tensors[0] is None else torch.cat([cast(Tensor, t).detach() for t in tensors])
+
+    if all(type(layer) is nn.Linear for layer in layers):
+        linears = cast("list[nn.Linear]", list(layers))
+        if any((layer.bias is None) != (linears[0].bias is None) for layer in linears):
+            return None
+        weight = cast(Tensor, cat([layer.weight for layer in linears]))
+        joined = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
+        joined.weight = nn.Parameter(weight, requires_grad=False)
+        bias = cat([layer.bias for layer in linears])
+        if bias is not None:
+            joined.bias = nn.Parameter(bias, requires_grad=False)
+        return joined
+    if all(type(layer) is Int8Linear for layer in layers):
+        int8 = cast("list[Int8Linear]", list(layers))
+        if any(layer.kernel != int8[0].kernel or (layer.bias is None) != (int8[0].bias is None) for layer in int8):
+            return None
+        q = cast(Tensor, cat([layer.qweight for layer in int8]))
+        scales = cast(Tensor, cat([layer.scales for layer in int8]))
+        return Int8Linear(None, cat([layer.bias for layer in int8]), (q, scales))  # scales stay bf16: exact
+    return None
 
 
 # ----- conversion ----------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ DECODE_BATCH_SIZE = Histogram("hmt_decode_batch_size", "Generating sessions adva
                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY)
 DECODE_STEP_SECONDS = Histogram("hmt_decode_step_seconds", "Latency of one decode step (a token for every row)",
                                 buckets=_LATENCY, registry=REGISTRY)
+DECODE_COMPILE_SECONDS = Gauge("hmt_decode_compile_seconds", "Time spent compiling the decode step at start "
+                               "(--compile; 0 when off)", registry=REGISTRY)
 QUEUE_DEPTH = Gauge("hmt_queue_depth", "Jobs waiting for or running in the model worker", registry=REGISTRY)
 STORE_SECONDS = Histogram("hmt_store_seconds", "Redis operation latency", ["op"], buckets=_LATENCY,
                           registry=REGISTRY)

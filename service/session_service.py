@@ -43,7 +43,8 @@ class Service:
         self.settings = settings
         self.model = model
         self.store = store
-        self.worker = ModelWorker(model, settings.max_batch, settings.round_token_budget, settings.threads)
+        self.worker = ModelWorker(model, settings.max_batch, settings.round_token_budget, settings.threads,
+                                  settings.compile)
         self.fingerprint = model.fingerprint
         self._tasks: set[asyncio.Task[Any]] = set()  # strong references to session tasks
         self._keys = {hashlib.sha256(k.encode()).hexdigest()[:32]: k for k in settings.keys}

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
                             "precision; auto: int8 on a CPU (fp32 for Temp-LoRA memory), bf16 on a GPU, or what "
                             "--dtype says when it is set")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
+    compile: bool = Field(False, description="compile the decode step with torch.compile at start (rows "
+                                             "bucketed by powers of two up to --max-batch; the start waits "
+                                             "for it, minutes on a CPU, for 1.1-1.3x per step there: README, "
+                                             "'Precision against fp32'); off: the lean eager step")
     redis_url: str | None = Field(None, description="Redis URL: redis://[:password@]host:6379/0, rediss:// (TLS), "
                                                      "unix:///path.sock, redis+cluster://host:port[,host:port...] "
                                                      "(Redis Cluster), redis+sentinel://[:password@]host:26379"

@@ -35,13 +35,18 @@ log = logging.getLogger(__name__)
 
 class ModelWorker:
     def __init__(self, model: HMTModel, max_batch: int = 16, round_token_budget: int = 2048,
-                 threads: int = 0) -> None:
+                 threads: int = 0, compile: bool = False) -> None:
         self.model = model
         self.threads = threads or torch.get_num_threads()  # the worker thread's torch CPU threads
         self.max_batch = max_batch
         # while sessions are generating, appends read at most this many tokens per round
         self.commits_per_round = max(1, round_token_budget // model.hmt_config.segment_tokens)
-        self.engine = DecodeEngine(model, max_rows=max_batch)
+        self.compile = compile and not model.memory.adapts  # Temp-LoRA adapters are hooks: never compiled
+        if compile and not self.compile:
+            log.warning("--compile ignored: %s memory decodes on the HF path", model.hmt_config.memory)
+        self.engine = DecodeEngine(model, max_rows=max_batch, compile=self.compile)
+        if self.compile:  # every bucket now, so that no request waits for a compilation
+            metrics.DECODE_COMPILE_SECONDS.set(self.engine.warm_up())
         self._inbox: list[Job] = []
         self._reading: list[Job] = []  # input still to commit
         self._waiting: list[Job] = []  # input in, waiting for a decode row
@@ -98,7 +103,7 @@ class ModelWorker:
                 for job in self._all_jobs():
                     job.finish(RuntimeError("internal model error"))
                 self._reading, self._waiting, self._decoding = [], [], {}
-                self.engine = DecodeEngine(self.model, max_rows=self.max_batch)
+                self.engine = DecodeEngine(self.model, max_rows=self.max_batch, compile=self.compile)
             metrics.QUEUE_DEPTH.set(self.pending)
 
     def _all_jobs(self) -> list[Job]:

@@ -316,7 +316,10 @@ def test_decode_forward_runs_decode_attention_and_restores_sdpa(model: HMTModel,
     monkeypatch.setitem(AttentionInterface._global_mapping, engine_module.DECODE_ATTENTION, spy)
     config = model.base_model.config
     assert config._attn_implementation == "sdpa"
-    rows = _batched(model, _sessions(model, 3), [SamplingParams(max_tokens=4, ignore_eos=True)] * 3)
+    engine = DecodeEngine(model, max_rows=3, lean=False)  # the HF forward (the lean step has its own attention)
+    rows = [engine.add(s, SamplingParams(max_tokens=4, ignore_eos=True)) for s in _sessions(model, 3)]
+    while engine.size:
+        engine.step()
     assert all(r.error is None for r in rows)
     assert queries and set(queries) == {1}  # decode forwards only, prefills stay on sdpa
     assert config._attn_implementation == "sdpa"

@@ -94,3 +94,13 @@ def test_the_worker_thread_runs_torch_with_its_own_thread_count() -> None:
         worker.stop()
     assert seen and set(seen) == {worker.threads}
     assert torch.get_num_threads() == before and threading.current_thread() is threading.main_thread()
+
+
+def test_compile_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile (HMT_COMPILE): the compiled decode step costs minutes at start on a CPU (README)."""
+    assert parse_args([]).compile is False
+    assert parse_args(["--compile", "true"]).compile is True
+    monkeypatch.setenv("HMT_COMPILE", "1")
+    assert parse_args([]).compile is True
+    with pytest.raises(ValueError):
+        parse_args(["--compile", "maybe"])
