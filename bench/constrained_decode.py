@@ -10,9 +10,10 @@ backbone cache hmt-serve fills on first start, or --tokenizer DIR).
    `--tokens` tokens each in one DecodeEngine, as the model worker runs it: each constrained row's
    grammar gives its mask and the engine samples it under the mask in the same batched draw as
    the free rows (`DecodeEngine.step(masks=...)`). Decode tokens/s with half and all of the rows
-   constrained, as ratios to the free batch measured in the same run; and, for reference, the way
-   hmt-serve did it before (llguidance, the row sampled a second time on its own from its masked
-   logits and forced into the step).
+   constrained, as ratios to the free batch measured in the same run (best of interleaved runs),
+   and the worker's time per constrained token outside the step (mask, consume), also as a share
+   of a free step's time; and, for reference, the way hmt-serve did it before (llguidance, the row
+   sampled a second time on its own from its masked logits and forced into the step).
 
 An engine that is not installed is reported as missing (only llguidance is a dependency of
 hmt-serve; `pip install xgrammar outlines-core` for the others).
@@ -212,22 +213,27 @@ def load(name: str, model: HMTModel, end: int) -> Engine:
     raise SystemExit(f"unknown engine {name!r}; one of {', '.join(ENGINES)}")
 
 
-def mask_times(engine: Engine, grammar: Any, tokens: list[int]) -> tuple[float, float, float]:
-    """(ms to make a matcher, mean us per mask, mean us per consume) along `tokens`."""
-    start = time.perf_counter()
-    matcher = engine.matcher(grammar)
-    made = time.perf_counter() - start
-    masking = consuming = 0.0
-    for token in tokens:
+def mask_times(engine: Engine, grammar: Any, tokens: list[int], passes: int = 5) -> tuple[float, float, float]:
+    """(ms to make a matcher, mean us per mask, mean us per consume) along `tokens`: the best of
+    `passes` passes, each with a fresh matcher (a loaded machine only ever adds time)."""
+    best = (float("inf"), float("inf"), float("inf"))
+    for _ in range(passes):
         start = time.perf_counter()
-        allowed = matcher.allowed()
-        masking += time.perf_counter() - start
-        if isinstance(allowed, int) or not bool(allowed[token]):
-            raise RuntimeError(f"token {token} of a valid document was not allowed")
-        start = time.perf_counter()
-        matcher.consume(token)
-        consuming += time.perf_counter() - start
-    return made * 1e3, masking / len(tokens) * 1e6, consuming / len(tokens) * 1e6
+        matcher = engine.matcher(grammar)
+        made = time.perf_counter() - start
+        masking = consuming = 0.0
+        for token in tokens:
+            start = time.perf_counter()
+            allowed = matcher.allowed()
+            masking += time.perf_counter() - start
+            if isinstance(allowed, int) or not bool(allowed[token]):
+                raise RuntimeError(f"token {token} of a valid document was not allowed")
+            start = time.perf_counter()
+            matcher.consume(token)
+            consuming += time.perf_counter() - start
+        best = (min(best[0], made * 1e3), min(best[1], masking / len(tokens) * 1e6),
+                min(best[2], consuming / len(tokens) * 1e6))
+    return best
 
 
 def _compile_first_mask(engine: Engine, schema: dict[str, Any], results: Any) -> None:
@@ -376,9 +382,12 @@ def main() -> None:
                     costs.setdefault((constrained, label), []).append(cost)
         for key, rate_list in rates.items():
             constrained, label = key
+            cost = min(costs[key])
+            step_us = rows / max(frees) * 1e6  # a free step: one token for every row
             table.append([rows, constrained, label, f"{max(frees):.1f}", f"{max(rate_list):.1f}",
-                          f"{max(rate_list) / max(frees):.2f}x", f"{min(costs[key]):.0f}"])
-    print_table(["rows", "constrained", "engine", "free tok/s", "tok/s", "ratio", "worker us/constrained token"],
+                          f"{max(rate_list) / max(frees):.2f}x", f"{cost:.0f}", f"{constrained * cost / step_us:.2%}"])
+    print_table(["rows", "constrained", "engine", "free tok/s", "tok/s", "ratio", "worker us/constrained token",
+                 "of a free step"],
                 table, title=f"constrained rows in the batched engine: decode tokens/s against the free batch, "
                              f"best of {args.repeats} interleaved runs (array-of-objects schema, temperature 1)")
 
