@@ -159,10 +159,13 @@ class ResponsesFrontend:
         if body.store:
             def side(result: JobResult) -> SideWrites:  # the response is saved with the state, atomically
                 final = self.finish(run, result)
-                return self.store.writes(final, run.items, run.pending)
+                writes = self.store.writes(final, run.items, run.pending)
+                if recall:  # the previous response's recall history, as it is when this turn commits nothing
+                    writes.fields[RECALL_FIELD] = recall
+                return writes
 
             def launch(lease: Lease) -> tuple[Job, Any]:
-                lease.fields[RECALL_FIELD] = recall  # the recall history goes on from the previous response's
+                lease.fields[RECALL_FIELD] = recall  # what the job's commits, if any, are merged onto
                 return service.launch(lease, owner, state, run.tokens, params, side, constraint, self.store.store)
 
             run.job, run.task = await self.store.launch(response.id, owner, launch)
