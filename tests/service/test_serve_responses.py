@@ -370,8 +370,13 @@ def test_cancel_stops_a_running_response_and_stores_it(sdk: openai.OpenAI, fleet
             httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": "Bearer key-one"}) as http, \
             http.stream("POST", "/v1/responses", json=body) as stream:
         lines = stream.iter_lines()
-        created = next(line for line in lines if line.startswith("data: "))
-        response_id = json.loads(created.removeprefix("data: "))["response"]["id"]
+        events: list[dict[str, Any]] = []
+        for line in lines:  # until the reply has begun
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+                if events[-1]["type"] == "response.output_text.delta":
+                    break
+        response_id = events[0]["response"]["id"]
         with pytest.raises(openai.NotFoundError):
             two.responses.cancel(response_id)  # another key's: as unknown
         cancelled = httpx.post(f"{server.url}/v1/responses/{response_id}/cancel", timeout=60,
@@ -380,7 +385,7 @@ def test_cancel_stops_a_running_response_and_stores_it(sdk: openai.OpenAI, fleet
         assert data["status"] == "cancelled" and data["output"][0]["status"] == "incomplete"
         assert 0 < data["usage"]["output_tokens"] < 1000
         # its stream ends with it (the text sent so far is what it says)
-        events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+        events += [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
         assert events[-1]["type"] == "response.incomplete" and events[-1]["response"] == data
         text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
         assert data["output"][0]["content"][0]["text"] == text
