@@ -5,6 +5,7 @@ llguidance compiles the schema to a grammar lazily (a JSON schema costs microsec
 each token's mask is computed on demand from the tokenizer's trie) and bounds the work of both
 with parser limits, so a hostile schema (deep nesting, huge enums, recursion) fails or stays
 cheap instead of stalling the worker. Compiling runs off the event loop with a time limit.
+(Chosen over xgrammar and outlines-core by bench/constrained_decode.py: see the README.)
 
 In the batched engine a constrained row is one more row: before each decode step the worker
 asks the row's constraint for the tokens its grammar allows (a bool mask) and the engine samples
