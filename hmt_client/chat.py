@@ -1,9 +1,11 @@
-"""`hmt chat`: a terminal chat client of a running hmt-serve.
+"""`hmt chat`: a terminal chat client of a running hmt-serve, over the Responses API.
 
-It streams replies from /v1/chat/completions and sends only each turn's new message
-(`X-HMT-Messages: new`): the server holds the conversation, so a session resumes by id from any
-machine, and a turn costs the same at message 1,000 as at message 2. After each reply it prints
-the turn's latency (first token, total, tokens/s) and the session's memory size.
+The chat is a conversation (`POST /v1/conversations`); each turn is a streamed response in it
+(`POST /v1/responses` with `conversation`) that sends only the new message: the server holds the
+conversation's state, so it resumes by id from any machine (`--conversation conv_...`), and a turn
+costs the same at message 1,000 as at message 2. After each reply it prints the turn's latency
+(first token, total, tokens/s), what it read, and the conversation's memory size
+(`GET /v1/conversations/{id}/memory`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -27,58 +28,68 @@ class TurnStats:
     first_token_s: float
     total_s: float
     completion_tokens: int
-    prompt_tokens: int
+    prompt_tokens: int  # read by this turn
+    cached_tokens: int  # held in memory already, not read again
 
 
 class ChatClient:
-    def __init__(self, url: str, session_id: str, model: str | None, api_key: str | None,
+    def __init__(self, url: str, conversation: str | None, model: str | None, api_key: str | None,
                  max_tokens: int | None, temperature: float, timeout: float = 600) -> None:
-        headers = {"X-Session-Id": session_id, "X-HMT-Messages": "new"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-        self.session_id = session_id
         self.model = model or self.http.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+        self.resumed = conversation is not None
+        if conversation is None:
+            created = self.http.post("/v1/conversations", json={"metadata": {"client": "hmt chat"}})
+            if created.status_code != 200:
+                raise ChatError(_error_message(created))
+            conversation = str(created.json()["id"])
+        elif (found := self.http.get(f"/v1/conversations/{conversation}")).status_code != 200:
+            raise ChatError(_error_message(found))
+        self.conversation = conversation
         self.max_tokens = max_tokens
         self.temperature = temperature
 
     def close(self) -> None:
         self.http.close()
 
-    def send(self, messages: list[dict[str, str]], out: TextIO) -> TurnStats:
-        """One turn (its new messages only): stream the reply to `out` as it comes."""
-        body: dict[str, object] = {"model": self.model, "messages": messages,
-                                   "stream": True, "stream_options": {"include_usage": True},
-                                   "temperature": self.temperature}
+    def send(self, text: str, out: TextIO, instructions: str | None = None) -> TurnStats:
+        """One turn (its new message only): stream the reply to `out` as it comes. `store: false`:
+        the conversation advances, and no copy of its state is kept as a response of its own."""
+        body: dict[str, object] = {"model": self.model, "input": text, "conversation": self.conversation,
+                                   "stream": True, "store": False, "temperature": self.temperature}
+        if instructions:
+            body["instructions"] = instructions
         if self.max_tokens:
-            body["max_tokens"] = self.max_tokens
+            body["max_output_tokens"] = self.max_tokens
         start = time.perf_counter()
         first = 0.0
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        with connect_sse(self.http, "POST", "/v1/chat/completions", json=body) as source:
+        usage: dict[str, object] = {}
+        with connect_sse(self.http, "POST", "/v1/responses", json=body) as source:
             if source.response.status_code != 200:
                 source.response.read()
                 raise ChatError(_error_message(source.response))
             for event in source.iter_sse():
-                if event.data == "[DONE]":
-                    break
                 data = json.loads(event.data)
-                if "error" in data:
-                    raise ChatError(data["error"]["message"])
-                for choice in data.get("choices", []):
-                    text = choice.get("delta", {}).get("content")
-                    if text:
-                        first = first or time.perf_counter() - start
-                        out.write(text)
-                        out.flush()
-                usage = data.get("usage") or usage
-        return TurnStats(first, time.perf_counter() - start, usage["completion_tokens"], usage["prompt_tokens"])
+                kind = data.get("type")
+                if kind == "response.output_text.delta":
+                    first = first or time.perf_counter() - start
+                    out.write(data["delta"])
+                    out.flush()
+                elif kind in ("response.completed", "response.incomplete"):
+                    usage = data["response"]["usage"]
+                elif kind == "response.failed":
+                    raise ChatError((data["response"].get("error") or {}).get("message", "the response failed"))
+                elif kind == "error":
+                    raise ChatError(str(data.get("message") or data))
+        total = int(str(usage.get("input_tokens", 0)))
+        details = usage.get("input_tokens_details")
+        cached = int(details.get("cached_tokens", 0)) if isinstance(details, dict) else 0
+        return TurnStats(first, time.perf_counter() - start, int(str(usage.get("output_tokens", 0))), total - cached,
+                         cached)
 
-    def exists(self) -> bool:
-        return self.http.get(f"/sessions/{self.session_id}").status_code == 200
-
-    def session_info(self) -> dict[str, object]:
-        response = self.http.get(f"/sessions/{self.session_id}")
+    def memory(self) -> dict[str, object]:
+        response = self.http.get(f"/v1/conversations/{self.conversation}/memory")
         if response.status_code != 200:
             raise ChatError(_error_message(response))
         return dict(response.json())
@@ -95,15 +106,16 @@ def _error_message(response: httpx.Response) -> str:
         return f"{response.status_code}: {response.text[:200]}"
 
 
-def describe(stats: TurnStats, info: dict[str, object]) -> str:
+def describe(stats: TurnStats, memory: dict[str, object]) -> str:
     rate = stats.completion_tokens / max(stats.total_s - stats.first_token_s, 1e-9) if stats.completion_tokens > 1 \
         else 0.0
     return (f"[{stats.first_token_s * 1000:.0f} ms to first token, {stats.total_s:.2f} s total, {rate:.1f} tok/s; "
-            f"read {stats.prompt_tokens} new tokens | {describe_session(info)}]")
+            f"read {stats.prompt_tokens} new tokens, {stats.cached_tokens} held in memory | {describe_memory(memory)}]")
 
 
-def describe_session(info: dict[str, object]) -> str:
-    return f"session {info['id']}: {info['tokens_seen']} tokens seen, memory {_size(int(str(info['state_bytes'])))}"
+def describe_memory(memory: dict[str, object]) -> str:
+    return (f"conversation {memory['id']}: {memory['tokens_seen']} tokens seen, "
+            f"memory {_size(int(str(memory['state_bytes'])))}")
 
 
 def _size(n: int) -> str:
@@ -111,19 +123,18 @@ def _size(n: int) -> str:
 
 
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
-    session_id = args.session or uuid.uuid4().hex[:12]
     try:
-        client = ChatClient(args.url, session_id, args.model, args.api_key, args.max_tokens, args.temperature)
+        client = ChatClient(args.url, args.conversation, args.model, args.api_key, args.max_tokens, args.temperature)
     except (httpx.HTTPError, ChatError, KeyError, IndexError) as exc:
-        print(f"hmt chat: cannot reach {args.url}: {exc}", file=sys.stderr)
+        print(f"hmt chat: cannot start on {args.url}: {exc}", file=sys.stderr)
         return 1
     interactive = stdin.isatty()
-    out.write(f"hmt chat: session {session_id} on {args.url} ({client.model}); /exit to leave\n")
-    resumed = client.exists()
-    # the system message opens a new session; a resumed one already has its own
-    first: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system and not resumed else []
-    if resumed:
-        out.write(f"resuming session {session_id}: {describe_session(client.session_info())}\n")
+    conversation = client.conversation
+    out.write(f"hmt chat: conversation {conversation} on {args.url} ({client.model}); /exit to leave\n")
+    # the system message opens a new conversation; a resumed one already has its own
+    instructions = args.system if not client.resumed else None
+    if client.resumed:
+        out.write(f"resuming {describe_memory(client.memory())}\n")
     try:
         while True:
             if interactive:
@@ -136,9 +147,9 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
                 continue
             out.write("hmt> ")
             try:
-                stats = client.send([*first, {"role": "user", "content": line.rstrip("\n")}], out)
-                first = []
-                out.write("\n" + describe(stats, client.session_info()) + "\n")
+                stats = client.send(line.rstrip("\n"), out, instructions)
+                instructions = None
+                out.write("\n" + describe(stats, client.memory()) + "\n")
             except (ChatError, httpx.HTTPError) as exc:
                 out.write(f"\nerror: {exc}\n")
             out.flush()
@@ -146,17 +157,18 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
         pass
     finally:
         client.close()
-    out.write(f"session {session_id} kept; resume with: hmt chat --session {session_id}\n")
+    out.write(f"conversation {conversation} kept; resume with: hmt chat --conversation {conversation}\n")
     return 0
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     chat = commands.add_parser("chat", help="chat with a running hmt-serve in the terminal")
     chat.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
-    chat.add_argument("--session", help="session id to resume or create (default: a new random one)")
+    chat.add_argument("--conversation", "--session", dest="conversation", metavar="CONV_ID",
+                      help="a conversation to resume, by its id (default: a new one)")
     chat.add_argument("--model", help="model id (default: the server's)")
     chat.add_argument("--api-key", help="API key, if the server asks for one")
-    chat.add_argument("--system", help="a system message to start a new session with")
-    chat.add_argument("--max-tokens", type=int, help="reply length limit (default: the server's)")
+    chat.add_argument("--system", help="instructions to start a new conversation with")
+    chat.add_argument("--max-tokens", type=int, help="reply length limit, max_output_tokens (default: the server's)")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.set_defaults(run=run)

@@ -364,14 +364,21 @@ class DecodeEngine:
         return self._prefill(joining)
 
     @torch.no_grad()
-    def step(self, forced: dict[DecodeRow, int] | None = None) -> StepOutput:
+    def step(self, forced: dict[DecodeRow, int] | None = None,
+             masks: dict[DecodeRow, Tensor] | None = None) -> StepOutput:
         """One token for every row: sample (or take `forced`), append, commit full windows, and
-        compute every row's next logits with one decode forward. Finished rows leave."""
+        compute every row's next logits with one decode forward. Finished rows leave. `masks`: a
+        row's allowed tokens (bool [V], at least one True), e.g. a grammar's: the row samples from
+        its logits restricted to them, with its own parameters, in the same batched draw as the rest
+        (masked in place: every row's logits are recomputed by this step's forward)."""
         failed = self.admit()
         if not self.rows:
             return StepOutput([], failed)
         rows, cfg = list(self.rows), self.model.hmt_config
         logits = self._logits[:len(rows)]  # type: ignore[index]
+        for row, allowed in (masks or {}).items():
+            if row.slot >= 0 and row not in (forced or {}):
+                logits[row.slot].masked_fill_(~allowed.to(logits.device), float("-inf"))
         ids = sample_tokens(logits, [r.params for r in rows], [r.key for r in rows], [len(r.tokens) for r in rows])
         for row, token in (forced or {}).items():
             self.model.check_tokens([token])

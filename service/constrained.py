@@ -5,12 +5,13 @@ llguidance compiles the schema to a grammar lazily (a JSON schema costs microsec
 each token's mask is computed on demand from the tokenizer's trie) and bounds the work of both
 with parser limits, so a hostile schema (deep nesting, huge enums, recursion) fails or stays
 cheap instead of stalling the worker. Compiling runs off the event loop with a time limit.
+(Chosen over xgrammar and outlines-core by bench/constrained_decode.py: see the README.)
 
 In the batched engine a constrained row is one more row: before each decode step the worker
-asks the row's constraint for its token (the model's logits masked to what the grammar allows,
-then the row's own sampling: same temperature, top-p and seed), and passes it to the engine as a
-forced token; free rows sample as before in the same step. Once the grammar is complete only
-the end of turn is allowed, so the reply ends there.
+asks the row's constraint for the tokens its grammar allows (a bool mask) and the engine samples
+the row once, under that mask, in the same batched draw as the free rows (with the row's own
+temperature, top-p and seed). Once the grammar is complete only the end of turn is allowed, so
+the reply ends there.
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ import torch
 from torch import Tensor
 
 from hmt_core import HMTModel, InvalidInputError
-from hmt_core.engine import DecodeRow
-from hmt_core.sampling import sample_tokens
 
 COMPILE_TIMEOUT_S = 2.0  # a schema whose grammar is not built by then is refused
 MAX_SCHEMA_BYTES = 64 * 1024
 # tighter than llguidance's defaults: a mask step costs at most a few milliseconds of the worker's time
 LIMITS = {"step_lexer_fuel": 50_000, "step_max_items": 20_000, "max_items_in_row": 1_000,
           "max_grammar_size": 100_000, "max_lexer_states": 50_000}
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A grammar engine's int32 token bitmask [W] (bit i of word j: token 32 j + i; llguidance,
+    xgrammar and outlines-core all write this form) as the bool [V] mask the engine takes."""
+    return ((bitmask[:, None] >> _SHIFTS) & 1).bool().flatten()[:vocab_size]
 
 
 class JsonConstraint:
@@ -41,21 +46,22 @@ class JsonConstraint:
 
     def __init__(self, matcher: Any, end_token: int, vocab_size: int) -> None:
         self.matcher, self.end_token, self.vocab_size = matcher, end_token, vocab_size
+        self.bitmask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
 
-    def choose(self, logits: Tensor, row: DecodeRow) -> int:
-        """The row's next token, sampled from `logits` [V] restricted to what the grammar allows."""
+    def allowed(self) -> Tensor | int:
+        """The tokens the grammar allows next (bool [V]), which the engine samples the row under in
+        the batch; the end of the reply once the grammar is complete, broken or over its limits."""
         matcher = self.matcher
         if matcher.is_stopped() or matcher.is_error():  # complete, or over its limits: end the reply
             return self.end_token
         try:
-            bits = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
+            matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)  # in place, no copy
         except Exception:  # misuse at the API level; never let one row fail the worker's round
             return self.end_token
-        allowed = ((bits[:, None] >> _SHIFTS) & 1).flatten().bool()[:self.vocab_size]
+        allowed = unpack_bitmask(self.bitmask, self.vocab_size)
         if not bool(allowed.any()):
             return self.end_token
-        masked = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-        return int(sample_tokens(masked[None], [row.params], [row.key], [len(row.tokens)])[0])
+        return allowed
 
     def consume(self, token: int) -> None:
         self.matcher.consume_token(token)

@@ -85,7 +85,10 @@ def _put_events(batch: list[tuple[Job, JobEvent]]) -> None:
 class Constraint(Protocol):
     """Restricts a reply's tokens (service.constrained.JsonConstraint); called on the worker thread."""
 
-    def choose(self, logits: torch.Tensor, row: DecodeRow) -> int: ...
+    def allowed(self) -> torch.Tensor | int:
+        """The tokens allowed next, as a bool mask [V] the engine samples the row under; or the one
+        token to take (the end of the reply, once the constraint is complete or broken)."""
+        ...
 
     def consume(self, token: int) -> None: ...
 

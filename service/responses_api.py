@@ -10,11 +10,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hmt_core import InvalidInputError
 from service.errors import APIError
+from service.memory import RECALL_HISTORY
+from service.protocol import SessionMemory
 from service.responses_protocol import (
     AddItems,
     ConversationObject,
@@ -59,9 +61,13 @@ def create_router(service: Service) -> APIRouter:
     owner_dep = Depends(service.owner)
 
     @router.post("/responses", response_model=ResponseObject, responses={200: {"content": {"text/event-stream": {}}}})
-    async def create_response(body: CreateResponse, owner: str = owner_dep) -> Any:
+    async def create_response(body: CreateResponse, request: Request, owner: str = owner_dep) -> Any:
+        """An HMT extension: with `X-HMT-Progress: segments` a stream also says how far the reading
+        of a long input is, in `hmt.segment` events (what /sessions/{id}/append streams as `segment`)."""
         start = time.perf_counter()
         run = await frontend.start(owner, body)
+        frontend.track(owner, run)
+        run.progress = request.headers.get("x-hmt-progress", "").lower() == "segments"
         if body.stream:
             return StreamingResponse(frontend.event_stream(run, start, owner), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -81,10 +87,31 @@ def create_router(service: Service) -> APIRouter:
         await store.delete(response_id, owner)
         return DeletedResponse(id=response_id)
 
+    @router.post("/responses/{response_id}/cancel", response_model=ResponseObject)
+    async def cancel_response(response_id: str, owner: str = owner_dep) -> ResponseObject:
+        """Stop a response while it runs (on the replica that runs it: another replica answers as
+        for a finished one) and return it once stored: status `cancelled`, the reply so far, which
+        its state holds and a continuation starts from; its stream ends with it. A finished
+        response is returned as it is; an unknown one (or not stored) is a 404."""
+        return await frontend.cancel(response_id, owner)
+
     @router.get("/responses/{response_id}/input_items", response_model=InputItemList)
     async def input_items(response_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=100),
                           order: Literal["asc", "desc"] = "desc", owner: str = owner_dep) -> InputItemList:
         return _page(await store.input_items(response_id, owner), after, limit, order)
+
+    last_dep = Query(RECALL_HISTORY, ge=1, le=RECALL_HISTORY,
+                     description="recall entries of at most this many last segments")
+
+    @router.get("/responses/{response_id}/memory", response_model=SessionMemory, tags=["hmt"])
+    async def response_memory(response_id: str, last: int = last_dep, owner: str = owner_dep) -> SessionMemory:
+        """An HMT extension: the memory of the stored response's state, as GET /sessions/{id}/memory."""
+        return await store.memory(service, "Response", response_id, owner, last)
+
+    @router.get("/conversations/{conversation_id}/memory", response_model=SessionMemory, tags=["hmt"])
+    async def conversation_memory(conversation_id: str, last: int = last_dep, owner: str = owner_dep) -> SessionMemory:
+        """An HMT extension: the memory of the conversation's state, as GET /sessions/{id}/memory."""
+        return await store.memory(service, "Conversation", conversation_id, owner, last)
 
     # ----- conversations -----------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ from typing import Any
 
 from service.errors import APIError
 from service.job import Job
+from service.memory import RECALL_FIELD
+from service.protocol import SessionMemory
 from service.responses_protocol import ITEMS, Item, ResponseObject
 from service.session_service import JOB_FIELDS, Service
 from service.store import Lease, SessionNotFoundError, SessionStore, SideWrites
@@ -80,6 +82,7 @@ class Base:
 
     state: bytes
     pending: str
+    recall: bytes | None  # its recall history (service.memory), which the continuation's carries on
 
 
 class ResponseStore:
@@ -106,7 +109,7 @@ class ResponseStore:
         pending = await self.store.field(response_id, owner, PENDING_FIELD)
         if pending is None:  # deleted between the two reads
             raise missing
-        return Base(state, pending.decode())
+        return Base(state, pending.decode(), await self.store.field(response_id, owner, RECALL_FIELD))
 
     async def launch(self, response_id: str, owner: str, run: Callable[[Lease], tuple[Job, Any]]) -> tuple[Job, Any]:
         """Run `run(lease)` (which hands the lease to Service.launch, with this store) on the new
@@ -131,6 +134,14 @@ class ResponseStore:
             if raw is not None and await self.store.exists_for(response_id, owner):
                 return raw
         raise not_found("Response", response_id)
+
+    async def memory(self, service: Service, kind: str, object_id: str, owner: str, last: int) -> SessionMemory:
+        """The memory of a stored response's or a conversation's state (GET .../memory, an HMT extension)."""
+        pattern = ID_PATTERN if kind == "Response" else CONVERSATION_PATTERN
+        if pattern.fullmatch(object_id) is not None:
+            with contextlib.suppress(SessionNotFoundError):
+                return await service.memory(self.store, object_id, owner, last)
+        raise not_found(kind, object_id)
 
     async def get(self, response_id: str, owner: str) -> ResponseObject:
         return ResponseObject.model_validate_json(await self._field(response_id, owner, RESPONSE_FIELD))

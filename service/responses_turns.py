@@ -16,6 +16,7 @@ the new input.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -29,8 +30,10 @@ from hmt_core import InvalidInputError, SessionState
 from service.constrained import JsonConstraint, compiler_for
 from service.conversation import ChatTemplate, Message
 from service.errors import error_payload
-from service.job import Job, JobResult
+from service.job import Job, JobResult, SegmentEvent
+from service.memory import RECALL_FIELD, entry
 from service.openai_api import OpenAIFrontend
+from service.protocol import SegmentProgress
 from service.responses_protocol import (
     ContentPartEvent,
     ConversationRef,
@@ -86,6 +89,9 @@ class Run:
     buffered: bool = False  # with tools the reply's kind is known at its end: stream its events then
     forced: bool = False  # tool_choice required or named: the reply is a call, its arguments stream as they come
     call_id: str = field(default_factory=lambda: new_id("call"))
+    expected: int = 0  # segments that reading the input commits
+    progress: bool = False  # stream an hmt.segment event per committed segment (X-HMT-Progress: segments)
+    saved: asyncio.Future[ResponseObject] | None = None  # ResponsesFrontend.completed, once
 
 
 class ResponsesFrontend:
@@ -94,6 +100,7 @@ class ResponsesFrontend:
         self.chat = OpenAIFrontend(service)  # the model's name and chat template, as /v1/chat uses them
         chat_template = self.chat.chats.template
         self.compiler = compiler_for(service.model, chat_template.stop_token_ids if chat_template else ())
+        self.running: dict[tuple[str, str], Run] = {}  # (owner, id): responses running on this replica
 
     @property
     def template(self) -> ChatTemplate:
@@ -144,17 +151,21 @@ class ResponsesFrontend:
             return run
         if body.previous_response_id is not None:
             base = await self.store.base(body.previous_response_id, owner)
-            state, pending = service.state_from(base.state), base.pending
+            state, pending, recall = service.state_from(base.state), base.pending, base.recall
         else:
-            state, pending = service.model.new_session(), ""
+            state, pending, recall = service.model.new_session(), "", None
         run = await self._prepare(response, state, pending, [*instructions, *map(chat_message, items)], items, tools)
         run.forced = bool(body.forced_tools)
         if body.store:
             def side(result: JobResult) -> SideWrites:  # the response is saved with the state, atomically
                 final = self.finish(run, result)
-                return self.store.writes(final, run.items, run.pending)
+                writes = self.store.writes(final, run.items, run.pending)
+                if recall:  # the previous response's recall history, as it is when this turn commits nothing
+                    writes.fields[RECALL_FIELD] = recall
+                return writes
 
             def launch(lease: Lease) -> tuple[Job, Any]:
+                lease.fields[RECALL_FIELD] = recall  # what the job's commits, if any, are merged onto
                 return service.launch(lease, owner, state, run.tokens, params, side, constraint, self.store.store)
 
             run.job, run.task = await self.store.launch(response.id, owner, launch)
@@ -168,8 +179,10 @@ class ResponsesFrontend:
         prompt = self.template.render(messages, generation_prompt=True)
         text = pending + self.template.continuation(messages) if state.tokens_seen else prompt
         tokens = await self.service.tokens_of(text, None)
+        # lazy commit: the window's tokens and the new ones, less the last, fill whole segments
+        expected = (len(state.window) + len(tokens) - 1) // self.service.model.hmt_config.segment_tokens
         return Run(response, None, None, messages, prompt, tokens, state.tokens_seen,  # type: ignore[arg-type]
-                   items=items, tools=tools, buffered=bool(tools))
+                   items=items, tools=tools, buffered=bool(tools), expected=expected)
 
     async def _in_conversation(self, owner: str, conversation_id: str, response: ResponseObject,
                                instructions: list[Message], items: list[Item], params: Any,
@@ -284,7 +297,11 @@ class ResponsesFrontend:
                     for line in opened(MessageItem(id=item_id, role="assistant", content=[])):
                         yield line
                 text, sent, call_opened = "", 0, False  # a forced call: its arguments stream once it is named
-                async for token in run.job.stream_tokens(start):
+                async for token in run.job.stream(start):
+                    if isinstance(token, SegmentEvent):
+                        if run.progress:
+                            yield self.progress(run, token)
+                        continue
                     if not token.text:
                         continue
                     if not run.buffered:
@@ -326,8 +343,39 @@ class ResponsesFrontend:
 
         return stream()
 
+    @staticmethod
+    def progress(run: Run, event: SegmentEvent) -> str:
+        """An `hmt.segment` event (asked for with `X-HMT-Progress: segments`; not numbered, so the spec's
+        events keep their sequence): a segment committed while the response reads its input (and
+        then while it answers: `segments_committed` can pass `segments_expected`, the input's)."""
+        progress = SegmentProgress(segments_committed=event.segments_committed, segments_total=event.segments_total,
+                                   tokens_seen=event.tokens_seen, segments_expected=run.expected,
+                                   recall_distance=event.recall.distance, recall=entry(event.recall))
+        return sse({"type": "hmt.segment", **progress.model_dump(mode="json")}, "hmt.segment")
+
+    def track(self, owner: str, run: Run) -> None:
+        """Make a started response cancellable (POST /v1/responses/{id}/cancel) while it runs."""
+        key = (owner, run.response.id)
+        self.running[key] = run
+        run.task.add_done_callback(lambda _: self.running.pop(key, None))
+
+    async def cancel(self, response_id: str, owner: str) -> ResponseObject:
+        """Stop a response running on this replica (as a client leaving mid-stream does) and return
+        it once stored, with status `cancelled` and the reply so far; a finished one as stored."""
+        run = self.running.get((owner, response_id))
+        if run is None:
+            return await self.store.get(response_id, owner)
+        run.job.cancelled = True
+        return await self.completed(run, owner)
+
     async def completed(self, run: Run, owner: str) -> ResponseObject:
-        """The finished response, once saved (so the next request can name it)."""
+        """The finished response, once saved (so the next request can name it); once, however
+        many wait for it (its request, a cancel)."""
+        if run.saved is None:
+            run.saved = asyncio.ensure_future(self._completed(run, owner))
+        return await asyncio.shield(run.saved)
+
+    async def _completed(self, run: Run, owner: str) -> ResponseObject:
         result: JobResult = await run.task
         final = self.finish(run, result)
         if run.keep:

@@ -24,11 +24,12 @@ from typing import Any
 from fastapi import Request
 
 from hmt_core import CorruptStateError, HMTModel, InvalidInputError, SamplingParams, SessionState
+from hmt_core.recall import RECALL_TOP_K
 from service import metrics
 from service.errors import APIError
 from service.job import Constraint, Job, JobResult
-from service.memory import RECALL_FIELD, merge_history
-from service.protocol import SessionInfo
+from service.memory import RECALL_FIELD, entry, merge_history, read_history
+from service.protocol import SessionInfo, SessionMemory
 from service.settings import Settings
 from service.store import Lease, SessionStore, SideWrites, StoreUnavailableError
 from service.worker import ModelWorker
@@ -114,6 +115,21 @@ class Service:
         return SessionInfo(id=session_id, tokens_seen=state.tokens_seen, segments_total=state.segments_committed,
                            window_tokens=len(state.window), state_bytes=size, version=state.version,
                            fingerprint=state.fingerprint)
+
+    async def memory(self, store: SessionStore, session_id: str, owner: str, last: int) -> SessionMemory:
+        """A stored state's memory (GET /sessions/{id}/memory, and a response's or a conversation's):
+        its tokens and segments, its size next to a KV cache's for the same history, and the top
+        recall weights of its last `last` committed segments."""
+        raw = await store.field(session_id, owner, RECALL_FIELD)  # before the state: never newer
+        data, _ = await store.get(session_id, owner)
+        state, model = self.state_from(data), self.model
+        per_token = model.kv_cache_bytes_per_token
+        return SessionMemory(id=session_id, tokens_seen=state.tokens_seen, segments_total=state.segments_committed,
+                             window_tokens=len(state.window), state_bytes=len(data), memories=state.ltm.shape[0],
+                             memory_kind=state.memory, memory_capacity=model.hmt_config.memory_rows,
+                             segment_tokens=model.hmt_config.segment_tokens, kv_cache_bytes_per_token=per_token,
+                             kv_cache_bytes=per_token * state.tokens_seen, recall_top_k=RECALL_TOP_K,
+                             recalls=[entry(r) for r in read_history(raw, state.segments_committed)[-last:]])
 
     async def start_job(self, session_id: str, owner: str, tokens: list[int], params: SamplingParams | None,
                         create: bool = False) -> tuple[Job, asyncio.Task[JobResult]]:

@@ -12,11 +12,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from hmt_core import InvalidInputError
-from hmt_core.recall import RECALL_TOP_K
 from service.chat_sessions import CONVERSATION_FIELD, TRANSCRIPT_FIELD, read_transcript
 from service.errors import error_payload
 from service.job import JobResult, SegmentEvent
-from service.memory import RECALL_FIELD, RECALL_HISTORY, entry, read_history
+from service.memory import RECALL_FIELD, RECALL_HISTORY, entry
 from service.protocol import (
     AppendRequest,
     AppendResponse,
@@ -69,16 +68,7 @@ def create_router(service: Service) -> APIRouter:
                          ) -> SessionMemory:
         """Tokens seen, segments committed, the state's size next to a KV cache's for the same
         history, and the top recall weights of the last committed segments."""
-        raw = await service.store.field(session_id, owner, RECALL_FIELD)  # before the state: never newer
-        data, _ = await service.store.get(session_id, owner)
-        state, model = service.state_from(data), service.model
-        per_token = model.kv_cache_bytes_per_token
-        return SessionMemory(id=session_id, tokens_seen=state.tokens_seen, segments_total=state.segments_committed,
-                             window_tokens=len(state.window), state_bytes=len(data), memories=state.ltm.shape[0],
-                             memory_kind=state.memory, memory_capacity=model.hmt_config.memory_rows,
-                             segment_tokens=model.hmt_config.segment_tokens, kv_cache_bytes_per_token=per_token,
-                             kv_cache_bytes=per_token * state.tokens_seen, recall_top_k=RECALL_TOP_K,
-                             recalls=[entry(r) for r in read_history(raw, state.segments_committed)[-last:]])
+        return await service.memory(service.store, session_id, owner, last)
 
     @router.get("/sessions/{session_id}/messages", response_model=SessionMessages)
     async def get_messages(session_id: str, owner: str = owner_dep) -> SessionMessages:

@@ -179,13 +179,21 @@ class ModelWorker:
     def _decode_step(self) -> None:
         start = time.perf_counter()
         rows = self.engine.size
-        # Constrained rows choose their own token (masked logits, their own sampling), forced in the
-        # step: they need their logits, so the joining rows are prefilled (as step() would) first.
+        # Constrained rows sample once, in the batch, under their grammar's mask (or take the end of
+        # the reply when it is complete): the joining rows are prefilled (as step() would) first, so a
+        # row that fails there has left before its token is decided.
         constrained = [(row, job.constraint) for row, job in self._decoding.items() if job.constraint is not None]
         failed = self.engine.admit() if constrained else []
-        forced = {row: constraint.choose(self.engine.logits_of(row), row) for row, constraint in constrained
-                  if row.slot >= 0 and row.error is None}
-        out = self.engine.step(forced) if forced else self.engine.step()
+        forced: dict[DecodeRow, int] = {}
+        masks: dict[DecodeRow, torch.Tensor] = {}
+        for row, constraint in constrained:
+            if row.slot >= 0 and row.error is None:
+                allowed = constraint.allowed()
+                if isinstance(allowed, int):
+                    forced[row] = allowed
+                else:
+                    masks[row] = allowed
+        out = self.engine.step(forced or None, masks or None)
         out.failed = failed + out.failed
         metrics.DECODE_STEP_SECONDS.observe(time.perf_counter() - start)
         metrics.DECODE_BATCH_SIZE.observe(rows)

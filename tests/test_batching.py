@@ -182,6 +182,32 @@ def test_sampled_rows_follow_their_seed_whatever_the_batch(model: HMTModel) -> N
     assert len(_alone(model, states[0], SamplingParams(max_tokens=5, temperature=1.0, seed=2**70))) == 5
 
 
+def test_masked_rows_sample_once_under_their_mask_beside_free_rows(model: HMTModel) -> None:
+    """A grammar's rows (`step(masks=...)`): each token is the one sampling its masked logits alone
+    would give (same key and step), and the free rows beside them decode exactly as without."""
+    states = _sessions(model, 4, seed=7)
+    params = [SamplingParams(max_tokens=20, temperature=t, top_p=p, seed=10 + i, ignore_eos=True)
+              for i, (t, p) in enumerate([(1.0, 1.0), (1.3, 0.9), (0.0, 1.0), (0.8, 1.0)])]
+    free = _batched(model, states, params)
+    engine = DecodeEngine(model, max_rows=4)
+    rows = [engine.add(s, p) for s, p in zip(states, params, strict=True)]
+    allowed = torch.zeros(model.vocab_size, dtype=torch.bool)
+    allowed[3::7] = True  # a seventh of the vocabulary
+    masked = {rows[0]: allowed, rows[2]: allowed}
+    engine.admit()
+    while engine.size:
+        expected = {row: int(sample_tokens(engine.logits_of(row).masked_fill(~mask, float("-inf"))[None],
+                                           [row.params], [row.key], [len(row.tokens)])[0])
+                    for row, mask in masked.items() if row.slot >= 0}
+        engine.step(None, {row: mask for row, mask in masked.items() if row in expected})
+        for row, token in expected.items():
+            assert row.tokens[-1] == token
+    for row in (rows[0], rows[2]):
+        assert len(row.tokens) == 20 and all(token % 7 == 3 for token in row.tokens)
+    assert rows[0].tokens != free[0].tokens  # the mask mattered
+    assert [rows[1].tokens, rows[3].tokens] == [free[1].tokens, free[3].tokens]
+
+
 def test_vectorized_sampling_matches_each_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
     params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, top_k=2, seed=2)]

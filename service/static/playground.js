@@ -1,19 +1,25 @@
-// The hmt-serve playground: chat over /v1/chat/completions (a session per X-Session-Id), the
-// session's memory from GET /sessions/{id}/memory, long documents through the append stream.
+// The hmt-serve playground: chat over the Responses API (POST /v1/responses, streamed), each turn
+// continuing the one before by `previous_response_id`, so the server holds the conversation and a
+// turn reads only its new message. A conversation is named by its newest response's id (in the
+// page's address: a reload or a shared link resumes it); the memory is that response's state's
+// (GET /v1/responses/{id}/memory), live from `hmt.segment` events while a turn reads.
 // Plain ES module, no dependencies: everything it needs is served by hmt-serve itself.
 
 const $ = (id) => document.getElementById(id);
-const DOC_CHUNK_CHARS = 120000; // a document goes in requests of about this size (the server bounds tokens per request)
+const MAX_TURNS = 200; // a resumed conversation shows at most its last this many turns
+const LISTED = 50; // conversations remembered in this browser
 const phone = window.matchMedia("(max-width: 760px)");
 
 const state = {
   key: localStorage.getItem("hmt.key") || "",
   keysRequired: false,
   model: "",
-  sessionId: "",
-  messages: [], // the session's transcript, as the server keeps it
-  complete: true, // false: the server's transcript lost older messages; continue with X-HMT-Messages: new
-  controller: null, // the running reply's AbortController
+  head: "", // the conversation's newest response: the next turn continues it
+  root: "", // its first response: the conversation's entry in the list
+  turns: [], // {id, previous, input, document, output, status}: one per response, oldest first
+  complete: true, // false: older turns were not loaded (expired, deleted, or past MAX_TURNS)
+  controller: null, // the running request's AbortController
+  running: null, // the turn being answered
   recalls: [],
 };
 
@@ -118,86 +124,146 @@ function showMemory(open) {
   if (open) refreshMemory();
 }
 
-// ----- sessions ---------------------------------------------------------------------------------------
+// ----- conversations ----------------------------------------------------------------------------------
+// The server keeps every response (and its state) for its TTL, but lists none: this browser remembers
+// the conversations it had, each as {root, head, title, used}; any response id resumes from another.
 
-function setSession(id) {
-  state.sessionId = id;
-  $("session-id").textContent = id || "none";
+function remembered() {
+  try { return JSON.parse(localStorage.getItem("hmt.conversations") || "[]"); } catch { return []; }
+}
+
+function remember() {
+  if (!state.head) return;
+  const first = state.turns.find((turn) => !turn.document) || state.turns[0];
+  const title = first ? first.input.slice(0, 60) : state.head;
+  const root = state.root || state.head;
+  const entry = { root, head: state.head, title, used: Date.now() / 1000 };
+  const others = remembered().filter((c) => c.root !== root && c.head !== state.head);
+  localStorage.setItem("hmt.conversations", JSON.stringify([entry, ...others].slice(0, LISTED)));
+}
+
+function forget(head) {
+  localStorage.setItem("hmt.conversations", JSON.stringify(remembered().filter((c) => c.head !== head)));
+}
+
+function setHead(id) {
+  state.head = id;
+  if (id && !state.root) state.root = id;
+  $("session-id").textContent = id || "new";
   if (id) {
-    localStorage.setItem("hmt.session", id);
-    history.replaceState(null, "", `#session=${encodeURIComponent(id)}`);
+    localStorage.setItem("hmt.response", id);
+    history.replaceState(null, "", `#response=${encodeURIComponent(id)}`);
+    remember();
+  } else {
+    localStorage.removeItem("hmt.response");
+    history.replaceState(null, "", location.pathname);
   }
   for (const button of $("session-list").querySelectorAll("button")) {
-    button.setAttribute("aria-current", String(button.dataset.id === id));
+    button.setAttribute("aria-current", String(button.dataset.root === (state.root || id)));
   }
 }
 
-// the server picks the id (a random one when the body names none)
-async function createSession() { setSession((await json("/sessions", { method: "POST", body: {} })).id); }
-
-async function newSession() {
+function newSession() {
   if (busy()) return;
-  try {
-    await createSession();
-    state.messages = [];
-    state.complete = true;
-    state.recalls = [];
-    render();
-    say("New session: its memory starts empty.");
-    await Promise.all([listSessions(), refreshMemory()]);
-    $("prompt").focus();
-  } catch (error) { fail(error); }
+  state.turns = [];
+  state.complete = true;
+  state.recalls = [];
+  state.root = "";
+  setHead("");
+  render();
+  showStats({ tokens_seen: 0, segments_total: 0, state_bytes: 0, kv_cache_bytes: 0 });
+  $("m-memories").textContent = "0";
+  drawRecalls();
+  say("New conversation: its memory starts empty.");
+  listSessions();
+  $("prompt").focus();
 }
 
 async function resume(id) {
   if (busy() || !id) return;
   try {
-    await json(`/sessions/${encodeURIComponent(id)}`); // 404 for an unknown id
-    setSession(id);
-    await restore();
-    say(`Resumed session ${id}.`);
+    await restore(id);
+    say(`Resumed conversation at ${id}.`);
     if (phone.matches) showSessions(false);
-  } catch (error) { fail(error); }
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) {
+      forget(id);
+      listSessions();
+      say(`Response ${id} no longer exists (expired, deleted, or another key's): start a new conversation.`, true);
+    } else fail(error);
+  }
 }
 
-async function restore() {
-  const transcript = await json(`/sessions/${encodeURIComponent(state.sessionId)}/messages`);
-  state.messages = transcript.messages.map(({ role, content }) => ({ role, content }));
-  state.complete = transcript.complete;
+// The text of a response's input items (the user's messages).
+function inputText(items) {
+  return items.filter((item) => item.type === "message")
+    .map((item) => item.content.map((part) => part.text || "").join("")).join("\n\n");
+}
+
+function outputText(response) {
+  return response.output.filter((item) => item.type === "message")
+    .map((item) => item.content.map((part) => part.text || "").join("")).join("");
+}
+
+async function turnOf(id) {
+  const path = `/v1/responses/${encodeURIComponent(id)}`;
+  const [response, items] = await Promise.all([json(path), json(`${path}/input_items?order=asc&limit=100`)]);
+  return {
+    id, previous: response.previous_response_id || "", input: inputText(items.data),
+    document: (response.metadata || {}).playground === "document", output: outputText(response),
+    status: response.status,
+  };
+}
+
+// A conversation from its newest response: back along previous_response_id, one turn at a time.
+async function restore(id) {
+  const turns = [await turnOf(id)]; // a 404 here: the response is not there
+  let complete = true;
+  while (turns[0].previous) {
+    if (turns.length >= MAX_TURNS) { complete = false; break; }
+    try { turns.unshift(await turnOf(turns[0].previous)); } catch (error) {
+      if (!(error instanceof ApiError && error.status === 404)) throw error;
+      complete = false; // an earlier response expired or was deleted; its state lives on in the later ones
+      break;
+    }
+  }
+  state.turns = turns;
+  state.complete = complete;
+  const known = remembered().find((c) => c.head === id || c.root === turns[0].id);
+  state.root = known ? known.root : turns[0].id;
+  setHead(id);
   render();
-  await refreshMemory();
+  await Promise.all([refreshMemory(), listSessions()]);
 }
 
-async function listSessions() {
-  if (state.keysRequired && !state.key) return;
-  try {
-    const listed = await json("/sessions");
-    const list = $("session-list");
-    list.replaceChildren();
-    for (const session of listed.sessions) {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.dataset.id = session.id;
-      button.setAttribute("aria-current", String(session.id === state.sessionId));
-      const name = document.createElement("span");
-      name.textContent = session.id.length > 14 ? `${session.id.slice(0, 12)}…` : session.id;
-      const meta = document.createElement("span");
-      meta.className = "meta";
-      meta.textContent = ago(session.last_used);
-      button.title = `Resume ${session.id}`;
-      button.append(name, meta);
-      button.addEventListener("click", () => resume(session.id));
-      const item = document.createElement("li");
-      item.append(button);
-      list.append(item);
-    }
-    if (!listed.sessions.length) {
-      const item = document.createElement("li");
-      item.className = "hint";
-      item.textContent = "No sessions yet.";
-      list.append(item);
-    }
-  } catch (error) { fail(error); }
+function listSessions() {
+  const list = $("session-list");
+  list.replaceChildren();
+  const listed = remembered();
+  for (const conversation of listed) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.id = conversation.head;
+    button.dataset.root = conversation.root;
+    button.setAttribute("aria-current", String(conversation.root === state.root && Boolean(state.head)));
+    const name = document.createElement("span");
+    name.textContent = conversation.title.length > 24 ? `${conversation.title.slice(0, 22)}…` : conversation.title;
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.textContent = ago(conversation.used);
+    button.title = `Resume at ${conversation.head}`;
+    button.append(name, meta);
+    button.addEventListener("click", () => resume(conversation.head));
+    const item = document.createElement("li");
+    item.append(button);
+    list.append(item);
+  }
+  if (!listed.length) {
+    const item = document.createElement("li");
+    item.className = "hint";
+    item.textContent = "No conversations yet.";
+    list.append(item);
+  }
 }
 
 // ----- chat ----------------------------------------------------------------------------------------
@@ -213,34 +279,42 @@ function setBusy(on) {
   for (const button of $("messages").querySelectorAll(".who button")) button.disabled = on;
 }
 
-function bubble(message, index) {
+function bubble(role, content, index, documentTurn = false) {
   const item = document.createElement("li");
-  item.className = `message ${message.role}`;
+  item.className = `message ${role}${documentTurn ? " doc-turn" : ""}`;
   item.dataset.index = String(index);
   const who = document.createElement("div");
   who.className = "who";
-  const role = document.createElement("span");
-  role.textContent = message.role === "user" ? "You" : message.role === "assistant" ? "HMT" : message.role;
-  who.append(role);
+  const label = document.createElement("span");
+  label.textContent = role === "user" ? (documentTurn ? "Document" : "You") : "HMT";
+  who.append(label);
   const text = document.createElement("div");
   text.className = "text";
-  text.textContent = message.content;
+  text.textContent = documentTurn && content.length > 400
+    ? `${content.slice(0, 400)}… (${count(content.length)} characters)` : content;
   item.append(who, text);
   return item;
 }
 
 function render() {
   const list = $("messages");
-  list.replaceChildren(...state.messages.map(bubble));
-  // edit any of your messages; regenerate the last reply (both branch from the server's per-turn snapshots)
-  const lastReply = state.messages.length - 1;
-  state.messages.forEach((message, index) => {
-    const who = list.children[index].querySelector(".who");
-    if (message.role === "user" && state.complete) who.append(action("Edit", () => edit(index)));
-    if (message.role === "assistant" && index === lastReply && state.complete) {
-      who.append(action("Regenerate", () => regenerate()));
-    }
+  const items = [];
+  if (!state.complete) {
+    const item = document.createElement("li");
+    item.className = "hint";
+    item.textContent = "Earlier turns are not shown (expired, deleted, or many); the memory still holds them.";
+    items.push(item);
+  }
+  state.turns.forEach((turn, index) => {
+    const user = bubble("user", turn.input, index, turn.document);
+    // edit any of your messages, regenerate the last reply: both branch from the response before
+    if (!turn.document) user.querySelector(".who").append(action("Edit", () => edit(index)));
+    const reply = bubble("assistant", turn.output, index);
+    if (turn.status === "cancelled") reply.classList.add("stopped");
+    if (index === state.turns.length - 1) reply.querySelector(".who").append(action("Regenerate", () => regenerate()));
+    items.push(user, reply);
   });
+  list.replaceChildren(...items);
   list.scrollTop = list.scrollHeight;
 }
 
@@ -261,41 +335,33 @@ function settings() {
   return {
     temperature: Math.min(2, Math.max(0, number("temperature", 0.7))),
     top_p: Math.min(1, Math.max(0.01, number("top-p", 1))),
-    max_tokens: Math.max(1, Math.round(number("max-tokens", 256))),
+    max_output_tokens: Math.max(1, Math.round(number("max-tokens", 256))),
   };
-}
-
-async function ensureSession() {
-  if (!state.sessionId) await createSession();
 }
 
 async function send(text) {
   if (busy() || !text.trim()) return;
-  const message = { role: "user", content: text };
-  // the whole history, so an edit or regenerate can branch; only the new message when the
-  // server's transcript is incomplete (then it continues where the session stands)
-  const delta = !state.complete;
-  await reply([...state.messages, message], delta ? [message] : null);
+  await reply(state.turns, state.head, text, false);
 }
 
 async function regenerate() {
-  if (busy()) return;
-  const last = state.messages.length - 1;
-  if (last < 0 || state.messages[last].role !== "assistant") return;
-  await reply(state.messages.slice(0, last), null);
+  if (busy() || !state.turns.length) return;
+  const last = state.turns[state.turns.length - 1];
+  await reply(state.turns.slice(0, -1), last.previous, last.input, last.document);
 }
 
 function edit(index) {
   if (busy()) return;
-  const item = $("messages").children[index];
+  const item = $("messages").querySelector(`.message.user[data-index="${index}"]`);
   const text = item.querySelector(".text");
+  const turn = state.turns[index];
   const area = document.createElement("textarea");
-  area.value = state.messages[index].content;
+  area.value = turn.input;
   area.rows = 3;
   area.setAttribute("aria-label", "Edit message");
   const save = action("Save and send", () => {
-    const edited = area.value.trim() ? area.value : state.messages[index].content;
-    reply([...state.messages.slice(0, index), { role: "user", content: edited }], null);
+    const edited = area.value.trim() ? area.value : turn.input;
+    reply(state.turns.slice(0, index), turn.previous, edited, false);
   });
   const cancel = action("Cancel", () => render());
   area.addEventListener("keydown", (event) => {
@@ -309,150 +375,156 @@ function edit(index) {
   area.focus();
 }
 
-// Stream a reply to `messages` (sent whole, or only `newOnly` with X-HMT-Messages: new).
-async function reply(messages, newOnly) {
-  try { await ensureSession(); } catch (error) { fail(error); return; }
+function describe(usage, firstMs, totalMs) {
+  const cached = usage.input_tokens_details ? usage.input_tokens_details.cached_tokens : 0;
+  const rate = usage.output_tokens > 1 && totalMs > firstMs ? (1000 * (usage.output_tokens - 1)) / (totalMs - firstMs) : 0;
+  return `Read ${count(usage.input_tokens - cached)} new tokens (${count(cached)} held in memory) · first token in `
+    + `${Math.round(firstMs)} ms · ${count(usage.output_tokens)} tokens${rate ? ` at ${rate.toFixed(1)} tokens/s` : ""}`;
+}
+
+// One turn: a response to `input` continuing `previous` (none: a new conversation), after `kept`
+// (the turns before it); it streams in, and the conversation's head moves to it once stored.
+async function reply(kept, previous, input, documentTurn, progress = null) {
   const controller = new AbortController();
   state.controller = controller;
-  state.messages = messages;
+  state.turns = kept;
   render();
-  const answer = { role: "assistant", content: "" };
-  const item = bubble(answer, messages.length);
+  const index = kept.length;
+  const turn = { id: "", previous, input, document: documentTurn, output: "", status: "in_progress" };
+  state.running = turn;
+  const user = bubble("user", input, index, documentTurn);
+  const item = bubble("assistant", "", index);
   item.classList.add("streaming");
-  $("messages").append(item);
+  $("messages").append(user, item);
+  $("messages").scrollTop = $("messages").scrollHeight;
   const text = item.querySelector(".text");
   setBusy(true);
   say("");
-  let stopped = false;
+  let aborted = false;
+  let stats = "";
+  const started = performance.now();
+  let first = 0;
   try {
-    const headers = { "X-Session-Id": state.sessionId };
-    if (newOnly) headers["X-HMT-Messages"] = "new";
-    const response = await api("/v1/chat/completions", {
-      method: "POST", signal: controller.signal, headers,
-      body: { model: state.model, messages: newOnly || messages, stream: true, ...settings() },
+    const body = { model: state.model, input, stream: true, ...settings() };
+    if (previous) body.previous_response_id = previous;
+    if (documentTurn) body.metadata = { playground: "document" };
+    const response = await api("/v1/responses", {
+      method: "POST", signal: controller.signal, headers: { "X-HMT-Progress": "segments" }, body,
     });
     for await (const { data } of events(response)) {
-      if (data === "[DONE]") break;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new Error(chunk.error.message);
-      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
-      if (delta) {
-        answer.content += delta;
-        text.textContent = answer.content;
+      const event = JSON.parse(data);
+      if (event.type === "response.created") turn.id = event.response.id;
+      else if (event.type === "hmt.segment") {
+        if (progress) progress(event);
+        addRecall(event.recall);
+        showStats({ tokens_seen: event.tokens_seen, segments_total: event.segments_total });
+      } else if (event.type === "response.output_text.delta") {
+        first = first || performance.now() - started;
+        turn.output += event.delta;
+        text.textContent = turn.output;
         $("messages").scrollTop = $("messages").scrollHeight;
+      } else if (event.type === "response.completed" || event.type === "response.incomplete") {
+        turn.output = outputText(event.response);
+        turn.status = event.response.status;
+        stats = describe(event.response.usage, first, performance.now() - started);
+      } else if (event.type === "response.failed") {
+        throw new Error(event.response.error ? event.response.error.message : "the response failed");
+      } else if (event.type === "error") {
+        throw new Error(event.message || (event.error && event.error.message) || "error");
       }
     }
   } catch (error) {
-    stopped = error && error.name === "AbortError";
-    if (!stopped) fail(error);
+    aborted = error && error.name === "AbortError";
+    if (!aborted) fail(error);
   } finally {
     item.classList.remove("streaming");
     $("stop").disabled = true;
   }
-  // still busy until the page shows what the server saved: no other request may overtake it
-  await settle(messages.length + 1, stopped);
-  await listSessions();
+  const stopped = aborted || turn.status === "cancelled";
+  // still busy until the page shows what the server stored: no other request may overtake it
+  await settle(turn, aborted, stopped);
+  if (stats && !stopped) say(stats);
+  listSessions();
   state.controller = null;
+  state.running = null;
   setBusy(false);
 }
 
-// After a reply, show what the server saved: a stopped reply is saved once the model thread sees
-// the disconnect, so wait (briefly) for the transcript to hold it.
-async function settle(expected, stopped) {
+// After a reply, show what the server stored. A cancelled reply's stream ends once it is stored (status
+// cancelled, with the reply so far); after a disconnect (the cancel went to another replica) it is
+// stored once the model thread sees the disconnect, so wait (briefly) for it.
+async function settle(turn, aborted, stopped) {
   try {
-    for (let attempt = 0; attempt < 30; attempt += 1) {
-      const transcript = await json(`/sessions/${encodeURIComponent(state.sessionId)}/messages`);
-      if (transcript.messages.length >= expected || attempt === 29) {
-        state.messages = transcript.messages.map(({ role, content }) => ({ role, content }));
-        state.complete = transcript.complete;
-        break;
+    if (turn.id) {
+      for (let attempt = 0; attempt < (aborted ? 50 : 1); attempt += 1) {
+        try {
+          Object.assign(turn, await turnOf(turn.id));
+          state.turns = [...state.turns, turn];
+          setHead(turn.id);
+          break;
+        } catch (error) {
+          if (!(error instanceof ApiError && error.status === 404)) throw error;
+          await new Promise((resolve) => setTimeout(resolve, 100)); // not stored yet
+        }
       }
-      await new Promise((resolve) => setTimeout(resolve, 100));
     }
     render();
     if (stopped) {
       const last = $("messages").lastElementChild;
       if (last) last.classList.add("stopped");
-      say("Stopped: the reply so far is kept in the session.");
+      say("Stopped: the reply so far is kept; the next turn continues from it.");
     }
     await refreshMemory();
   } catch (error) { fail(error); }
 }
 
-function stop() {
-  if (state.controller) state.controller.abort();
+// Stop: cancel the response (POST /v1/responses/{id}/cancel), whose stream then ends with what it
+// said so far; before the response has an id, or when the cancel fails, leave the stream instead.
+async function stop() {
+  const { controller, running } = state;
+  if (!controller || controller.signal.aborted) return;
+  $("stop").disabled = true;
+  if (running && running.id) {
+    try {
+      await api(`/v1/responses/${encodeURIComponent(running.id)}/cancel`, { method: "POST" });
+      return;
+    } catch { /* not running on the replica that got the cancel */ }
+  }
+  controller.abort();
 }
 
 // ----- long documents -----------------------------------------------------------------------------------
 
-function chunks(text) {
-  const parts = [];
-  let start = 0;
-  while (start < text.length) {
-    let end = Math.min(text.length, start + DOC_CHUNK_CHARS);
-    if (end < text.length) { // cut at whitespace, so no word is split between two requests
-      const space = text.lastIndexOf(" ", end);
-      if (space > start + DOC_CHUNK_CHARS / 2) end = space;
-    }
-    parts.push(text.slice(start, end));
-    start = end;
-  }
-  return parts;
-}
-
+// A document is a turn of its own: the response reads it segment by segment (the progress bar
+// follows the hmt.segment events) and answers it; ask about it in the next turns.
 async function appendDocument() {
   if (busy()) return;
   const text = $("doc-text").value;
   if (!text.trim()) { say("Paste a text or choose a file first.", true); return; }
   const progress = $("doc-progress");
   const status = $("doc-status");
-  const controller = new AbortController();
-  state.controller = controller;
-  setBusy(true);
   progress.value = 0;
   progress.max = 1;
-  say("");
-  try {
-    await ensureSession();
-    const parts = chunks(text);
-    let tokens = 0;
-    for (const [index, part] of parts.entries()) {
-      const response = await api(`/sessions/${encodeURIComponent(state.sessionId)}/append`, {
-        method: "POST", signal: controller.signal, headers: { Accept: "text/event-stream" }, body: { text: part },
-      });
-      for await (const { event, data } of events(response)) {
-        const body = JSON.parse(data);
-        if (event === "segment") {
-          const within = body.segments_expected ? body.segments_committed / body.segments_expected : 1;
-          progress.value = (index + within) / parts.length;
-          status.textContent = `${count(body.tokens_seen)} tokens in the session, segment ${count(body.segments_total)}`;
-          addRecall(body.recall);
-          showStats({ tokens_seen: body.tokens_seen, segments_total: body.segments_total });
-        } else if (event === "summary") {
-          tokens += body.tokens_appended;
-          progress.value = (index + 1) / parts.length;
-        } else if (event === "error") {
-          throw new Error(body.error.message);
-        }
-      }
-    }
+  let reading = true;
+  const before = state.turns.length;
+  await reply(state.turns, state.head, text, true, (event) => {
+    if (!reading) return;
+    progress.value = Math.min(1, event.segments_expected ? event.segments_committed / event.segments_expected : 1);
+    status.textContent = `${count(event.tokens_seen)} tokens in the conversation, segment ${count(event.segments_total)}`;
+    if (progress.value >= 1) reading = false;
+  });
+  if (state.turns.length > before) {
     progress.value = 1;
-    status.textContent = `Read ${count(tokens)} tokens. Ask about it below.`;
+    status.textContent = `Read ${count(text.length)} characters. Ask about it below.`;
     $("doc-text").value = "";
-  } catch (error) {
-    fail(error);
   }
-  await refreshMemory();
-  await listSessions();
-  state.controller = null;
-  setBusy(false);
 }
 
 async function loadFile() {
   const file = $("doc-file").files[0];
   if (!file) return;
   $("doc-text").value = await file.text();
-  $("doc-status").textContent = `${file.name}: ${count(file.size)} bytes loaded; press Append to session.`;
+  $("doc-status").textContent = `${file.name}: ${count(file.size)} bytes loaded; press Read into the conversation.`;
 }
 
 // ----- memory ----------------------------------------------------------------------------------------
@@ -469,14 +541,14 @@ function showStats(memory) {
   $("bar-kv").style.width = `${(100 * memory.kv_cache_bytes) / largest}%`;
   const ratio = memory.kv_cache_bytes / Math.max(memory.state_bytes, 1);
   $("m-ratio").textContent = memory.tokens_seen
-    ? `A KV cache of this history would be ${ratio >= 10 ? Math.round(ratio) : ratio.toFixed(2)}x the session's state; the state stops growing once long-term memory is full.`
+    ? `A KV cache of this history would be ${ratio >= 10 ? Math.round(ratio) : ratio.toFixed(2)}x the conversation's state; the state stops growing once long-term memory is full.`
     : "";
 }
 
 async function refreshMemory() {
-  if (!state.sessionId) return;
+  if (!state.head) return;
   try {
-    const memory = await json(`/sessions/${encodeURIComponent(state.sessionId)}/memory`);
+    const memory = await json(`/v1/responses/${encodeURIComponent(state.head)}/memory`);
     showStats(memory);
     state.recalls = memory.recalls;
     drawRecalls();
@@ -598,20 +670,10 @@ async function connect() {
     state.model = models.data[0].id;
     $("model-name").textContent = state.model;
     say("");
-    if (phone.matches) showSessions(false); // the chat first; the Sessions button opens the panel
-    const fromUrl = new URLSearchParams(location.hash.slice(1)).get("session");
-    const id = fromUrl || localStorage.getItem("hmt.session");
-    if (id) {
-      try {
-        await json(`/sessions/${encodeURIComponent(id)}`);
-        setSession(id);
-        await restore();
-      } catch (error) {
-        if (!(error instanceof ApiError && error.status === 404)) throw error;
-        say(`Session ${id} no longer exists: start a new one.`);
-      }
-    }
-    await listSessions();
+    if (phone.matches) showSessions(false); // the chat first; the Conversations button opens the panel
+    const id = new URLSearchParams(location.hash.slice(1)).get("response") || localStorage.getItem("hmt.response");
+    listSessions();
+    if (id) await resume(id);
   } catch (error) { fail(error); }
 }
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -205,23 +207,38 @@ def test_completions(sdk: openai.OpenAI, server: Server, model_id: str) -> None:
 
 
 def test_hmt_chat_terminal_client(server: Server) -> None:
-    """`hmt chat` end to end: two turns, then a second run resumes the same session by id."""
+    """`hmt chat` end to end, over the Responses API: two turns of a new conversation, then a second
+    run resumes the conversation by id, reading only its new message."""
 
-    def run_chat(lines: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "hmt_lab.cli", "chat", "--url", server.url, "--session",
-                               "oa-terminal", "--max-tokens", "4", "--temperature", "0", "--system", "be brief"],
-                              input=lines, capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+    def run_chat(lines: str, *extra: str, code: int = 0) -> str:
+        done = subprocess.run([sys.executable, "-m", "hmt_lab.cli", "chat", "--url", server.url, "--max-tokens", "4",
+                               "--temperature", "0", *extra], input=lines, capture_output=True, text=True,
+                              timeout=120, cwd=ROOT)
+        assert done.returncode == code, done.stderr
+        return done.stdout + done.stderr
 
-    out = run_chat("hello world\nthe lazy dog\n")
+    def memory(conversation: str) -> dict[str, Any]:
+        response = httpx.get(f"{server.url}/v1/conversations/{conversation}/memory")
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    out = run_chat("hello world\nthe lazy dog\n", "--system", "be brief")
     assert out.count("hmt> ") == 2 and out.count("ms to first token") == 2
-    assert "session oa-terminal" in out and "memory" in out and "KiB" in out
-    seen = tokens_seen(server, "oa-terminal")
-    out = run_chat("more\n/exit\nnot sent\n")
-    assert out.count("hmt> ") == 1
-    assert tokens_seen(server, "oa-terminal") > seen  # resumed: the earlier turns are still in the state
-    assert "resume with: hmt chat --session oa-terminal" in out
+    found = re.search(r"conversation (conv_[0-9a-f]{32}) on", out)
+    assert found is not None
+    conversation = found[1]
+    assert f"conversation {conversation}: " in out and "memory" in out and "KiB" in out
+    items = httpx.get(f"{server.url}/v1/conversations/{conversation}/items", params={"order": "asc"}).json()["data"]
+    assert [i["role"] for i in items] == ["user", "assistant", "user", "assistant"]
+    assert [i["content"][0]["text"] for i in items[::2]] == ["hello world", "the lazy dog"]
+    seen = memory(conversation)["tokens_seen"]
+    out = run_chat("more\n/exit\nnot sent\n", "--session", conversation)  # --session: the old name
+    assert out.count("hmt> ") == 1 and f"resuming conversation {conversation}" in out
+    held = re.search(r"read (\d+) new tokens, (\d+) held in memory", out)
+    assert held is not None and int(held[2]) == seen and 0 < int(held[1]) < seen  # only the new message was read
+    assert memory(conversation)["tokens_seen"] > seen  # resumed: the earlier turns are still in the state
+    assert f"resume with: hmt chat --conversation {conversation}" in out
+    assert "not found" in run_chat("", "--conversation", "conv_" + "0" * 32, code=1)
 
 
 def test_a_client_leaving_mid_stream_leaves_a_consistent_session(sdk: openai.OpenAI, server: Server,

@@ -1,5 +1,6 @@
-"""What the playground needs from the API: the page itself, the key's sessions, a chat session's
-transcript, and the append stream's progress; all on a live server."""
+"""The page itself, and the session API's views of a chat: the key's sessions, a chat session's
+transcript, and the append stream's progress; all on a live server. (The playground chats over the
+Responses API: what it needs from that is in test_serve_responses.py, and tests/browser drives it.)"""
 
 from __future__ import annotations
 

@@ -91,10 +91,12 @@ def held(response: openai.types.responses.Response) -> int:
     return usage.input_tokens + usage.output_tokens
 
 
-def raw_events(server: Server, body: dict[str, Any], key: str | None = None) -> list[dict[str, Any]]:
-    """A streamed response's events as sent, each checked against its Open Responses model."""
+def raw_events(server: Server, body: dict[str, Any], key: str | None = None,
+               extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """A streamed response's events as sent, each checked against its Open Responses model (but
+    the HMT extension's `hmt.*` ones, sent when `extra` headers ask for them)."""
     events = []
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(extra or {})}
     with httpx.stream("POST", f"{server.url}/v1/responses", json={**body, "stream": True}, headers=headers,
                       timeout=60) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
@@ -105,7 +107,8 @@ def raw_events(server: Server, body: dict[str, Any], key: str | None = None) -> 
             elif line.startswith("data: "):
                 data = json.loads(line.removeprefix("data: "))
                 assert data["type"] == name, (name, data)
-                valid_event(data)
+                if not name.startswith("hmt."):
+                    valid_event(data)
                 events.append(data)
     return events
 
@@ -358,6 +361,85 @@ def test_a_client_leaving_mid_stream_still_stores_its_response(sdk: openai.OpenA
     after = create(sdk, model_id, input="more", previous_response_id=response_id)
     assert after.usage is not None and after.usage.input_tokens_details.cached_tokens == (
         data["usage"]["input_tokens"] + data["usage"]["output_tokens"])
+
+
+def test_cancel_stops_a_running_response_and_stores_it(sdk: openai.OpenAI, fleet: Fleet, model_id: str) -> None:
+    server = fleet.get("auth")
+    body = {"model": model_id, "input": "hello world", "max_output_tokens": 1000, "temperature": 0, "stream": True}
+    with sdk_for(server, "key-one") as one, sdk_for(server, "key-two") as two, \
+            httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": "Bearer key-one"}) as http, \
+            http.stream("POST", "/v1/responses", json=body) as stream:
+        lines = stream.iter_lines()
+        events: list[dict[str, Any]] = []
+        for line in lines:  # until the reply has begun
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+                if events[-1]["type"] == "response.output_text.delta":
+                    break
+        response_id = events[0]["response"]["id"]
+        with pytest.raises(openai.NotFoundError):
+            two.responses.cancel(response_id)  # another key's: as unknown
+        cancelled = httpx.post(f"{server.url}/v1/responses/{response_id}/cancel", timeout=60,
+                               headers={"Authorization": "Bearer key-one"})  # returns once stored
+        data = valid(cancelled.json())
+        assert data["status"] == "cancelled" and data["output"][0]["status"] == "incomplete"
+        assert 0 < data["usage"]["output_tokens"] < 1000
+        # its stream ends with it (the text sent so far is what it says)
+        events += [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+        assert events[-1]["type"] == "response.incomplete" and events[-1]["response"] == data
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert data["output"][0]["content"][0]["text"] == text
+        assert http.get(f"/v1/responses/{response_id}").json() == data
+        again = one.responses.cancel(response_id)  # over: as stored
+        assert again.status == "cancelled" and again.output_text == text
+        after = create(one, model_id, input="more", previous_response_id=response_id)
+        assert after.usage is not None and after.usage.input_tokens_details.cached_tokens == (
+            data["usage"]["input_tokens"] + data["usage"]["output_tokens"])
+        with pytest.raises(openai.NotFoundError):
+            one.responses.cancel("resp_" + "0" * 32)
+
+
+def test_memory_and_progress_of_responses_and_conversations(server: Server, fleet: Fleet, model_id: str) -> None:
+    """HMT extensions: GET /v1/responses/{id}/memory and /v1/conversations/{id}/memory (as
+    /sessions/{id}/memory), and `hmt.segment` events with X-HMT-Progress: segments."""
+    long_input = " ".join(["the quick brown fox jumps over the lazy dog."] * 12)
+    body = {"model": model_id, "input": long_input, "max_output_tokens": 4, "temperature": 0}
+    plain = raw_events(server, body)
+    assert not [e for e in plain if e["type"].startswith("hmt.")]  # only when asked for
+    events = raw_events(server, body, extra={"X-HMT-Progress": "segments"})
+    spec_events = [e for e in events if not e["type"].startswith("hmt.")]
+    assert [e["type"] for e in spec_events] == [e["type"] for e in plain]
+    assert [e["sequence_number"] for e in spec_events] == list(range(len(spec_events)))  # the spec's, unbroken
+    segments = [e for e in events if e["type"] == "hmt.segment"]
+    expected = segments[0]["segments_expected"]
+    assert expected > 3 and [s["segments_committed"] for s in segments][:expected] == list(range(1, expected + 1))
+    assert events.index(segments[expected - 1]) < [e["type"] for e in events].index("response.output_text.delta")
+    first = events[-1]["response"]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        memory = http.get(f"/v1/responses/{first['id']}/memory").json()
+        assert memory["segments_total"] >= segments[-1]["segments_total"] and memory["state_bytes"] > 0
+        assert [r["segment"] for r in memory["recalls"]] == list(range(memory["segments_total"]))
+        second = http.post("/v1/responses", json={**body, "input": long_input, "previous_response_id": first["id"]})
+        assert second.json()["usage"]["input_tokens_details"]["cached_tokens"] == memory["tokens_seen"]
+        after = http.get(f"/v1/responses/{second.json()['id']}/memory", params={"last": 64}).json()
+        # the recall history goes on from the previous response's
+        assert [r["segment"] for r in after["recalls"]] == list(range(after["segments_total"]))[-64:]
+        assert after["segments_total"] > memory["segments_total"]
+        assert http.get(f"/v1/responses/{first['id']}/memory").json() == memory  # the previous one is unchanged
+        conversation = http.post("/v1/conversations", json={}).json()["id"]
+        assert http.get(f"/v1/conversations/{conversation}/memory").json()["tokens_seen"] == 0
+        http.post("/v1/responses", json={**body, "conversation": conversation})
+        assert http.get(f"/v1/conversations/{conversation}/memory").json()["segments_total"] > 3
+        for path in ("/v1/responses/resp_nope/memory", f"/v1/responses/resp_{'0' * 32}/memory",
+                     f"/v1/conversations/conv_{'0' * 32}/memory"):
+            got = http.get(path)
+            assert got.status_code == 404 and got.json()["error"]["code"] == "not_found", path
+        assert http.get(f"/v1/responses/{first['id']}/memory", params={"last": 0}).status_code == 400
+    auth = fleet.get("auth")
+    with httpx.Client(base_url=auth.url, timeout=60) as http:
+        mine = http.post("/v1/responses", json=body, headers={"Authorization": "Bearer key-one"}).json()["id"]
+        assert http.get(f"/v1/responses/{mine}/memory", headers={"Authorization": "Bearer key-one"}).status_code == 200
+        assert http.get(f"/v1/responses/{mine}/memory", headers={"Authorization": "Bearer key-two"}).status_code == 404
 
 
 def texts(items: Any) -> list[tuple[str, str]]:
