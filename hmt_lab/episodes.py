@@ -260,8 +260,10 @@ def chain_states(model: HMTModel, segments: Sequence[Sequence[int]]) -> Iterator
 
 def chain_memories(model: HMTModel, segments: Sequence[Sequence[int]]) -> Tensor:
     """The kept memories [n, d] after reading the segments as one HMT chain."""
-    states = list(chain_states(model, segments))
-    return states[-1] if states else torch.zeros(0, model.dim, device=model.device)
+    last = torch.zeros(0, model.dim, device=model.device)
+    for last in chain_states(model, segments):  # noqa: B007 (only the last state is wanted)
+        pass
+    return last
 
 
 def _queries(model: HMTModel, rows: Sequence[Sequence[int]]) -> Tensor:

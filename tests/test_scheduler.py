@@ -17,9 +17,9 @@ def _record_batch_widths(worker: ModelWorker) -> list[int]:
     widths: list[int] = []
     step = worker.engine.step
 
-    def counted_step():  # type: ignore[no-untyped-def]
+    def counted_step(*args, **kwargs):  # type: ignore[no-untyped-def]
         widths.append(worker.engine.size)
-        return step()
+        return step(*args, **kwargs)
 
     worker.engine.step = counted_step  # type: ignore[method-assign]
     return widths
