@@ -554,7 +554,7 @@ class DecodeEngine:
         if not self.lean_reason and not self.compiled:  # eager: attend to the columns in use only
             width = max(row.length for row in (*rows, *committing)) + 1
             hidden = self._lean_decode(embeds, mask, position_ids[:, None], width)
-        elif self.compiled or not self.lean_reason:  # the compiled HF (GPU) forward keeps sdpa
+        elif self.compiled:  # the compiled step (lean on a CPU, HF with sdpa on CUDA) over the whole slot
             hidden = self._decode_forward(embeds, mask, position_ids[:, None])
         else:
             with decode_attention_for(model.base_model), adapters_applied(model.backbone, self._decode_adapters(count)):
@@ -593,10 +593,7 @@ class DecodeEngine:
         if not self.compiled:
             return 0.0
         model, cache = self.model, self._ensure_buffers()
-        config = model.backbone.config.get_text_config()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        _, kv_heads, head_dim = model.attention_shape
         for layer in cast("list[_SlotLayer]", cache.layers):
             if not layer.is_initialized:
                 empty = torch.zeros(1, kv_heads, 1, head_dim, dtype=model.dtype, device=model.device)

@@ -87,9 +87,7 @@ def lean_weights(model: HMTModel, columns: int, join: bool = True) -> LeanWeight
     matmul each where the layers allow (a copy of those weights: about two thirds of the layers'
     linear weights again; see README)."""
     base: Any = model.base_model  # a LlamaModel (lean_support checked)
-    config = model.backbone.config.get_text_config()
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, kv_heads, head_dim = model.attention_shape
 
     def joined(layers: list[nn.Module]) -> Sequence[nn.Module]:
         fused = joined_linear(layers) if join else None

@@ -107,13 +107,19 @@ class HMTModel(nn.Module):
         return cast(torch.dtype, getattr(embeddings, "compute_dtype", None) or embeddings.weight.dtype)
 
     @property
-    def kv_cache_bytes_per_token(self) -> int:
-        """What a KV cache of the backbone holds per token of history: keys and values, every layer."""
+    def attention_shape(self) -> tuple[int, int, int]:
+        """The backbone's attention: (query heads, key/value heads, head dim)."""
         config = self.backbone.config.get_text_config()
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return 2 * config.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
+        return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+    @property
+    def kv_cache_bytes_per_token(self) -> int:
+        """What a KV cache of the backbone holds per token of history: keys and values, every layer."""
+        _, kv_heads, head_dim = self.attention_shape
+        layers = self.backbone.config.get_text_config().num_hidden_layers
+        return 2 * layers * kv_heads * head_dim * self.dtype.itemsize
 
     @property
     def recall_divisor(self) -> float:

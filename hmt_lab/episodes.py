@@ -85,9 +85,6 @@ class EpisodeConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     answer_weight: float = 1.0
-    # the share of the answer's (and recall's) gradient that reaches the write segment through its memory m_w;
-    # below 1 the writer learns mostly from value_bow/bow, which carry a clean signal while the reader cannot read
-    write_grad_from_questions: float = 1.0
     # the first steps on the chat model: with recall at 0.1 and the segment's bag of words at 0.3, recall's mass
     # on the key's memory fell from 0.80 to ~0 within 4 steps as the bag-of-words gradients (norm up to 176)
     # reshaped the write memory; recall is what the answer needs, so it weighs as much as the answer
@@ -343,15 +340,13 @@ def episode_losses(model: HMTModel, data: StepData, config: EpisodeConfig) -> St
         bow = -log_probs.gather(1, writes).mean()
         value_bow = torch.stack([-log_probs[i, e.values].mean() for i, e in enumerate(episodes)]).mean()
         # the questions: bank = history, m_w, then d - 1 distractors
-        share = config.write_grad_from_questions
-        read = written if share == 1.0 else share * written + (1 - share) * written.detach()
         rows, banks, heads, senses, values = [], [], [], [], []
         for i, episode in enumerate(episodes):
             for q in episode.questions:
                 rows.append(q.tokens)
                 values.append(q.value_positions)
                 heads.append(q.tokens[:q.query_end])
-                banks.append(question_bank(distractors, read[i], history, q.distance))
+                banks.append(question_bank(distractors, written[i], history, q.distance))
                 senses.append(episode.write[-k:] if q.distance == 1 else chain[history + q.distance - 2][-k:])
         queries = _queries(model, heads)
         q_prompts, weights = recall_over(model, queries, banks)

@@ -44,9 +44,7 @@ class ModelWorker:
         self.compile = compile and not model.memory.adapts  # Temp-LoRA adapters are hooks: never compiled
         if compile and not self.compile:
             log.warning("--compile ignored: %s memory decodes on the HF path", model.hmt_config.memory)
-        self.engine = DecodeEngine(model, max_rows=max_batch, compile=self.compile)
-        if self.compile:  # every bucket now, so that no request waits for a compilation
-            metrics.DECODE_COMPILE_SECONDS.set(self.engine.warm_up())
+        self.engine = self._new_engine()
         self._inbox: list[Job] = []
         self._reading: list[Job] = []  # input still to commit
         self._waiting: list[Job] = []  # input in, waiting for a decode row
@@ -103,8 +101,14 @@ class ModelWorker:
                 for job in self._all_jobs():
                     job.finish(RuntimeError("internal model error"))
                 self._reading, self._waiting, self._decoding = [], [], {}
-                self.engine = DecodeEngine(self.model, max_rows=self.max_batch, compile=self.compile)
+                self.engine = self._new_engine()
             metrics.QUEUE_DEPTH.set(self.pending)
+
+    def _new_engine(self) -> DecodeEngine:
+        engine = DecodeEngine(self.model, max_rows=self.max_batch, compile=self.compile)
+        if self.compile:  # every bucket now (at start, and after a failed round), so no request waits for one
+            metrics.DECODE_COMPILE_SECONDS.set(engine.warm_up())
+        return engine
 
     def _all_jobs(self) -> list[Job]:
         return self._inbox + self._reading + self._waiting + list(self._decoding.values())

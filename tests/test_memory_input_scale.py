@@ -4,6 +4,7 @@ from memories is scaled, nothing else changes, and the scale is saved, trained a
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,15 +19,11 @@ CONFIG = HMTConfig(segment_tokens=8, num_sensory=2, ltm_context=4, recall_dim=16
 
 
 def scaled(scale: float, memory: str = "hmt") -> HMTModel:
-    from dataclasses import replace
-
     return tiny_hmt_model("llama", replace(CONFIG, memory=memory, memory_input_scale=scale), seed=3)
 
 
 @pytest.mark.parametrize("memory", ["hmt", "rmt"])
 def test_prompts_from_memories_are_scaled_and_the_initial_memory_is_not(memory: str) -> None:
-    from dataclasses import replace
-
     plain = tiny_hmt_model("llama", replace(CONFIG, memory=memory), seed=3)
     model = scaled(0.25, memory)
     memories = torch.randn(3, 4, model.dim) * 8
