@@ -29,6 +29,10 @@ class HMTConfig:
     memory_input_scale: None (the paper's) reads recalled memories as they are; a number makes the
     backbone read them times a learned scale that starts there. Memories are final hidden states,
     ~15x an embedding's norm on SmolLM2, and some of them, read raw, derail a window's summary.
+    sink_token: None (the paper's) reads a window as [p, E(sensory), E(x), p]; a token id reads it as
+    [E(sink), p, E(sensory), E(x), p]. A pretrained LM makes whatever sits at position 0 its attention sink
+    (SmolLM2: from layer 12 its hidden state grows to ~200x the others' norm and takes most of every head's
+    attention), so p there cannot be read; behind a sink token it is an ordinary position (#27).
     """
 
     segment_tokens: int = 256
@@ -41,6 +45,7 @@ class HMTConfig:
     memory: str = "hmt"
     temp_lora: TempLoRAConfig | None = None
     memory_input_scale: float | None = None
+    sink_token: int | None = None
 
     def __post_init__(self) -> None:
         if self.segment_tokens < 1:
@@ -65,6 +70,11 @@ class HMTConfig:
             raise InvalidInputError(f"memory_input_scale must be > 0, got {self.memory_input_scale}")
         if self.memory not in MEMORY_KINDS:
             raise InvalidInputError(f"memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
+        if self.sink_token is not None:
+            if isinstance(self.sink_token, bool) or not isinstance(self.sink_token, int) or self.sink_token < 0:
+                raise InvalidInputError(f"sink_token must be a token id (an int >= 0), got {self.sink_token!r}")
+            if not memory_of(self.memory).has_prompt:
+                raise InvalidInputError(f"sink_token goes before a memory prompt; memory {self.memory!r} reads none")
         if isinstance(self.temp_lora, dict):  # from JSON
             try:
                 object.__setattr__(self, "temp_lora", TempLoRAConfig.from_dict(self.temp_lora))
@@ -94,6 +104,11 @@ class HMTConfig:
         """Tokens of a segment that feed the summary query; Python's round, as the reference."""
         return round(self.segment_tokens * self.sum_fraction)
 
+    @property
+    def prompt_positions(self) -> int:
+        """Positions a window read with a memory prompt starts with: p, or the sink token and p."""
+        return 1 if self.sink_token is None else 2
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if data["memory"] == "hmt":  # the default is left out: HMT models' files and fingerprints stay as they were
@@ -104,6 +119,8 @@ class HMTConfig:
             data["temp_lora"] = self.temp_lora.to_dict()
         if self.memory_input_scale is None:  # as above: files and fingerprints without it stay as they were
             del data["memory_input_scale"]
+        if self.sink_token is None:
+            del data["sink_token"]
         return data
 
     @classmethod

@@ -7,8 +7,9 @@ Two kinds of work, each one batched forward per step:
   sampling parameters, seed, stop strings and detokenizer; one `step()` samples a token for every
   row at once and advances them all with one backbone forward. Rows join and leave between steps.
 
-HMT bounds a session's open window to `[p, E(sensory), E(W)]`, at most 1 + k + L positions, so the
-KV cache is static: one preallocated slot per row (`SlotCache`), no paging. A row whose window is
+HMT bounds a session's open window to `[p, E(sensory), E(W)]` (`[E(sink), p, ...]` with a sink token), at
+most 1 + k + L positions (2 + k + L), so the KV cache is static: one preallocated slot per row (`SlotCache`),
+no paging. A row whose window is
 full commits and re-prefills its slot (batched with the others that filled on the same step).
 When the slot's memory prompt is the commit's own (the request began with the summary's tokens in
 its window), the commit is one more position of the step's decode forward, not two long forwards.
@@ -300,7 +301,7 @@ class DecodeEngine:
             else:
                 self._lean_step = torch.compile(decode_step, dynamic=False, backend=compile_backend)
         cfg = model.hmt_config
-        self.columns = 1 + cfg.num_sensory + cfg.segment_tokens + 1  # last column: scratch for idle rows
+        self.columns = cfg.prompt_positions + cfg.num_sensory + cfg.segment_tokens + 1  # last: scratch for idle rows
         self.scratch = self.columns - 1
         self.rows: list[DecodeRow] = []  # rows[i].slot == i, logits ready
         self.joining: list[DecodeRow] = []  # added, prefilled at the next step
@@ -491,8 +492,8 @@ class DecodeEngine:
         recalled = None
         if model.memory.has_prompt:
             recalled = model.recall_for([r.state.ltm for r in rows], [r.query for r in rows])
-            embeds = torch.cat([recalled.prompts[:, None, :].to(model.dtype), embeds], dim=1)
-        lead = embeds.shape[1] - width  # 1 with a memory prompt, else 0
+            embeds = torch.cat([model.prompt_prefix(recalled.prompts), embeds], dim=1)
+        lead = embeds.shape[1] - width  # the prompt's positions (HMTConfig.prompt_positions), else 0
         positions = torch.arange(embeds.shape[1], device=model.device).expand(len(rows), -1)
         slots = torch.tensor([r.slot for r in rows], device=model.device)
         cache.prefill_slots = slots

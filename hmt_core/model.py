@@ -73,6 +73,9 @@ class HMTModel(nn.Module):
         self.memory_log_scale: nn.Parameter | None = None
         if config.memory_input_scale is not None:
             self.memory_log_scale = nn.Parameter(torch.tensor(math.log(config.memory_input_scale)))
+        if config.sink_token is not None and config.sink_token >= embeddings.num_embeddings:
+            raise InvalidInputError(f"sink_token {config.sink_token} is outside the vocabulary "
+                                    f"[0, {embeddings.num_embeddings})")
         self._fingerprint: str | None = None
         self._fresh_adapter: Adapter | None = None
         # low-rank changes made to the backbone since it was loaded, one dict per LoRA training run:
@@ -248,6 +251,16 @@ class HMTModel(nn.Module):
         self.memory_log_scale = nn.Parameter(torch.tensor(math.log(initial), device=self.device))
         self._fingerprint = None
 
+    def add_sink_token(self, token: int) -> None:
+        """Read this model's windows behind an attention-sink token from now on (HMTConfig.sink_token)."""
+        if self.hmt_config.sink_token is not None:
+            raise InvalidInputError(f"this model already reads its windows behind a sink token "
+                                    f"({self.hmt_config.sink_token})")
+        if not 0 <= token < self.vocab_size:
+            raise InvalidInputError(f"sink_token {token} is outside the vocabulary [0, {self.vocab_size})")
+        self.hmt_config = replace(self.hmt_config, sink_token=token)
+        self._fingerprint = None
+
     def own_parameters(self) -> list[Tensor]:
         """HMT's parameters beside the backbone's: what its training always updates."""
         own: list[Tensor] = [self.initial_memory, self.summary_prompt, self.recall_wq.weight, self.recall_wk.weight]
@@ -264,12 +277,21 @@ class HMTModel(nn.Module):
         probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
         return torch.nan_to_num(probs)  # rows with no memory are all -inf
 
-    def _segment_embeds(self, prompts: Tensor, sensory: Tensor | None, tokens: Tensor) -> Tensor:
+    def prompt_prefix(self, prompts: Tensor) -> Tensor:
+        """What a window is read after, [B, prompt_positions, d]: the memory prompts [B, d], behind the
+        sink token where the configuration has one (HMTConfig.sink_token)."""
         p = prompts[:, None, :].to(self.dtype)
-        parts = [p]
+        sink = self.hmt_config.sink_token
+        if sink is None:
+            return p
+        sink_embed = self.embed(torch.tensor([[sink]], device=self.device)).to(self.dtype)
+        return torch.cat([sink_embed.expand(p.shape[0], 1, -1), p], dim=1)
+
+    def _segment_embeds(self, prompts: Tensor, sensory: Tensor | None, tokens: Tensor) -> Tensor:
+        parts = [self.prompt_prefix(prompts)]
         if sensory is not None and sensory.shape[1] > 0:
             parts.append(self.embed(sensory))
-        parts += [self.embed(tokens), p]
+        parts += [self.embed(tokens), prompts[:, None, :].to(self.dtype)]
         return torch.cat(parts, dim=1)
 
     def window_logits(self, tokens: Tensor) -> Tensor:
@@ -304,12 +326,12 @@ class HMTModel(nn.Module):
                          windows: Tensor | Sequence[Sequence[int]], prompts: Tensor | None = None) -> list[Adapter]:
         """A commit of each row's window into its adapter: a few gradient steps each, one session at a
         time (each row trains its own weights, so there is no shared forward to batch). prompts [B, d]:
-        each window's memory prompt, read before it (HMT+Temp-LoRA)."""
+        each window's memory prompt, read before it as the window is (HMT+Temp-LoRA; `prompt_prefix`)."""
         lora = self.hmt_config.temp_lora
         assert lora is not None
         rows = [list(map(int, w)) for w in windows]
         contexts_ = [[] for _ in rows] if contexts is None else [list(map(int, c)) for c in contexts]
-        prompts_ = [None] * len(rows) if prompts is None else list(prompts)
+        prompts_ = [None] * len(rows) if prompts is None else list(self.prompt_prefix(prompts))
         return [train_adapter(self.backbone, adapter, context, window, lora, prompt)[0]
                 for adapter, context, window, prompt in zip(adapters, contexts_, rows, prompts_, strict=True)]
 

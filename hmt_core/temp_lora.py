@@ -485,7 +485,8 @@ def _check_tokens(backbone: nn.Module, tokens: Sequence[int], what: str) -> list
 
 def _target_nll(backbone: nn.Module, ids: list[int], start: int, prompt: Tensor | None = None) -> Tensor:
     """Per-token NLL [len(ids) - start] (float32) of ids[start:], each predicted from the tokens before it.
-    prompt: an embedding [d] read before ids (HMT's memory prompt p), so ids[0] is predicted from it."""
+    prompt: embeddings [d] or [P, d] read before ids (HMT's memory prompt p, behind a sink token where the model
+    has one), so ids[0] is predicted from them."""
     device = next(backbone.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     kwargs: dict[str, Any] = {"use_cache": False}
@@ -494,8 +495,9 @@ def _target_nll(backbone: nn.Module, ids: list[int], start: int, prompt: Tensor 
         kwargs["input_ids"] = input_ids
     else:
         embeds = cast(Any, backbone).get_input_embeddings()(input_ids)
-        kwargs["inputs_embeds"] = torch.cat([prompt.reshape(1, 1, -1).to(embeds), embeds], dim=1)
-        lead = 1
+        prefix = prompt.reshape(1, -1, embeds.shape[-1]).to(embeds)
+        kwargs["inputs_embeds"] = torch.cat([prefix, embeds], dim=1)
+        lead = prefix.shape[1]
     n_targets = len(ids) - start
     keep = n_targets + 1  # logits at the positions before each target; the last one predicts nothing
     if "logits_to_keep" in inspect.signature(backbone.forward).parameters:
@@ -514,9 +516,9 @@ def train_adapter(backbone: nn.Module, adapter: Adapter, context: Sequence[int],
 
     The loss covers the chunk's positions only; with a non-empty context the first chunk token is predicted
     from the last context token, with none it is unpredicted (so the chunk then needs 2+ tokens).
-    prompt: HMT's memory prompt p [d] (memory "hmt+temp-lora"), read before the context as the segment
-    is read, [p, context, chunk]: the adapter learns what the window costs given the memory; it also
-    predicts the first token when there is no context.
+    prompt: HMT's memory prompt p [d], or [P, d] behind a sink token (memory "hmt+temp-lora"), read before the
+    context as the segment is read, [p, context, chunk]: the adapter learns what the window costs given the
+    memory; it also predicts the first token when there is no context.
     The input adapter is not modified; the new one has commits + 1 and lives on the input's device. Its own
     rank/alpha are used (cfg supplies steps, learning_rate, context_tokens). The optimizer is fresh per
     commit: Adam's moments are not session state (they would triple an adapter's bytes).

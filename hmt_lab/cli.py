@@ -241,7 +241,7 @@ def _train_episodes(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)  # subnormal activations made CPU matmuls up to 10x slower
     names = ("stage", "steps", "episodes_per_step", "questions", "min_distance", "max_distance", "lr_hmt",
              "lr_backbone", "answer_weight", "recall_weight", "bow_weight", "value_bow_weight", "lm_weight",
-             "eval_every", "seed", "memory_input_scale", "min_history", "max_history")
+             "eval_every", "seed", "memory_input_scale", "min_history", "max_history", "sink_token")
     overrides: dict[str, Any] = {name: value for name in names if (value := getattr(args, name)) is not None}
     if args.eval_distances:
         overrides["eval_distances"] = tuple(args.eval_distances)
@@ -256,7 +256,7 @@ def _train_episodes(args: argparse.Namespace) -> int:
 
     run = train_episodes(model, stream, config, args.out, eval_filler=eval_filler, stop_after=args.stop_after,
                          carry=Path(args.carry) if args.carry else None, progress=show)
-    if args.finish and run.steps_done >= config.steps:
+    if args.finish and (run.steps_done >= config.steps or args.finish_now):
         print(json.dumps({"model": str(finish(model, args.finish)), "fingerprint": model.fingerprint}))
     return 0
 
@@ -363,9 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     episodes.add_argument("--carry", metavar="FILE", help="also keep the latest weights and optimizer here (what "
                           "git carries between sessions); a run with no checkpoint in --out resumes from it")
     episodes.add_argument("--finish", metavar="DIR", help="when the schedule is done, write the model here")
+    episodes.add_argument("--finish-now", action="store_true", help="with --finish: write the model at the step "
+                          "reached (e.g. --stop-after 0: the newest checkpoint or carry file as a servable model)")
     for flag in ("--episodes-per-step", "--questions", "--min-distance", "--max-distance", "--min-history",
                  "--max-history", "--eval-every", "--seed"):
         episodes.add_argument(flag, type=int)
+    episodes.add_argument("--sink-token", type=int, metavar="ID", help="read windows behind this token "
+                          "(an attention sink before the memory prompt; SmolLM2: 0, <|endoftext|>)")
     for flag in ("--lr-hmt", "--lr-backbone", "--answer-weight", "--recall-weight", "--bow-weight",
                  "--value-bow-weight", "--lm-weight", "--memory-input-scale"):
         episodes.add_argument(flag, type=float)

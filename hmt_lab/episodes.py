@@ -94,6 +94,9 @@ class EpisodeConfig:
     lm_weight: float = 0.5
     # a model without the learned memory input scale (HMTConfig.memory_input_scale) gets one starting here
     memory_input_scale: float | None = None
+    # a model without a sink token (HMTConfig.sink_token) reads its windows behind this one: at position 0 the
+    # memory prompt is the backbone's attention sink and cannot be read (#27, campaign/README.md)
+    sink_token: int | None = None
     bf16: bool = True
     eval_every: int = 100  # optimizer steps between held-out evaluations (0: none)
     eval_distances: tuple[int, ...] = (2, 8, 32)
@@ -276,14 +279,16 @@ def _queries(model: HMTModel, rows: Sequence[Sequence[int]]) -> Tensor:
 
 def read_hidden(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]
                 ) -> tuple[Tensor, int]:
-    """Rows read as [p, E(sensory), E(tokens)], right-padded (causal: padding never reaches earlier positions).
-    Returns final hidden states [R, T, d] and the offset of token 0 (1 + k)."""
+    """Rows read as [p, E(sensory), E(tokens)] (p behind the sink token where the model has one), right-padded
+    (causal: padding never reaches earlier positions). Returns final hidden states [R, T, d] and the offset of
+    token 0 (the prompt's positions + k)."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([list(s) + list(r) + [0] * (width - len(r)) for s, r in zip(sensory, rows, strict=True)],
                        device=model.device)
-    embeds = torch.cat([prompts[:, None, :].to(model.dtype), model.embed(ids)], dim=1)
-    hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    return hidden, 1 + len(sensory[0])
+    prefix = model.prompt_prefix(prompts)
+    hidden = model.base_model(inputs_embeds=torch.cat([prefix, model.embed(ids)], dim=1),
+                              use_cache=False).last_hidden_state
+    return hidden, prefix.shape[1] + len(sensory[0])
 
 
 def length_groups(lengths: Sequence[int], slack: float = 1.25) -> list[list[int]]:
@@ -443,6 +448,8 @@ def prepare(model: HMTModel, config: EpisodeConfig) -> list[dict[str, Any]]:
     model.requires_grad_(False)
     if config.memory_input_scale is not None and model.memory_log_scale is None:
         model.add_memory_input_scale(config.memory_input_scale)
+    if config.sink_token is not None and model.hmt_config.sink_token is None:
+        model.add_sink_token(config.sink_token)
     torch.manual_seed(config.seed)  # the LoRA's initialization
     if config.backbone_training == "lora":
         from peft import LoraConfig, get_peft_model
