@@ -170,6 +170,8 @@ def _eval(args: argparse.Namespace) -> int:
         model = load_checkpoint_weights(model, args.checkpoint)
     if args.task == "precision":
         return _eval_precision(args, model)
+    if args.task == "boundary":
+        return _eval_boundary(args, model)
     args.distances = [1, 2, 4, 8, 16] if args.distances is None else args.distances
     args.trials = 50 if args.trials is None else args.trials
     if args.task == "passkey":
@@ -196,6 +198,35 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate.perplexity(readers, documents, args.batch_size, _temp_lora(args, model))
     if args.plot:
         evaluate.plot_loss_by_position(report, args.plot)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _held_out_texts(args: argparse.Namespace, task: str) -> list[str]:
+    """--data when given, else the model directory's held_out.txt."""
+    from hmt_lab.train import read_texts
+
+    if args.data:
+        return list(read_texts(args.data, args.text_field))
+    if (Path(args.model) / "held_out.txt").is_file():
+        return [(Path(args.model) / "held_out.txt").read_text(encoding="utf-8")]
+    raise HMTError(f"{task} needs held-out text: --data FILE, or a model directory with held_out.txt")
+
+
+def _eval_boundary(args: argparse.Namespace, model: HMTModel) -> int:
+    """#27's milestone "no damage at boundaries": sampled replies across a boundary and the first
+    positions of each window, both against the bare backbone (hmt_lab.boundary_eval)."""
+    from hmt_lab import boundary_eval
+    from hmt_lab.train import token_samples
+
+    if model.tokenizer is None:
+        raise HMTError("boundary needs a model with a tokenizer (its prompts are chat text)")
+    texts = _held_out_texts(args, "boundary")
+    documents = token_samples(model, iter(texts), args.doc_segments * model.hmt_config.segment_tokens)[:args.docs]
+    prompts = boundary_eval.chat_prompts(model.tokenizer, args.prompts, args.seed)
+    report = boundary_eval.boundary_eval(model, prompts, documents, baseline=_bare(args, model),
+                                         window=args.boundary_tokens, head=args.head_tokens, seed=args.seed,
+                                         batch_size=args.batch_size)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
     return 0
 
@@ -379,9 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     episodes.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     episodes.set_defaults(run=_train_episodes)
 
-    evaluation = commands.add_parser("eval", help="perplexity by position (3 readers), pass-key retrieval, or "
-                                                  "the quality of each serving precision against fp32")
-    evaluation.add_argument("task", nargs="?", choices=("perplexity", "passkey", "precision"), default="perplexity")
+    evaluation = commands.add_parser("eval", help="perplexity by position (3 readers), pass-key retrieval, "
+                                                  "the quality of each serving precision against fp32, or "
+                                                  "damage at segment boundaries against the bare backbone")
+    evaluation.add_argument("task", nargs="?", choices=("perplexity", "passkey", "precision", "boundary"),
+                            default="perplexity")
     evaluation.add_argument("--model", required=True, metavar="DIR_OR_NAME", help="the HMT model (stage 2)")
     evaluation.add_argument("--checkpoint", metavar="DIR", help="evaluate this training checkpoint "
                             "(checkpoint-<step>/) of a run that started from --model")
@@ -413,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="precision: the precisions compared, fp32 (the baseline) first")
     evaluation.add_argument("--chats", type=int, default=8, help="precision: short held-out chats answered greedily")
     evaluation.add_argument("--chat-tokens", type=int, default=32, help="precision: greedy tokens per chat reply")
+    evaluation.add_argument("--prompts", type=int, default=8,
+                            help="boundary: held-out chat prompts, each answered (0.7 / 0.95) across a boundary")
+    evaluation.add_argument("--boundary-tokens", type=int, default=64,
+                            help="boundary: reply tokens scored on each side of the boundary")
+    evaluation.add_argument("--head-tokens", type=int, default=32,
+                            help="boundary: first positions of each window scored teacher-forced")
     evaluation.add_argument("--readers", nargs="+", choices=PASSKEY_READERS,
                             default=["window", "hmt"],
                             help="pass key: who answers (full: the bare backbone on the whole prompt, when it fits)")
