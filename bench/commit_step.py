@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import ROOT, print_table, setup
+from common import add_cpu_timing_args, cpu_timing_setup, print_table
 from torch import Tensor
 
 from hmt_core import HMTModel, SessionState, apply_precision
@@ -99,19 +99,11 @@ def last_hidden_by(model: HMTModel, forward: Callable[[Tensor], Tensor]) -> Iter
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "models" / "hmt-smollm2"), help="model directory")
-    parser.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated")
+    add_cpu_timing_args(parser, "commits")
     parser.add_argument("--sessions", default="1,8", help="comma-separated commit batch sizes")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0: cores left idle")
-    parser.add_argument("--wall", action="store_true", help="time commits by the wall clock, not the thread's CPU time")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    args.device, args.dtype = "cpu", "float32"
-    setup(args)
-    # one torch thread does all of a commit's work in this thread: its CPU time leaves out the time
-    # slices other jobs on a shared machine take (the wall clock counts them)
-    clock = time.perf_counter if args.wall or torch.get_num_threads() > 1 else time.thread_time
+    clock = cpu_timing_setup(args)
     batches = [int(s) for s in args.sessions.split(",")]
     # two graphs (summary, segment) per precision and batch: more than dynamo's default of 8 recompilations
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

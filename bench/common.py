@@ -52,6 +52,24 @@ def add_common_args(parser: argparse.ArgumentParser, segment_tokens: int = 256, 
                         help=f"torch CPU threads; 0: cores left idle by the 1-minute load average (default {threads})")
 
 
+def add_cpu_timing_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """Flags of the scripts that time the shipped chat model's steps on this CPU, one precision after another."""
+    parser.add_argument("--model", default=str(ROOT / "models" / "hmt-smollm2"), help="model directory")
+    parser.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0: cores left idle")
+    parser.add_argument("--wall", action="store_true", help=f"time {what} by the wall clock, not the thread's CPU time")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def cpu_timing_setup(args: argparse.Namespace) -> Callable[[], float]:
+    """`setup` on the CPU; returns the clock to time with. With one torch thread all of a step's work runs in
+    the calling thread, so its CPU time leaves out the time slices other jobs on a shared machine take (the
+    wall clock counts them)."""
+    args.device, args.dtype = "cpu", "float32"
+    setup(args)
+    return time.perf_counter if args.wall or torch.get_num_threads() > 1 else time.thread_time
+
+
 def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     threads = args.threads
     if threads == 0:

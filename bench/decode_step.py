@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, print_table, setup
+from common import add_cpu_timing_args, cpu_timing_setup, print_table
 from torch.profiler import ProfilerActivity, profile
 
 from hmt_core import HMTModel, SamplingParams, SessionState, apply_precision
@@ -69,21 +69,13 @@ def step_ops(engine: DecodeEngine, steps: int = 3) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "models" / "hmt-smollm2"), help="model directory")
-    parser.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated")
+    add_cpu_timing_args(parser, "steps")
     parser.add_argument("--streams", default="1,8,32", help="comma-separated decode batch sizes")
     parser.add_argument("--tokens", type=int, default=4, help="steps per way per repetition")
     parser.add_argument("--reps", type=int, default=4, help="interleaved repetitions")
     parser.add_argument("--compile", action="store_true", help="also the compiled lean step (slow to compile)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0: cores left idle")
-    parser.add_argument("--wall", action="store_true", help="time steps by the wall clock, not the thread's CPU time")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    args.device, args.dtype = "cpu", "float32"
-    setup(args)
-    # one torch thread does all of a step's work in this thread: its CPU time leaves out the time
-    # slices other jobs on a shared machine take (the wall clock counts them)
-    clock = time.perf_counter if args.wall or torch.get_num_threads() > 1 else time.thread_time
+    clock = cpu_timing_setup(args)
     streams = [int(s) for s in args.streams.split(",")]
     ways = {name: way for name, way in WAYS.items() if args.compile or not way.get("compile")}
     # one compiled graph per precision and bucket: more than dynamo's default of 8 recompilations
