@@ -20,6 +20,7 @@ random ids (the cost of a forward does not depend on them).
 
     python bench/long_document.py                           # models/hmt-smollm2, 100k tokens, 2 threads
     python bench/long_document.py --model models/hmt-demo --tokens 20000
+    python bench/long_document.py --precisions fp32,bf16,int8 --threads 1   # #29: the append rate per precision
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def peak_above(start: int) -> int:
 
 def load(args: argparse.Namespace) -> HMTModel:
     setup(argparse.Namespace(threads=args.threads, device="cpu", dtype="float32", seed=args.seed))
-    return HMTModel.from_pretrained(args.model, device="cpu").eval()
+    return HMTModel.from_pretrained(args.model, device="cpu", precision=args.precision).eval()
 
 
 def measure_hmt(model: HMTModel, tokens: int, seed: int) -> dict[str, Any]:
@@ -85,10 +86,10 @@ def measure_dense(model: HMTModel, seed: int) -> dict[str, Any]:
             "kv_cache_bytes": model.kv_cache_bytes_per_token * context}
 
 
-def run_part(part: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_part(part: str, args: argparse.Namespace, precision: str = "fp32") -> dict[str, Any]:
     """One measurement in a fresh process: its peak memory is that part's alone."""
     command = [sys.executable, __file__, "--part", part, "--model", args.model, "--tokens", str(args.tokens),
-               "--threads", str(args.threads), "--seed", str(args.seed)]
+               "--threads", str(args.threads), "--seed", str(args.seed), "--precision", precision]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--model", default="models/hmt-smollm2")
     parser.add_argument("--tokens", type=int, default=100_000, help="document length for HMT")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precisions", default="fp32", help="comma-separated: HMT appends in each precision "
+                        "(fp32 first: the others' baseline); the dense prefill stays fp32")
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)  # a part's own
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--part", choices=["hmt", "dense"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -108,21 +112,26 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    precisions = args.precisions.split(",")
+    if precisions[0] != "fp32":
+        parser.error("--precisions must start with fp32 (the baseline)")
     dense = run_part("dense", args)
-    hmt = run_part("hmt", args)
+    appends = {precision: run_part("hmt", args, precision) for precision in precisions}
+    hmt = appends["fp32"]
     print(f"{args.model}, CPU, {args.threads} threads; each part in its own process")
     print_table(
         ["", "tokens read", "seconds", "tokens/s", "peak memory above the model", "state", "KV cache of that history"],
-        [["dense prefill, full context", dense["tokens"], f"{dense['seconds']:.1f}", f"{dense['tokens_per_s']:.0f}",
-          fmt_bytes(dense["peak_above_model"]), "-", fmt_bytes(dense["kv_cache_bytes"])],
-         [f"HMT append ({hmt['segments']} segments)", hmt["tokens"], f"{hmt['seconds']:.1f}",
-          f"{hmt['tokens_per_s']:.0f}", fmt_bytes(hmt["peak_above_model"]), fmt_bytes(hmt["state_bytes"]),
-          fmt_bytes(hmt["kv_cache_bytes"])]])
-    print(f"HMT / dense: {hmt['tokens_per_s'] / dense['tokens_per_s']:.2f}x the tokens/s, "
+        [["dense prefill, full context (fp32)", dense["tokens"], f"{dense['seconds']:.1f}",
+          f"{dense['tokens_per_s']:.0f}", fmt_bytes(dense["peak_above_model"]), "-",
+          fmt_bytes(dense["kv_cache_bytes"])],
+         *([f"HMT append ({run['segments']} segments, {precision})", run["tokens"], f"{run['seconds']:.1f}",
+            f"{run['tokens_per_s']:.0f} ({run['tokens_per_s'] / hmt['tokens_per_s']:.2f}x fp32)",
+            fmt_bytes(run["peak_above_model"]), fmt_bytes(run["state_bytes"]), fmt_bytes(run["kv_cache_bytes"])]
+           for precision, run in appends.items())])
+    print(f"HMT (fp32) / dense: {hmt['tokens_per_s'] / dense['tokens_per_s']:.2f}x the tokens/s, "
           f"{hmt['tokens'] / dense['tokens']:.1f}x the tokens, "
           f"{hmt['peak_above_model'] / max(dense['peak_above_model'], 1):.2f}x the working memory; "
           f"state {hmt['state_bytes'] / hmt['kv_cache_bytes']:.5f}x the KV cache of its history")
-
 
 if __name__ == "__main__":
     main()
