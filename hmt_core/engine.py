@@ -9,8 +9,8 @@ Two kinds of work, each one batched forward per step:
 
 HMT bounds a session's open window to `[p, E(sensory), E(W)]` (`[E(sink), p, ...]` with a sink token), at
 most 1 + k + L positions (2 + k + L), so the KV cache is static: one preallocated slot per row (`SlotCache`),
-no paging. A row whose window is
-full commits and re-prefills its slot (batched with the others that filled on the same step).
+no paging. A row whose window is full commits and re-prefills its slot (batched with the others that filled on
+the same step).
 When the slot's memory prompt is the commit's own (the request began with the summary's tokens in
 its window), the commit is one more position of the step's decode forward, not two long forwards.
 Rows stay packed in slots 0..n-1, so a decode forward reads contiguous views.

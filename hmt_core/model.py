@@ -73,9 +73,7 @@ class HMTModel(nn.Module):
         self.memory_log_scale: nn.Parameter | None = None
         if config.memory_input_scale is not None:
             self.memory_log_scale = nn.Parameter(torch.tensor(math.log(config.memory_input_scale)))
-        if config.sink_token is not None and config.sink_token >= embeddings.num_embeddings:
-            raise InvalidInputError(f"sink_token {config.sink_token} is outside the vocabulary "
-                                    f"[0, {embeddings.num_embeddings})")
+        self._check_sink_token(config, embeddings.num_embeddings)
         self._fingerprint: str | None = None
         self._fresh_adapter: Adapter | None = None
         # low-rank changes made to the backbone since it was loaded, one dict per LoRA training run:
@@ -256,10 +254,15 @@ class HMTModel(nn.Module):
         if self.hmt_config.sink_token is not None:
             raise InvalidInputError(f"this model already reads its windows behind a sink token "
                                     f"({self.hmt_config.sink_token})")
-        if not 0 <= token < self.vocab_size:
-            raise InvalidInputError(f"sink_token {token} is outside the vocabulary [0, {self.vocab_size})")
-        self.hmt_config = replace(self.hmt_config, sink_token=token)
+        config = replace(self.hmt_config, sink_token=token)
+        self._check_sink_token(config, self.vocab_size)
+        self.hmt_config = config
         self._fingerprint = None
+
+    @staticmethod
+    def _check_sink_token(config: HMTConfig, vocab_size: int) -> None:
+        if config.sink_token is not None and config.sink_token >= vocab_size:
+            raise InvalidInputError(f"sink_token {config.sink_token} is outside the vocabulary [0, {vocab_size})")
 
     def own_parameters(self) -> list[Tensor]:
         """HMT's parameters beside the backbone's: what its training always updates."""

@@ -235,14 +235,8 @@ def _eval_precision(args: argparse.Namespace, model: HMTModel) -> int:
     """Held-out perplexity by position, pass-key digit loss and short-chat agreement, each
     precision against fp32 (hmt_lab.precision_eval)."""
     from hmt_lab import precision_eval
-    from hmt_lab.train import read_texts
 
-    if args.data:
-        text = "\n\n".join(read_texts(args.data, args.text_field))
-    elif (Path(args.model) / "held_out.txt").is_file():
-        text = (Path(args.model) / "held_out.txt").read_text(encoding="utf-8")
-    else:
-        raise HMTError("precision needs held-out text: --data FILE, or a model directory with held_out.txt")
+    text = "\n\n".join(_held_out_texts(args, "precision"))
     held_out = precision_eval.held_out_ids(model, text, args.doc_segments * model.hmt_config.segment_tokens)
     models = precision_eval.precision_models(model, args.precisions)
     report = precision_eval.precision_quality(models, held_out, args.distances or [1, 8, 32],
