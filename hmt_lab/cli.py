@@ -266,7 +266,8 @@ def _train_episodes(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)  # subnormal activations made CPU matmuls up to 10x slower
     names = ("stage", "steps", "episodes_per_step", "questions", "min_distance", "max_distance", "lr_hmt",
              "lr_backbone", "answer_weight", "recall_weight", "bow_weight", "value_bow_weight", "lm_weight",
-             "eval_every", "seed", "memory_input_scale", "min_history", "max_history", "sink_token")
+             "eval_every", "seed", "memory_input_scale", "min_history", "max_history", "sink_token",
+             "write_tokens", "question_tokens")
     overrides: dict[str, Any] = {name: value for name in names if (value := getattr(args, name)) is not None}
     if args.eval_distances:
         overrides["eval_distances"] = tuple(args.eval_distances)
@@ -393,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--episodes-per-step", "--questions", "--min-distance", "--max-distance", "--min-history",
                  "--max-history", "--eval-every", "--seed"):
         episodes.add_argument(flag, type=int)
+    episodes.add_argument("--write-tokens", type=int, metavar="N", help="write segments of N tokens (default: a "
+                          "segment): short rows read more keys per CPU-second")
+    episodes.add_argument("--question-tokens", type=int, metavar="N", help="question rows of at most N tokens "
+                          "(default: a segment)")
     episodes.add_argument("--sink-token", type=int, metavar="ID", help="read windows behind this token "
                           "(an attention sink before the memory prompt; SmolLM2: 0, <|endoftext|>)")
     for flag in ("--lr-hmt", "--lr-backbone", "--answer-weight", "--recall-weight", "--bow-weight",

@@ -75,6 +75,11 @@ class EpisodeConfig:
     # session's first segment (the initial memory as its prompt, no sensory tokens), as often in serving
     min_history: int = 0
     max_history: int = 3
+    # shorter rows than a segment (None: a full segment): a write segment of write_tokens, question rows of at
+    # most question_tokens. A stage on short rows reads ~10x the episodes per CPU-second, for the reader to see
+    # enough keys to generalize (on 96 keys it learned a lookup of those keys and nothing else, campaign/README)
+    write_tokens: int | None = None
+    question_tokens: int | None = None
     # HMT's own parameters (recall projections, summary prompt, initial memory). Recall reads final hidden states
     # (norm ~50), so one Adam step of 1e-3 on its projections moves recall scores by ~20: keep it small
     lr_hmt: float = 1e-4
@@ -118,6 +123,9 @@ class EpisodeConfig:
         low, high = self.distances
         if not 1 <= low <= high:
             raise InvalidInputError(f"distances must satisfy 1 <= min <= max, got {low}..{high}")
+        for name in ("write_tokens", "question_tokens"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise InvalidInputError(f"{name} must be >= 1, got {value}")
         if self.questions > high - low + 1:
             raise InvalidInputError(f"{self.questions} distinct question distances do not fit in {low}..{high}")
         if isinstance(self.eval_distances, list):  # from JSON
@@ -167,9 +175,16 @@ class StepData:
 def build_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, summary_tokens: int,
                   distances: Sequence[int], text_stream: Sequence[int],
                   wordings: Sequence[PasskeyWording] = TRAINING_WORDINGS,
-                  fillers: Sequence[str] = TRAINING_FILLERS, key_digits: int = 5) -> Episode:
-    """A key line at a uniform random offset of a full write segment; a question segment per distance, the
-    question at a uniform random offset, cut after the answer. Filler is book text or a repeated sentence."""
+                  fillers: Sequence[str] = TRAINING_FILLERS, key_digits: int = 5, write_tokens: int | None = None,
+                  question_tokens: int | None = None) -> Episode:
+    """A key line at a uniform random offset of a full write segment (or of write_tokens); a question segment
+    per distance (or a row of at most question_tokens), the question at a uniform random offset, cut after the
+    answer. Filler is book text or a repeated sentence."""
+    for name, value in (("write_tokens", write_tokens), ("question_tokens", question_tokens)):
+        if value is not None and not 1 <= value <= segment_tokens:
+            raise InvalidInputError(f"{name} must be in 1..{segment_tokens} (a segment), got {value}")
+    write_length = write_tokens or segment_tokens
+    question_length = question_tokens or segment_tokens
     encode = encoder(tokenizer)
     wording = rng.choice(wordings)
     key = rng.randrange(10 ** (key_digits - 1), 10 ** key_digits)
@@ -177,22 +192,23 @@ def build_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, summa
     stream = FillerStream(filler, rng)
     intro = encode(wording.intro) if wording.intro and rng.random() < 0.5 else []
     line = encode(" " + wording.line(key))
-    room = segment_tokens - len(intro) - len(line)
+    room = write_length - len(intro) - len(line)
     if room < 0:
-        raise InvalidInputError(f"a key line needs {len(intro) + len(line)} tokens, segments have {segment_tokens}")
+        raise InvalidInputError(f"a key line needs {len(intro) + len(line)} tokens, write segments have "
+                                f"{write_length}")
     before = stream.take(rng.randint(0, room))
     write = intro + before + line
-    write += stream.take(segment_tokens - len(write))
-    question_tokens = encode(" " + wording.question)
+    write += stream.take(write_length - len(write))
+    question = encode(" " + wording.question)
     answer = encode(f" {key}.")
     value_indices = value_token_indices(tokenizer, answer)
     questions = []
     for distance in sorted(distances):
-        room = segment_tokens - len(question_tokens) - len(answer)
+        room = question_length - len(question) - len(answer)
         if room < 0:
-            raise InvalidInputError(f"a question and answer need {segment_tokens - room} tokens, "
-                                    f"segments have {segment_tokens}")
-        tokens = stream.take(rng.randint(0, room)) + question_tokens
+            raise InvalidInputError(f"a question and answer need {question_length - room} tokens, "
+                                    f"question rows have {question_length}")
+        tokens = stream.take(rng.randint(0, room)) + question
         start = len(tokens)
         tokens += answer
         questions.append(Question(distance, tokens, start, [start + i for i in value_indices],
@@ -210,7 +226,7 @@ def step_data(model: HMTModel, config: EpisodeConfig, step: int, text_stream: Se
     history = rng.randint(config.min_history, config.max_history)
     episodes = [build_episode(model.tokenizer, rng, cfg.segment_tokens, cfg.summary_tokens,
                               rng.sample(range(low, high + 1), config.questions), text_stream, wordings, fillers,
-                              config.key_digits)
+                              config.key_digits, config.write_tokens, config.question_tokens)
                 for _ in range(config.episodes_per_step)]
     longest = max(q.distance for e in episodes for q in e.questions)
     books = FillerStream(text_stream, rng)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hmt_core import HMTConfig, HMTModel
+from hmt_core.errors import InvalidInputError
 from hmt_core.testing import SAMPLE_TEXTS, tiny_hmt_model
 from hmt_core.tokenizer import train_bpe_tokenizer
 from hmt_lab.episodes import (
@@ -74,6 +75,30 @@ def test_offsets_spread_over_the_whole_segment(tok, stream) -> None:  # type: ig
     for quarters in (key_quarters, question_quarters):
         assert sorted(quarters) == [0, 1, 2, 3]
         assert min(quarters.values()) >= 60, quarters  # 100 expected each
+
+
+def test_short_rows_hold_the_key_and_the_question_within_their_lengths(tok, stream) -> None:  # type: ignore[no-untyped-def]
+    model = tiny(tok)
+    config = EpisodeConfig(stage="A", episodes_per_step=6, key_digits=3, write_tokens=20, question_tokens=16)
+    starts: set[int] = set()
+    for step in range(10):
+        data = step_data(model, config, step, stream, [SHORT], [])
+        for episode in data.episodes:
+            assert len(episode.write) == 20
+            line = encoder(tok)(" " + SHORT.line(episode.key))
+            assert episode.write[episode.key_start:episode.key_start + len(line)] == line
+            for q in episode.questions:
+                assert len(q.tokens) <= 16 and q.query_end <= q.answer_start
+                starts.add(q.answer_start)
+        assert all(len(segment) == 32 for segment in data.chain)  # the distractors stay full segments
+    assert len(starts) >= 3  # the question's offset still varies
+    losses = episode_losses(model, step_data(model, config, 0, stream, [SHORT], []), config)
+    assert math.isfinite(float(losses.total))
+    for bad in ({"write_tokens": 0}, {"question_tokens": -1}):
+        with pytest.raises(InvalidInputError, match="must be >= 1"):
+            EpisodeConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"write_tokens must be in 1\.\.32"):
+        build_episode(tok, random.Random(0), 32, 16, [1], stream, [SHORT], [], write_tokens=33)
 
 
 def test_distances_are_as_asked(tok, stream) -> None:  # type: ignore[no-untyped-def]
