@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -179,5 +180,10 @@ def build_chat_model(out_dir: str | Path, recipe: ChatRecipe | None = None, prog
                                                     + recipe.stage2_steps * recipe.stage2_segments)
             * recipe.segment_tokens}
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    (out_dir / "held_out.txt").write_text("\n\n".join(t[:100_000] for t in held_out_texts) + "\n")
+    write_held_out(out_dir, held_out_texts)
     return card
+
+
+def write_held_out(out_dir: Path, texts: Sequence[str]) -> None:
+    """The held-out books' text beside a model, where `hmt eval` looks for it when no --data is given."""
+    (out_dir / "held_out.txt").write_text("\n\n".join(t[:100_000] for t in texts) + "\n")

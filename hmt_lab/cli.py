@@ -260,7 +260,7 @@ def _train_episodes(args: argparse.Namespace) -> int:
     import torch
 
     from hmt_lab import corpus
-    from hmt_lab.chat_recipe import book_stream
+    from hmt_lab.chat_recipe import book_stream, write_held_out
     from hmt_lab.episodes import EpisodeConfig, finish, train_episodes
 
     torch.set_flush_denormal(True)  # subnormal activations made CPU matmuls up to 10x slower
@@ -283,7 +283,9 @@ def _train_episodes(args: argparse.Namespace) -> int:
     run = train_episodes(model, stream, config, args.out, eval_filler=eval_filler, stop_after=args.stop_after,
                          carry=Path(args.carry) if args.carry else None, progress=show)
     if args.finish and (run.steps_done >= config.steps or args.finish_now):
-        print(json.dumps({"model": str(finish(model, args.finish)), "fingerprint": model.fingerprint}))
+        out = finish(model, args.finish)
+        write_held_out(out, [b.text for b in held_out])  # what `hmt eval` reads when given no --data
+        print(json.dumps({"model": str(out), "fingerprint": model.fingerprint}))
     return 0
 
 

@@ -3,6 +3,7 @@ that a tiny model learns to recall a pass key several segments back with it."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
@@ -300,3 +301,29 @@ def test_a_tiny_model_learns_a_pass_key_4_and_8_segments_back_where_the_old_trai
         assert new["digit_loss"][distance] < 0.5 * chance  # the key's digits, read from memory
         assert new["accuracy"][distance] >= 0.25  # every digit the argmax, for a quarter of 32 held-out keys
         assert got["digit_loss"][distance] > 0.8 * chance  # the old trainer: about chance
+
+
+def test_the_cli_trains_the_chat_model_on_short_rows_and_writes_a_model_eval_can_read(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`hmt train-episodes` end to end on the shipped chat model and the real book corpus: one step of short rows,
+    then the finished model carries the held-out text that `hmt eval` reads when given no --data."""
+    from hmt_lab import cli
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "hmt-smollm2"
+    out, finished = tmp_path / "run", tmp_path / "model"
+    args = ["train-episodes", "--model", str(shipped), "--out", str(out), "--steps", "1", "--episodes-per-step", "1",
+            "--questions", "1", "--max-history", "1", "--write-tokens", "64", "--question-tokens", "48",
+            "--eval-every", "0", "--sink-token", "0", "--memory-input-scale", "0.0625", "--max-book-tokens", "20000",
+            "--finish", str(finished), "--device", "cpu"]
+    assert cli.main([args[0], "--model", str(shipped), "--out", str(out), "--write-tokens", "0"]) == 2
+    assert "write_tokens must be >= 1" in capsys.readouterr().err
+    assert cli.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    step = json.loads(lines[0])
+    assert step["step"] == 1 and all(math.isfinite(step[k]) for k in ("answer", "recall", "value_bow", "lm"))
+    written = json.loads(lines[-1])
+    model = HMTModel.from_pretrained(finished)
+    assert written["fingerprint"] == model.fingerprint != HMTModel.from_pretrained(shipped).fingerprint
+    assert model.hmt_config.sink_token == 0
+    held_out = (finished / "held_out.txt").read_text()
+    assert "Call me Ishmael" in held_out and len(held_out) > 100_000  # Moby-Dick, kept out of training
