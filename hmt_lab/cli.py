@@ -267,7 +267,7 @@ def _train_episodes(args: argparse.Namespace) -> int:
     names = ("stage", "steps", "episodes_per_step", "questions", "min_distance", "max_distance", "lr_hmt",
              "lr_backbone", "answer_weight", "recall_weight", "bow_weight", "value_bow_weight", "lm_weight",
              "eval_every", "seed", "memory_input_scale", "min_history", "max_history", "sink_token",
-             "write_tokens", "question_tokens")
+             "write_tokens", "question_tokens", "attention_weight", "attention_target")
     overrides: dict[str, Any] = {name: value for name in names if (value := getattr(args, name)) is not None}
     if args.eval_distances:
         overrides["eval_distances"] = tuple(args.eval_distances)
@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     episodes.add_argument("--sink-token", type=int, metavar="ID", help="read windows behind this token "
                           "(an attention sink before the memory prompt; SmolLM2: 0, <|endoftext|>)")
     for flag in ("--lr-hmt", "--lr-backbone", "--answer-weight", "--recall-weight", "--bow-weight",
-                 "--value-bow-weight", "--lm-weight", "--memory-input-scale"):
+                 "--value-bow-weight", "--lm-weight", "--memory-input-scale", "--attention-weight",
+                 "--attention-target"):
         episodes.add_argument(flag, type=float)
     episodes.add_argument("--eval-distances", type=int, nargs="+", metavar="D")
     episodes.add_argument("--fp32", action="store_true", help="no bf16 autocast")

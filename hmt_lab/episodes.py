@@ -51,7 +51,7 @@ from hmt_lab.exercises import (
 from hmt_lab.train import TRAINER_META, TRAINER_STATE, finish_backbone, latest_checkpoint
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 BackboneTraining = Literal["lora", "full"]
 STATE_FILE = TRAINER_STATE  # the checkpoint-<step>/ layout of `hmt train`, so latest_checkpoint serves both
@@ -97,6 +97,11 @@ class EpisodeConfig:
     bow_weight: float = 0.1
     value_bow_weight: float = 0.3
     lm_weight: float = 0.5
+    # attention the answer positions pay to the memory prompt, pushed up to attention_target (a share of their
+    # attention, over layers and heads) with this weight: on the chat model the reader gave p 0.2-0.3% and
+    # never learned to read it (campaign/README, stage A5). 0: logged, not trained
+    attention_weight: float = 0.0
+    attention_target: float = 0.1
     # a model without the learned memory input scale (HMTConfig.memory_input_scale) gets one starting here
     memory_input_scale: float | None = None
     # a model without a sink token (HMTConfig.sink_token) reads its windows behind this one: at position 0 the
@@ -126,6 +131,8 @@ class EpisodeConfig:
         for name in ("write_tokens", "question_tokens"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise InvalidInputError(f"{name} must be >= 1, got {value}")
+        if not 0.0 < self.attention_target < 1.0:
+            raise InvalidInputError(f"attention_target must be in (0, 1), got {self.attention_target}")
         if self.questions > high - low + 1:
             raise InvalidInputError(f"{self.questions} distinct question distances do not fit in {low}..{high}")
         if isinstance(self.eval_distances, list):  # from JSON
@@ -298,13 +305,40 @@ def read_hidden(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int
     """Rows read as [p, E(sensory), E(tokens)] (p behind the sink token where the model has one), right-padded
     (causal: padding never reaches earlier positions). Returns final hidden states [R, T, d] and the offset of
     token 0 (the prompt's positions + k)."""
+    hidden, offset, _ = _read(model, prompts, sensory, rows, attentions=False)
+    return hidden, offset
+
+
+def read_attending(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int]],
+                   rows: Sequence[Sequence[int]]) -> tuple[Tensor, int, Tensor]:
+    """read_hidden, and every layer's attention from each position to the memory prompt p: [R, layers, heads, T]
+    (eager attention for this read: the fused kernels do not return their weights)."""
+    return _read(model, prompts, sensory, rows, attentions=True)
+
+
+@contextmanager
+def _eager_attention(model: HMTModel) -> Iterator[None]:
+    config = cast("PretrainedConfig", model.base_model.config)
+    previous = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _read(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int]], rows: Sequence[Sequence[int]],
+          attentions: bool) -> tuple[Tensor, int, Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([list(s) + list(r) + [0] * (width - len(r)) for s, r in zip(sensory, rows, strict=True)],
                        device=model.device)
     prefix = model.prompt_prefix(prompts)
-    hidden = model.base_model(inputs_embeds=torch.cat([prefix, model.embed(ids)], dim=1),
-                              use_cache=False).last_hidden_state
-    return hidden, prefix.shape[1] + len(sensory[0])
+    with _eager_attention(model) if attentions else nullcontext():
+        out = model.base_model(inputs_embeds=torch.cat([prefix, model.embed(ids)], dim=1), use_cache=False,
+                               output_attentions=attentions)
+    to_prompt = torch.stack([weights[:, :, :, prefix.shape[1] - 1] for weights in out.attentions], dim=1) \
+        if attentions else torch.zeros(0)
+    return out.last_hidden_state, prefix.shape[1] + len(sensory[0]), to_prompt
 
 
 def length_groups(lengths: Sequence[int], slack: float = 1.25) -> list[list[int]]:
@@ -375,20 +409,28 @@ def episode_losses(model: HMTModel, data: StepData, config: EpisodeConfig) -> St
         # make m_w easy to find rather than to hold the key (value_bow stayed at chance, tiny model and chat model)
         _, target_weights = recall_over(model, queries, [bank.detach() for bank in banks])
         recall = -torch.log(target_weights[:, history].clamp_min(1e-9)).mean()
-        scored = []
+        scored, attended = [], []
         for group in length_groups([len(r) for r in rows]):
-            hidden, offset = read_hidden(model, q_prompts[group], [senses[r] if k else [] for r in group],
-                                         [rows[r] for r in group])
+            hidden, offset, to_prompt = read_attending(model, q_prompts[group], [senses[r] if k else [] for r in group],
+                                                       [rows[r] for r in group])
             scored.append(_token_loss(model, hidden, offset, [rows[r] for r in group], [values[r] for r in group])
                           * sum(len(values[r]) for r in group))
+            # attention to p from the positions that predict the value tokens, over layers and heads
+            attended += [to_prompt[g, :, :, [offset + t - 1 for t in values[r]]].float().mean()
+                         for g, r in enumerate(group)]
         answer = torch.stack(scored).sum() / sum(len(v) for v in values)
+        attention = torch.stack(attended).mean()
+        # the reader's way in: below the target share, -log of the attention the answer positions pay to p (a
+        # reader that ignores p gets no answer gradient through it, and a writer no signal to fill it)
+        attention_loss = torch.relu(math.log(config.attention_target) - torch.log(attention.clamp_min(1e-9)))
         # the regularizer: a plain segment after every distractor
         plain_prompt, _ = recall_over(model, _queries(model, [data.plain[:s]]), [distractors])
         hidden, offset = read_hidden(model, plain_prompt, [chain[-1][-k:] if k else []], [data.plain])
         lm = _token_loss(model, hidden, offset, [data.plain], [[t + 1 for t in data.lm_positions]])
     total = (config.answer_weight * answer + config.recall_weight * recall + config.bow_weight * bow
-             + config.value_bow_weight * value_bow + config.lm_weight * lm)
-    parts = {"answer": answer, "recall": recall, "bow": bow, "value_bow": value_bow, "lm": lm, "total": total}
+             + config.value_bow_weight * value_bow + config.lm_weight * lm + config.attention_weight * attention_loss)
+    parts = {"answer": answer, "recall": recall, "bow": bow, "value_bow": value_bow, "lm": lm,
+             "attention": attention, "total": total}
     recalled = float(weights[:, history].detach().mean())
     return StepLosses(total, {**{name: float(v.detach()) for name, v in parts.items()}, "recall_weight": recalled})
 

@@ -147,6 +147,26 @@ def test_every_loss_reaches_what_it_trains(tok, stream) -> None:  # type: ignore
         assert param.grad is not None and param.grad.abs().sum() > 0
 
 
+def test_the_attention_loss_raises_the_answers_attention_to_the_memory_prompt(tok, stream) -> None:  # type: ignore[no-untyped-def]
+    model = tiny(tok)
+    config = EpisodeConfig(stage="A", max_distance=3, key_digits=3, bf16=False, answer_weight=0.0,
+                           recall_weight=0.0, bow_weight=0.0, value_bow_weight=0.0, lm_weight=0.0,
+                           attention_weight=1.0, attention_target=0.9)
+    data = step_data(model, config, 0, stream, [SHORT], [])
+    model.requires_grad_(True)
+    before = episode_losses(model, data, config)
+    assert 0.0 < before.parts["attention"] < 0.9
+    assert before.parts["total"] == pytest.approx(math.log(0.9) - math.log(before.parts["attention"]), rel=1e-4)
+    optimizer = torch.optim.Adam(model.backbone.parameters(), lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        episode_losses(model, data, config).total.backward()
+        optimizer.step()
+    after = episode_losses(model, data, config).parts["attention"]
+    assert after > 1.5 * before.parts["attention"]
+    assert model.base_model.config._attn_implementation != "eager"  # the eager read was for the questions only
+
+
 # ----- resume ----------------------------------------------------------------------------------------------
 
 
