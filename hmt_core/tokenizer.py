@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -37,3 +38,22 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: boo
                                       pad_token=END_OF_TEXT)
     wrapped.chat_template = CHATML_TEMPLATE
     return wrapped
+
+
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool = False,
+                template: str | None = None) -> str:
+    """Messages as text in the tokenizer's chat template (ChatML when it has none)."""
+    template = template or getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    return str(tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt))
+
+
+def render_continuation(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool = False,
+                        template: str | None = None) -> str:
+    """Messages as the template renders them after an earlier exchange: no second beginning of text and no
+    default system prompt (the text a session appends for a later turn)."""
+    earlier = [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": "\x01"}]
+    head = render_chat(tokenizer, earlier, template=template)
+    full = render_chat(tokenizer, [*earlier, *messages], generation_prompt, template)
+    return full[len(head):] if full.startswith(head) else render_chat(tokenizer, messages, generation_prompt,
+                                                                       template)

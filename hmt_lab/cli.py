@@ -260,14 +260,14 @@ def _train_episodes(args: argparse.Namespace) -> int:
     import torch
 
     from hmt_lab import corpus
-    from hmt_lab.chat_recipe import book_stream, write_held_out
+    from hmt_lab.chat_recipe import book_stream, paragraphs, write_held_out
     from hmt_lab.episodes import EpisodeConfig, finish, train_episodes
 
     torch.set_flush_denormal(True)  # subnormal activations made CPU matmuls up to 10x slower
     names = ("stage", "steps", "episodes_per_step", "questions", "min_distance", "max_distance", "lr_hmt",
              "lr_backbone", "answer_weight", "recall_weight", "bow_weight", "value_bow_weight", "lm_weight",
              "eval_every", "seed", "memory_input_scale", "min_history", "max_history", "sink_token",
-             "write_tokens", "question_tokens", "attention_weight", "attention_target")
+             "write_tokens", "question_tokens", "attention_weight", "attention_target", "fact_share")
     overrides: dict[str, Any] = {name: value for name in names if (value := getattr(args, name)) is not None}
     if args.eval_distances:
         overrides["eval_distances"] = tuple(args.eval_distances)
@@ -280,8 +280,11 @@ def _train_episodes(args: argparse.Namespace) -> int:
     def show(entry: dict) -> None:
         print(json.dumps(entry), flush=True)
 
+    chats = config.facts > 0  # passages for the chat steps' conversations, held-out ones for their evaluation
     run = train_episodes(model, stream, config, args.out, eval_filler=eval_filler, stop_after=args.stop_after,
-                         carry=Path(args.carry) if args.carry else None, progress=show)
+                         carry=Path(args.carry) if args.carry else None, progress=show,
+                         passages=paragraphs([b.text for b in train_books]) if chats else (),
+                         eval_passages=paragraphs([b.text for b in held_out]) if chats else ())
     if args.finish and (run.steps_done >= config.steps or args.finish_now):
         out = finish(model, args.finish)
         write_held_out(out, [b.text for b in held_out])  # what `hmt eval` reads when given no --data
@@ -385,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "distractor memories between): stage A 1-2 segments, B1 1-8, B2 1-32; resumable")
     episodes.add_argument("--model", required=True, metavar="DIR", help="the HMT model the run starts from")
     episodes.add_argument("--out", required=True, metavar="DIR", help="checkpoints and the log (episodes_log.jsonl)")
-    episodes.add_argument("--stage", choices=("A", "B1", "B2"))
+    episodes.add_argument("--stage", choices=("A", "B1", "B2", "C"), help="the distances trained (A 1-2, B1 1-8, "
+                          "B2 1-32, C 1-16) and, for C, chat facts on half the steps")
     episodes.add_argument("--steps", type=int, help="optimizer steps in this stage's schedule")
     episodes.add_argument("--stop-after", type=int, metavar="N", help="leave after N steps (resume later)")
     episodes.add_argument("--carry", metavar="FILE", help="also keep the latest weights and optimizer here (what "
@@ -406,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "--value-bow-weight", "--lm-weight", "--memory-input-scale", "--attention-weight",
                  "--attention-target"):
         episodes.add_argument(flag, type=float)
+    episodes.add_argument("--fact-share", type=float, metavar="F", help="the share of steps on facts stated in "
+                          "a chat (stage C: 0.5, else 0); evaluated on held-out facts beside the pass keys")
     episodes.add_argument("--eval-distances", type=int, nargs="+", metavar="D")
     episodes.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     episodes.add_argument("--max-book-tokens", type=int, default=400_000)

@@ -13,6 +13,11 @@ competing with it. So distance is trained without backpropagating through 32 seg
 - one plain **book segment** read after all the distractors, its LM loss on a random quarter of positions: a
   regularizer so that reading recalled memories does not damage ordinary text (the boundary milestone).
 
+A share of steps (stage C: half) are **chat steps**: a fact stated in a user turn and acknowledged (the session's
+first turn when the write has no history, else at a random offset after earlier exchanges), asked back in a
+question turn followed by the reply that recalls it; chain, filler and plain row are one chat conversation about
+book passages, cut into segments as a session reads it. The other steps replay pass keys over book text.
+
 Losses, logged apart: `answer` (the value tokens), `recall` (cross-entropy of the recall softmax against m_w's
 slot, HMT-pytorch's ret_loss), `bow` (m_w predicts its segment's tokens as a bag), `value_bow` (m_w predicts the
 key's digits as a bag) and `lm`. Backbone matmuls under bf16 autocast, recall in float32, evaluation in float32.
@@ -38,13 +43,19 @@ from torch import Tensor
 
 from hmt_core.errors import CheckpointError, InvalidInputError
 from hmt_core.model import HMTModel
+from hmt_core.tokenizer import render_chat, render_continuation
 from hmt_lab.exercises import (
+    HELD_OUT_FACTS,
     STANDARD_WORDING,
+    TRAINING_FACTS,
     TRAINING_FILLERS,
     TRAINING_WORDINGS,
+    ChatFiller,
     FillerStream,
     PasskeyWording,
+    chat_fact,
     encoder,
+    fact_reply,
     sentence_filler,
     value_token_indices,
 )
@@ -59,7 +70,9 @@ META_FILE = TRAINER_META
 LOG_FILE = "episodes_log.jsonl"
 
 # stage -> the distances it trains (question segments after the write segment)
-STAGES: dict[str, tuple[int, int]] = {"A": (1, 2), "B1": (1, 8), "B2": (1, 32)}
+STAGES: dict[str, tuple[int, int]] = {"A": (1, 2), "B1": (1, 8), "B2": (1, 32), "C": (1, 16)}
+# the share of steps on chat facts where a run does not say (the rest: pass keys over book text)
+STAGE_FACT_SHARE: dict[str, float] = {"C": 0.5}
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,10 @@ class EpisodeConfig:
     # never learned to read it (campaign/README, stage A5). 0: logged, not trained
     attention_weight: float = 0.0
     attention_target: float = 0.1
+    # the share of steps whose episodes are facts stated in a chat, over a chat conversation about book passages
+    # (distractors, filler and the LM row alike); the other steps are pass keys over book text. None: the
+    # stage's (STAGE_FACT_SHARE, else 0)
+    fact_share: float | None = None
     # a model without the learned memory input scale (HMTConfig.memory_input_scale) gets one starting here
     memory_input_scale: float | None = None
     # a model without a sink token (HMTConfig.sink_token) reads its windows behind this one: at position 0 the
@@ -133,6 +150,8 @@ class EpisodeConfig:
                 raise InvalidInputError(f"{name} must be >= 1, got {value}")
         if not 0.0 < self.attention_target < 1.0:
             raise InvalidInputError(f"attention_target must be in (0, 1), got {self.attention_target}")
+        if not 0.0 <= self.facts <= 1.0:
+            raise InvalidInputError(f"fact_share must be in [0, 1], got {self.fact_share}")
         if self.questions > high - low + 1:
             raise InvalidInputError(f"{self.questions} distinct question distances do not fit in {low}..{high}")
         if isinstance(self.eval_distances, list):  # from JSON
@@ -142,6 +161,11 @@ class EpisodeConfig:
     def distances(self) -> tuple[int, int]:
         low, high = STAGES[self.stage]
         return (self.min_distance or low, self.max_distance or high)
+
+    @property
+    def facts(self) -> float:
+        """The share of steps on chat facts."""
+        return STAGE_FACT_SHARE.get(self.stage, 0.0) if self.fact_share is None else self.fact_share
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EpisodeConfig:
@@ -163,10 +187,10 @@ class Question:
 
 @dataclass(frozen=True)
 class Episode:
-    key: int
-    write: list[int]  # one full segment holding the key line
-    key_start: int  # where the key line starts in `write`
-    values: list[int]  # the key's value (digit) token ids
+    key: int | str  # the pass key, or the fact's value
+    write: list[int]  # one full segment holding the key line (or the fact's exchange)
+    key_start: int  # where the key line (the fact's exchange) starts in `write`
+    values: list[int]  # the key's value (digit) token ids, or the fact value's tokens in the reply
     questions: tuple[Question, ...]
 
 
@@ -175,8 +199,9 @@ class StepData:
     history: int  # distractor memories before the write segment
     chain: list[list[int]]  # filler segments read as an HMT chain (the distractors)
     episodes: list[Episode]
-    plain: list[int]  # a book segment for the LM regularizer, read after the whole chain
+    plain: list[int]  # a book (chat) segment for the LM regularizer, read after the whole chain
     lm_positions: list[int]  # its positions whose next token is scored
+    facts: bool = False  # chat facts over a chat conversation (else pass keys over book text)
 
 
 def build_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, summary_tokens: int,
@@ -223,24 +248,73 @@ def build_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, summa
     return Episode(key, write, len(intro) + len(before), [answer[i] for i in value_indices], tuple(questions))
 
 
+def build_fact_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, summary_tokens: int,
+                       distances: Sequence[int], filler: ChatFiller, session_start: bool, held_out: bool = False,
+                       write_tokens: int | None = None, question_tokens: int | None = None) -> Episode:
+    """A fact stated in a user turn and acknowledged, inside a write row of a chat conversation: the session's
+    first turn (system prompt and all, no filler before it) when session_start, else after the tail of an
+    earlier exchange at a uniform random offset. Per distance, a question row: the tail of an exchange, the
+    question turn with the generation prompt at a uniform random offset, then the reply that recalls the fact,
+    its value's tokens scored."""
+    write_length = write_tokens or segment_tokens
+    question_length = question_tokens or segment_tokens
+    encode = encoder(tokenizer)
+    template = rng.choice(HELD_OUT_FACTS if held_out else TRAINING_FACTS)
+    fact = chat_fact(rng, (), 0, held_out, template)
+    turn = fact.messages[:2]
+    exchange = encode(render_chat(tokenizer, turn) if session_start else render_continuation(tokenizer, turn))
+    room = write_length - len(exchange)
+    if room < 0:
+        raise InvalidInputError(f"a fact's exchange needs {len(exchange)} tokens, write rows have {write_length}")
+    before = [] if session_start else filler.tail(rng.randint(0, room))
+    write = before + exchange + filler.take(room - len(before))
+    reply, value_indices = fact_reply(tokenizer, fact, template)
+    question = encode(render_continuation(tokenizer, fact.messages[2:], generation_prompt=True))
+    questions = []
+    for distance in sorted(distances):
+        room = question_length - len(question) - len(reply)
+        if room < 0:
+            raise InvalidInputError(f"a question and reply need {question_length - room} tokens, question rows "
+                                    f"have {question_length}")
+        tokens = filler.tail(rng.randint(0, room)) + question
+        start = len(tokens)
+        tokens += reply
+        questions.append(Question(distance, tokens, start, [start + i for i in value_indices],
+                                  min(summary_tokens, start)))
+    return Episode(fact.value, write, len(before), [reply[i] for i in value_indices], tuple(questions))
+
+
 def step_data(model: HMTModel, config: EpisodeConfig, step: int, text_stream: Sequence[int],
               wordings: Sequence[PasskeyWording] = TRAINING_WORDINGS,
-              fillers: Sequence[str] = TRAINING_FILLERS) -> StepData:
-    """Everything step `step` reads: a pure function of (config.seed, step)."""
+              fillers: Sequence[str] = TRAINING_FILLERS, passages: Sequence[str] = ()) -> StepData:
+    """Everything step `step` reads: a pure function of (config.seed, step). passages: book passages the chat
+    steps' conversations quote (needed when config.facts > 0)."""
     rng = random.Random(config.seed * 1_000_003 + step)
     cfg = model.hmt_config
     low, high = config.distances
     history = rng.randint(config.min_history, config.max_history)
-    episodes = [build_episode(model.tokenizer, rng, cfg.segment_tokens, cfg.summary_tokens,
-                              rng.sample(range(low, high + 1), config.questions), text_stream, wordings, fillers,
-                              config.key_digits, config.write_tokens, config.question_tokens)
-                for _ in range(config.episodes_per_step)]
+    facts = config.facts > 0 and rng.random() < config.facts  # no draw otherwise: earlier runs resume exactly
+    if facts:
+        chat = ChatFiller(model.tokenizer, passages, rng)
+        episodes = [build_fact_episode(model.tokenizer, rng, cfg.segment_tokens, cfg.summary_tokens,
+                                       rng.sample(range(low, high + 1), config.questions), chat, history == 0,
+                                       write_tokens=config.write_tokens, question_tokens=config.question_tokens)
+                    for _ in range(config.episodes_per_step)]
+    else:
+        episodes = [build_episode(model.tokenizer, rng, cfg.segment_tokens, cfg.summary_tokens,
+                                  rng.sample(range(low, high + 1), config.questions), text_stream, wordings,
+                                  fillers, config.key_digits, config.write_tokens, config.question_tokens)
+                    for _ in range(config.episodes_per_step)]
     longest = max(q.distance for e in episodes for q in e.questions)
-    books = FillerStream(text_stream, rng)
-    chain = [books.take(cfg.segment_tokens) for _ in range(max(1, history + longest - 1))]
-    plain = books.take(cfg.segment_tokens)
+    segments = max(1, history + longest - 1) + 1  # the chain, then the plain row
+    if facts:  # one conversation, cut into segments as a session reads it
+        conversation = chat.take(segments * cfg.segment_tokens)
+        rows = [conversation[i * cfg.segment_tokens:(i + 1) * cfg.segment_tokens] for i in range(segments)]
+    else:
+        books = FillerStream(text_stream, rng)
+        rows = [books.take(cfg.segment_tokens) for _ in range(segments)]
     positions = sorted(rng.sample(range(cfg.segment_tokens - 1), max(1, (cfg.segment_tokens - 1) // 4)))
-    return StepData(history, chain, episodes, plain, positions)
+    return StepData(history, rows[:-1], episodes, rows[-1], positions, facts)
 
 
 # ----- the reads ---------------------------------------------------------------------------------------
@@ -440,10 +514,11 @@ def episode_losses(model: HMTModel, data: StepData, config: EpisodeConfig) -> St
 
 @dataclass(frozen=True)
 class EvalKey:
-    key: int
+    key: int | str  # a pass key, or a fact's value
     segments: list[list[int]]  # intro + filler + the key line + filler, then filler: read as one chain
     key_segment: int  # the segment holding the key line's end
     questions: dict[int, tuple[list[int], list[int]]]  # distance -> (question segment head, answer tokens)
+    value_indices: tuple[int, ...] = ()  # which answer tokens are scored (empty: its digits)
 
 
 def eval_keys(tokenizer: Any, segment_tokens: int, distances: Sequence[int], keys: int, filler: Sequence[int],
@@ -470,10 +545,39 @@ def eval_keys(tokenizer: Any, segment_tokens: int, distances: Sequence[int], key
     return out
 
 
+def eval_facts(tokenizer: Any, segment_tokens: int, distances: Sequence[int], count: int, passages: Sequence[str],
+               seed: int = 0) -> list[EvalKey]:
+    """Fixed held-out facts (templates and values never trained) in chat conversations about held-out passages:
+    half stated in the session's first turn, as a new chat states them, half after a random stretch of earlier
+    exchanges; the question turn at a random offset of its segment, `distance` segments after the fact's."""
+    rng = random.Random(seed)
+    encode = encoder(tokenizer)
+    filler = ChatFiller(tokenizer, passages, rng)
+    out = []
+    for _ in range(count):
+        template = rng.choice(HELD_OUT_FACTS)
+        fact = chat_fact(rng, (), 0, True, template)
+        turn = fact.messages[:2]
+        lead = rng.randrange(segment_tokens) if rng.random() < 0.5 else 0
+        tokens = filler.tail(lead) + encode(render_continuation(tokenizer, turn)) if lead \
+            else encode(render_chat(tokenizer, turn))
+        key_segment = (len(tokens) - 1) // segment_tokens
+        total = (key_segment + max(distances)) * segment_tokens
+        tokens += filler.take(total - len(tokens))
+        segments = [tokens[i:i + segment_tokens] for i in range(0, total, segment_tokens)]
+        question = encode(render_continuation(tokenizer, fact.messages[2:], generation_prompt=True))
+        reply, value_indices = fact_reply(tokenizer, fact, template)
+        questions = {d: (filler.tail(rng.randrange(segment_tokens - len(question) - len(reply))) + question, reply)
+                     for d in distances}
+        out.append(EvalKey(fact.value, segments, key_segment, questions, tuple(value_indices)))
+    return out
+
+
 @torch.no_grad()
 def evaluate_keys(model: HMTModel, keys: Sequence[EvalKey], bf16: bool = False) -> dict[str, dict[int, float]]:
     """Per distance: the mean teacher-forced loss of the key's digits (nats per digit; ln 10 is chance) and the
-    share of keys whose every digit is the argmax (what greedy decoding would write after the digits before it)."""
+    share of keys whose every digit is the argmax (what greedy decoding would write after the digits before it).
+    For facts (eval_facts) the same of the value's tokens in the reply."""
     cfg = model.hmt_config
     k, s = cfg.num_sensory, cfg.summary_tokens
     losses: dict[int, list[float]] = {}
@@ -489,7 +593,7 @@ def evaluate_keys(model: HMTModel, keys: Sequence[EvalKey], bf16: bool = False) 
                 hidden, offset = read_hidden(model, prompt, [item.segments[before - 1][-k:] if k else []], [row])
                 logits = model.lm_logits(hidden[0, offset + len(head) - 1:offset + len(row) - 1]).float()
                 log_probs = torch.log_softmax(logits, dim=-1)
-                digits = value_token_indices(model.tokenizer, answer)
+                digits = list(item.value_indices) or value_token_indices(model.tokenizer, answer)
                 wanted = [answer[i] for i in digits]
                 losses.setdefault(distance, []).append(float(-log_probs[digits, wanted].mean()))
                 hits.setdefault(distance, []).append(logits[digits].argmax(-1).tolist() == wanted)
@@ -617,15 +721,20 @@ def train_episodes(model: HMTModel, text_stream: Sequence[int], config: EpisodeC
                    eval_filler: Sequence[int] | None = None, stop_after: int | None = None,
                    carry: Path | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
                    wordings: Sequence[PasskeyWording] = TRAINING_WORDINGS, fillers: Sequence[str] = TRAINING_FILLERS,
-                   eval_wording: PasskeyWording = STANDARD_WORDING) -> EpisodeRun:
+                   eval_wording: PasskeyWording = STANDARD_WORDING, passages: Sequence[str] = (),
+                   eval_passages: Sequence[str] = ()) -> EpisodeRun:
     """Trains `model` in place (its backbone wrapped by a LoRA when config says so) and returns the log.
 
     Resumes from the newest checkpoint-<step>/ in out_dir (exact), else from `carry` when given (a file written
     by save_carry: weights exact, Adam's moments rounded to bfloat16). Checkpoints every
     config.save_every_seconds and at the end. stop_after: leave after this many steps of this call (the run
-    resumes later), without finishing the model. eval_filler: held-out text for the periodic evaluation."""
+    resumes later), without finishing the model. eval_filler: held-out text for the periodic evaluation.
+    passages, eval_passages: book passages the chat steps' conversations quote (config.facts > 0), and held-out
+    ones for the periodic evaluation of held-out facts (none: no fact evaluation)."""
     if model.tokenizer is None:
         raise InvalidInputError("the episode trainer needs a model with a tokenizer")
+    if config.facts > 0 and not passages:
+        raise InvalidInputError(f"a run with chat facts (fact share {config.facts}) needs book passages")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = prepare(model, config)
@@ -648,11 +757,13 @@ def train_episodes(model: HMTModel, text_stream: Sequence[int], config: EpisodeC
                            config.eval_keys, eval_filler if eval_filler is not None else text_stream, seed=1,
                            wording=eval_wording, key_digits=config.key_digits) \
         if config.eval_every else []
+    facts = eval_facts(model.tokenizer, model.hmt_config.segment_tokens, config.eval_distances, config.eval_keys,
+                       eval_passages, seed=1) if config.eval_every and config.facts > 0 and eval_passages else []
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     stop = _StopRequest()
     with stop.on_sigterm():
-        end = _run_steps(model, text_stream, config, out_dir, optimizer, lrs, start, end, log, evaluation,
-                         carry, progress, wordings, fillers, stop)
+        end = _run_steps(model, text_stream, config, out_dir, optimizer, lrs, start, end, log, evaluation + facts,
+                         carry, progress, wordings, fillers, passages, stop)
     model.eval()
     if end > start:
         save_checkpoint(model, optimizer, config, out_dir, end)
@@ -688,8 +799,11 @@ class _StopRequest:
 def _run_steps(model: HMTModel, text_stream: Sequence[int], config: EpisodeConfig, out_dir: Path,
                optimizer: torch.optim.Optimizer, lrs: list[float], start: int, end: int, log: list[dict[str, Any]],
                evaluation: list[EvalKey], carry: Path | None, progress: Callable[[dict[str, Any]], None] | None,
-               wordings: Sequence[PasskeyWording], fillers: Sequence[str], stop: _StopRequest) -> int:
+               wordings: Sequence[PasskeyWording], fillers: Sequence[str], passages: Sequence[str],
+               stop: _StopRequest) -> int:
     """Steps start..end-1; returns the step reached (earlier than end when a stop was requested)."""
+    keys = [item for item in evaluation if isinstance(item.key, int)]
+    facts = [item for item in evaluation if isinstance(item.key, str)]
     last_save = time.monotonic()
     for step in range(start, end):
         if stop.requested:
@@ -698,7 +812,8 @@ def _run_steps(model: HMTModel, text_stream: Sequence[int], config: EpisodeConfi
         model.train()
         for group, lr in zip(optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr * lr_scale(step, config)
-        losses = episode_losses(model, step_data(model, config, step, text_stream, wordings, fillers), config)
+        data = step_data(model, config, step, text_stream, wordings, fillers, passages)
+        losses = episode_losses(model, data, config)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -706,11 +821,17 @@ def _run_steps(model: HMTModel, text_stream: Sequence[int], config: EpisodeConfi
         optimizer.step()
         entry: dict[str, Any] = {"step": step + 1, **{k: round(v, 4) for k, v in losses.parts.items()},
                  "grad_norm": round(grad_norm, 3), "seconds": round(time.perf_counter() - began, 2)}
+        if config.facts > 0:
+            entry["kind"] = "facts" if data.facts else "passkey"
         if evaluation and (step + 1) % config.eval_every == 0:
             model.eval()
-            entry["eval_fp32"] = evaluate_keys(model, evaluation)
-            if config.bf16:
-                entry["eval_bf16"] = evaluate_keys(model, evaluation, bf16=True)
+            if keys:
+                entry["eval_fp32"] = evaluate_keys(model, keys)
+                if config.bf16:
+                    entry["eval_bf16"] = evaluate_keys(model, keys, bf16=True)
+            if facts:  # held-out facts, fp32: the loss of the value's tokens in the reply
+                result = evaluate_keys(model, facts)
+                entry["eval_facts_fp32"] = {"value_loss": result["digit_loss"], "accuracy": result["accuracy"]}
         entry = json.loads(json.dumps(entry))  # as the log file holds it (distances as strings), resumed or not
         log.append(entry)
         _append_log(out_dir, entry)
@@ -732,5 +853,5 @@ def finish(model: HMTModel, out_dir: str | Path) -> Path:
     return out
 
 
-__all__ = ["STAGES", "EpisodeConfig", "build_episode", "episode_losses", "evaluate_keys", "finish", "step_data",
-           "train_episodes"]
+__all__ = ["STAGES", "EpisodeConfig", "build_episode", "build_fact_episode", "episode_losses", "eval_facts",
+           "evaluate_keys", "finish", "step_data", "train_episodes"]

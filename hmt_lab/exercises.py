@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hmt_core.errors import InvalidInputError
+from hmt_core.tokenizer import render_continuation
 
 # ----- pass keys ----------------------------------------------------------------------------
 
@@ -291,7 +292,7 @@ def chat_fact(rng: random.Random, passages: Sequence[str], filler_turns: int, he
     template = template or rng.choice(facts)
     value = fact_value(template, rng, held_out)
     statement = template.statement.format(value=value)
-    if passages and rng.random() < 0.5:
+    if rng.random() < 0.5:
         statement = f"{rng.choice(('Hi!', 'Hello.', 'Before we start:', 'Quick note.'))} {statement}"
     messages = [{"role": "user", "content": statement},
                 {"role": "assistant", "content": rng.choice(ACKNOWLEDGEMENTS)}]
@@ -325,3 +326,47 @@ def fact_recalled(value: str, reply: str) -> bool:
     """A reply recalls the fact when it contains the value as a word (case-insensitive)."""
     words = reply.lower().replace(",", " ").replace(".", " ").replace("!", " ").split()
     return all(part in words for part in value.lower().split())
+
+
+def tokens_with_span(tokenizer: Any, text: str, start: int, end: int) -> tuple[list[int], list[int]]:
+    """text's tokens, and the indices of those that overlap text[start:end] (a fact's value in a reply)."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = encoded["offset_mapping"]
+    return list(encoded["input_ids"]), [i for i, (a, b) in enumerate(spans) if a < end and b > start]
+
+
+def fact_reply(tokenizer: Any, fact: ChatFact, template: FactTemplate) -> tuple[list[int], list[int]]:
+    """The reply that recalls a fact as tokens, and the indices of its value's tokens (what the answer loss
+    and the evaluation score)."""
+    start = len(template.answer.split("{value}")[0])
+    return tokens_with_span(tokenizer, fact.answer, start, start + len(fact.value))
+
+
+class ChatFiller:
+    """Filler exchanges of a conversation, rendered as its later turns: a request quoting one book passage, a
+    reply quoting another. Drawn from `rng`, so a step's filler is a function of its seed."""
+
+    def __init__(self, tokenizer: Any, passages: Sequence[str], rng: random.Random) -> None:
+        if not passages:
+            raise InvalidInputError("chat filler needs passages")
+        self.tokenizer, self.passages, self.rng = tokenizer, passages, rng
+        self.encode = encoder(tokenizer)
+
+    def exchange(self) -> list[int]:
+        messages = [{"role": "user", "content": f"{self.rng.choice(FILLER_REQUESTS)} {self.rng.choice(self.passages)}"},
+                    {"role": "assistant", "content": self.rng.choice(self.passages)}]
+        return self.encode(render_continuation(self.tokenizer, messages))
+
+    def take(self, count: int) -> list[int]:
+        """The first `count` tokens of whole exchanges (what follows the end of a turn)."""
+        out: list[int] = []
+        while len(out) < count:
+            out += self.exchange()
+        return out[:count]
+
+    def tail(self, count: int) -> list[int]:
+        """The last `count` tokens of whole exchanges (what precedes the start of a turn)."""
+        out: list[int] = []
+        while len(out) < count:
+            out = self.exchange() + out
+        return out[len(out) - count:]

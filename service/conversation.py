@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hmt_core import InvalidInputError
-from hmt_core.tokenizer import CHATML_TEMPLATE
+from hmt_core.tokenizer import CHATML_TEMPLATE, render_chat, render_continuation
 
 ROOT_HASH = "0" * 32
 Continuation = Literal["new", "continued", "branched", "restarted"]
@@ -83,9 +83,7 @@ class ChatTemplate:
         if not messages:
             return ""
         try:
-            return str(self.tokenizer.apply_chat_template(
-                [m.template_dict() for m in messages], chat_template=self.template, tokenize=False,
-                add_generation_prompt=generation_prompt))
+            return render_chat(self.tokenizer, [m.template_dict() for m in messages], generation_prompt, self.template)
         except Exception as exc:  # jinja raises for conversations the template forbids
             raise InvalidInputError(f"the chat template rejected the messages: {exc}") from None
 
@@ -99,10 +97,10 @@ class ChatTemplate:
     def continuation(self, messages: Sequence[Message]) -> str:
         """The text for messages sent alone (X-HMT-Messages: new), as the template renders them
         after an earlier exchange (so no second beginning-of-text or default system prompt)."""
-        earlier = [Message("user", "\x00"), Message("assistant", "\x01")]
-        head = self.render(earlier)
-        full = self.render([*earlier, *messages], generation_prompt=True)
-        return full[len(head):] if full.startswith(head) else self.render(messages, generation_prompt=True)
+        try:
+            return render_continuation(self.tokenizer, [m.template_dict() for m in messages], True, self.template)
+        except Exception as exc:  # jinja raises for conversations the template forbids
+            raise InvalidInputError(f"the chat template rejected the messages: {exc}") from None
 
     def closing(self, messages: Sequence[Message], prompt: str, reply: str, ended_turn: bool) -> str:
         """What the template puts after the reply that the session has not read yet ("\\n" after

@@ -19,12 +19,23 @@ from hmt_core.tokenizer import train_bpe_tokenizer
 from hmt_lab.episodes import (
     EpisodeConfig,
     build_episode,
+    build_fact_episode,
     episode_losses,
+    eval_facts,
     question_bank,
     step_data,
     train_episodes,
 )
-from hmt_lab.exercises import TRAINING_WORDINGS, PasskeyWording, encoder
+from hmt_lab.exercises import (
+    HELD_OUT_FACTS,
+    TRAINING_FACTS,
+    TRAINING_WORDINGS,
+    ChatFiller,
+    FactTemplate,
+    PasskeyWording,
+    encoder,
+    fact_value,
+)
 
 SHORT = PasskeyWording("", "key is {key}.", "key is")  # fits the tiny models' segments
 
@@ -122,6 +133,91 @@ def test_distances_are_as_asked(tok, stream) -> None:  # type: ignore[no-untyped
     assert seen == {3, 4, 5, 6, 7}
     assert histories == {0, 1, 2}  # 0: the key in a session's first segment
     assert step_data(model, config, 5, stream, [SHORT], []) == step_data(model, config, 5, stream, [SHORT], [])
+
+
+# ----- chat facts (stage C) --------------------------------------------------------------------------------
+
+
+def test_fact_episodes_score_the_value_and_no_query_reads_the_reply(tok) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(3)
+    filler = ChatFiller(tok, SAMPLE_TEXTS, rng)
+    training_values = {v for template in TRAINING_FACTS for v in _fact_values(template)}
+    offsets: list[float] = []
+    for i in range(200):
+        session_start = i % 2 == 0
+        episode = build_fact_episode(tok, rng, 128, 64, [1, 4], filler, session_start, write_tokens=100,
+                                     question_tokens=100)
+        assert len(episode.write) == 100 and isinstance(episode.key, str)
+        assert episode.key in training_values or episode.key.isdigit()  # never a held-out value
+        text = tok.decode(episode.write)
+        statement = text[text.index("<|im_start|>user\n", tok.decode(episode.write[:episode.key_start]).__len__()):]
+        assert episode.key in statement.split("<|im_end|>")[0]  # the first turn after key_start states it
+        if session_start:  # the session's first turn: nothing before it
+            assert episode.key_start == 0 and text.startswith("<|im_start|>user\n")
+        else:  # after the end of an earlier exchange, anywhere in the row
+            assert _after_an_exchange(tok.decode(episode.write[:episode.key_start]))
+            offsets.append(episode.key_start / 100)
+        for q in episode.questions:
+            assert q.query_end <= q.answer_start and q.query_end <= 64  # the query never reads the reply
+            prompt, reply = tok.decode(q.tokens[:q.answer_start]), tok.decode(q.tokens[q.answer_start:])
+            assert prompt.endswith("<|im_start|>assistant\n") and episode.key in reply
+            assert episode.key in tok.decode([q.tokens[t] for t in q.value_positions])
+            assert [q.tokens[t] for t in q.value_positions] == episode.values
+            before_question = prompt[:prompt.rindex("<|im_start|>user\n")]
+            assert _after_an_exchange(before_question)
+    assert min(offsets) < 0.1 and max(offsets) > 0.4  # spread over the row, not at one place
+
+
+def _after_an_exchange(text: str) -> bool:
+    """The tail of a finished exchange (maybe just the end of its turn-end line), or nothing."""
+    return text.endswith("<|im_end|>\n") or "<|im_end|>\n".endswith(text)
+
+
+def _fact_values(template: FactTemplate) -> set[str]:
+    rng = random.Random(0)
+    return {fact_value(template, rng, held_out=False) for _ in range(400)}
+
+
+def test_held_out_facts_are_asked_at_every_distance(tok) -> None:  # type: ignore[no-untyped-def]
+    items = eval_facts(tok, 128, [1, 4], 8, SAMPLE_TEXTS, seed=0)
+    questions = {template.question for template in HELD_OUT_FACTS}
+    first_turns = 0
+    for item in items:
+        assert len(item.segments) == item.key_segment + 4 and {len(s) for s in item.segments} == {128}
+        read = tok.decode([t for segment in item.segments[:item.key_segment + 1] for t in segment])
+        assert str(item.key) in read and str(item.key) not in tok.decode(item.segments[-1])
+        first_turns += read.startswith("<|im_start|>user\n")
+        for head, answer in item.questions.values():
+            assert any(question in tok.decode(head) for question in questions)
+            assert str(item.key) in tok.decode([answer[i] for i in item.value_indices])
+    assert 0 < first_turns < len(items)  # as a new chat states it, and after earlier exchanges
+
+
+def test_a_chat_step_reads_one_conversation_and_stage_c_mixes_in_pass_keys(  # type: ignore[no-untyped-def]
+        tok, stream, tmp_path: Path) -> None:
+    model = tiny(tok, segment_tokens=128)
+    config = EpisodeConfig(stage="C", fact_share=1.0, episodes_per_step=2, max_distance=3, bf16=False)
+    data = step_data(model, config, 0, stream, passages=SAMPLE_TEXTS)
+    assert data.facts and all(isinstance(e.key, str) for e in data.episodes)
+    conversation = tok.decode([t for row in [*data.chain, data.plain] for t in row])
+    assert conversation.count("<|im_start|>user\n") >= 2  # distractors and the LM row: a chat, not a book
+    losses = episode_losses(model, data, config)
+    assert all(math.isfinite(v) for v in losses.parts.values())
+    kinds = {step_data(model, EpisodeConfig(stage="C"), step, stream, passages=SAMPLE_TEXTS).facts
+             for step in range(12)}
+    assert kinds == {True, False}  # half the steps replay pass keys
+    assert EpisodeConfig(stage="C").distances == (1, 16) and EpisodeConfig().facts == 0.0
+    with pytest.raises(InvalidInputError, match="fact_share"):
+        EpisodeConfig(fact_share=1.5)
+    with pytest.raises(InvalidInputError, match="needs book passages"):
+        train_episodes(model, stream, EpisodeConfig(stage="C"), tmp_path / "none")
+    run = train_episodes(tiny(tok, segment_tokens=128), stream,
+                         EpisodeConfig(stage="C", steps=2, episodes_per_step=2, max_distance=3, eval_every=2,
+                                       eval_distances=(1, 4), eval_keys=2), tmp_path / "run",
+                         passages=SAMPLE_TEXTS, eval_passages=SAMPLE_TEXTS)
+    last = run.log[-1]
+    assert {entry["kind"] for entry in run.log} <= {"facts", "passkey"}
+    assert set(last["eval_facts_fp32"]["value_loss"]) == set(last["eval_fp32"]["digit_loss"]) == {"1", "4"}
 
 
 def test_the_recall_target_is_the_write_memory() -> None:
@@ -325,13 +421,15 @@ def test_a_tiny_model_learns_a_pass_key_4_and_8_segments_back_where_the_old_trai
 
 def test_the_cli_trains_the_chat_model_on_short_rows_and_writes_a_model_eval_can_read(  # type: ignore[no-untyped-def]
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`hmt train-episodes` end to end on the shipped chat model and the real book corpus: one step of short rows,
-    then the finished model carries the held-out text that `hmt eval` reads when given no --data."""
+    """`hmt train-episodes` end to end on the shipped chat model and the real book corpus: stage C's two kinds of
+    step on short rows (a chat fact in SmolLM2's template, then a pass key), then the finished model carries the
+    held-out text that `hmt eval` reads when given no --data."""
     from hmt_lab import cli
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "hmt-smollm2"
     out, finished = tmp_path / "run", tmp_path / "model"
-    args = ["train-episodes", "--model", str(shipped), "--out", str(out), "--steps", "1", "--episodes-per-step", "1",
+    args = ["train-episodes", "--model", str(shipped), "--out", str(out), "--steps", "2", "--episodes-per-step", "1",
+            "--stage", "C", "--fact-share", "0.5", "--seed", "2", "--max-distance", "2",
             "--questions", "1", "--max-history", "1", "--write-tokens", "64", "--question-tokens", "48",
             "--eval-every", "0", "--sink-token", "0", "--memory-input-scale", "0.0625", "--max-book-tokens", "20000",
             "--finish", str(finished), "--device", "cpu"]
@@ -339,8 +437,10 @@ def test_the_cli_trains_the_chat_model_on_short_rows_and_writes_a_model_eval_can
     assert "write_tokens must be >= 1" in capsys.readouterr().err
     assert cli.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    step = json.loads(lines[0])
-    assert step["step"] == 1 and all(math.isfinite(step[k]) for k in ("answer", "recall", "value_bow", "lm"))
+    steps = [json.loads(line) for line in lines[:-1]]
+    assert [step["kind"] for step in steps] == ["facts", "passkey"]  # seed 2's draws
+    for step in steps:
+        assert all(math.isfinite(step[k]) for k in ("answer", "recall", "value_bow", "lm"))
     written = json.loads(lines[-1])
     model = HMTModel.from_pretrained(finished)
     assert written["fingerprint"] == model.fingerprint != HMTModel.from_pretrained(shipped).fingerprint
