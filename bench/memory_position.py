@@ -32,6 +32,8 @@ from hmt_lab.episodes import (
     eval_keys,
     load_trainable,
     prepare,
+    prompt_attention,
+    read_outputs,
     recall_over,
 )
 from hmt_lab.exercises import value_token_indices
@@ -67,18 +69,14 @@ def measure(model: HMTModel, filler: list[int], keys: int, distance: int) -> dic
         digits = value_token_indices(model.tokenizer, answer)
         wanted = torch.tensor([answer[i] for i in digits])
         for name, p in (("recalled", prompt), ("zeroed", torch.zeros_like(prompt)), ("shuffled", prompt[:, shuffle])):
-            prefix = model.prompt_prefix(p)
-            embeds = torch.cat([prefix, model.embed(torch.tensor([sensory + row]))], dim=1)
-            out = model.base_model(inputs_embeds=embeds, use_cache=False, output_attentions=name == "recalled",
-                                   output_hidden_states=name == "recalled")
-            start = prefix.shape[1] + len(sensory) + len(head) - 1
-            at = [start + i for i in digits]
+            recalled = name == "recalled"
+            out, prefix = read_outputs(model, p, [sensory], [row], attentions=recalled, hidden_states=recalled)
+            at = [prefix + len(sensory) + len(head) - 1 + i for i in digits]
             logits = model.lm_logits(out.last_hidden_state[0, at]).float()
             losses[name].append(float(torch.nn.functional.cross_entropy(logits, wanted)))
-            if name == "recalled":
-                where = prefix.shape[1] - 1  # p's position
-                for layer, weights in enumerate(out.attentions):
-                    attention[layer] += weights[0, :, at, where].mean() / len(items)
+            if recalled:
+                where = prefix - 1  # p's position
+                attention += prompt_attention(out.attentions, where)[0, :, :, at].mean(dim=(1, 2)) / len(items)
                 for hidden in out.hidden_states:
                     ratio = hidden[0, where].norm() / hidden[0, where + 1:].norm(dim=-1).median()
                     peak_norm = max(peak_norm, float(ratio))
@@ -104,7 +102,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = load(args.model, args.carry)
-    model.base_model.config._attn_implementation = "eager"  # attention weights are returned by eager only
     filler = model.tokenizer(Path(args.filler).read_text()[:200_000])["input_ids"]
     base = model.hmt_config
     rows = []

@@ -379,15 +379,21 @@ def read_hidden(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int
     """Rows read as [p, E(sensory), E(tokens)] (p behind the sink token where the model has one), right-padded
     (causal: padding never reaches earlier positions). Returns final hidden states [R, T, d] and the offset of
     token 0 (the prompt's positions + k)."""
-    hidden, offset, _ = _read(model, prompts, sensory, rows, attentions=False)
-    return hidden, offset
+    out, prefix = read_outputs(model, prompts, sensory, rows)
+    return out.last_hidden_state, prefix + len(sensory[0])
 
 
 def read_attending(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int]],
                    rows: Sequence[Sequence[int]]) -> tuple[Tensor, int, Tensor]:
     """read_hidden, and every layer's attention from each position to the memory prompt p: [R, layers, heads, T]
     (eager attention for this read: the fused kernels do not return their weights)."""
-    return _read(model, prompts, sensory, rows, attentions=True)
+    out, prefix = read_outputs(model, prompts, sensory, rows, attentions=True)
+    return out.last_hidden_state, prefix + len(sensory[0]), prompt_attention(out.attentions, prefix - 1)
+
+
+def prompt_attention(attentions: Sequence[Tensor], position: int) -> Tensor:
+    """Every layer's attention to one position (the memory prompt's): [R, layers, heads, T]."""
+    return torch.stack([weights[:, :, :, position] for weights in attentions], dim=1)
 
 
 @contextmanager
@@ -401,18 +407,19 @@ def _eager_attention(model: HMTModel) -> Iterator[None]:
         config._attn_implementation = previous
 
 
-def _read(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int]], rows: Sequence[Sequence[int]],
-          attentions: bool) -> tuple[Tensor, int, Tensor]:
+def read_outputs(model: HMTModel, prompts: Tensor, sensory: Sequence[Sequence[int]], rows: Sequence[Sequence[int]],
+                 attentions: bool = False, hidden_states: bool = False) -> tuple[Any, int]:
+    """The backbone's output for rows read as read_hidden reads them (with every layer's attention weights, read
+    with eager attention, and hidden states when asked), and the length of the prompt prefix (p is its last
+    position)."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([list(s) + list(r) + [0] * (width - len(r)) for s, r in zip(sensory, rows, strict=True)],
                        device=model.device)
     prefix = model.prompt_prefix(prompts)
     with _eager_attention(model) if attentions else nullcontext():
         out = model.base_model(inputs_embeds=torch.cat([prefix, model.embed(ids)], dim=1), use_cache=False,
-                               output_attentions=attentions)
-    to_prompt = torch.stack([weights[:, :, :, prefix.shape[1] - 1] for weights in out.attentions], dim=1) \
-        if attentions else torch.zeros(0)
-    return out.last_hidden_state, prefix.shape[1] + len(sensory[0]), to_prompt
+                               output_attentions=attentions, output_hidden_states=hidden_states)
+    return out, prefix.shape[1]
 
 
 def length_groups(lengths: Sequence[int], slack: float = 1.25) -> list[list[int]]:

@@ -10,6 +10,7 @@ scored on the sentences it was trained on.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,8 +104,11 @@ class FillerStream:
         return out
 
 
-def sentence_filler(tokenizer: Any, sentence: str = PASSKEY_FILLER, repeats: int = 64) -> list[int]:
-    return encoder(tokenizer)(" " + " ".join([sentence] * repeats))
+@functools.lru_cache(maxsize=64)
+def sentence_filler(tokenizer: Any, sentence: str = PASSKEY_FILLER, repeats: int = 64) -> tuple[int, ...]:
+    """A sentence repeated, as tokens (cached: data sets build thousands of exercises on a few sentences, and
+    encoding the repeats was most of the demo recipe's data time)."""
+    return tuple(encoder(tokenizer)(" " + " ".join([sentence] * repeats)))
 
 
 def value_token_indices(tokenizer: Any, answer: Sequence[int]) -> list[int]:
