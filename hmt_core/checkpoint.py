@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -268,6 +269,36 @@ def apply_deltas(backbone: torch.nn.Module, deltas: dict[str, tuple[Tensor, Tens
                 raise CheckpointError(f"backbone delta for {name} has shape {tuple(b.shape)} @ {tuple(a.shape)}, "
                                       f"the weight is {tuple(weight.shape)}")
             weight += (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)).to(weight.dtype)
+
+
+def compact_deltas(rounds: Sequence[dict[str, tuple[Tensor, Tensor]]], rank: int
+                   ) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+    """Rounds of low-rank changes as one round of at most `rank` per module: the best rank-`rank` approximation
+    of their sum (truncated SVD), its factors in bf16 as lora_factors stores them. Each training stage adds a
+    round; this keeps what a model ships from growing with them. Returns the round and the largest relative error
+    (Frobenius norm of the change lost over the change's) over modules."""
+    if rank < 1:
+        raise InvalidInputError(f"rank must be >= 1, got {rank}")
+    compacted: dict[str, tuple[Tensor, Tensor]] = {}
+    worst = 0.0
+    for name in dict.fromkeys(name for deltas in rounds for name in deltas):
+        total = sum((b.float() @ a.float() for a, b in (d[name] for d in rounds if name in d)),
+                    start=torch.zeros(()))
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        root = s[:rank].sqrt()  # split between both factors: each rounds to bf16 at a like scale
+        a, b = (root[:, None] * vh[:rank]).to(torch.bfloat16), (u[:, :rank] * root).to(torch.bfloat16)
+        lost = (total - b.float() @ a.float()).norm() / total.norm().clamp_min(1e-30)
+        worst = max(worst, float(lost))
+        compacted[name] = (a, b)
+    return compacted, worst
+
+
+def read_backbone_deltas(name_or_path: str | Path) -> list[dict[str, tuple[Tensor, Tensor]]]:
+    """A model directory's rounds of low-rank backbone changes (none for a model without them)."""
+    directory = resolve_model_dir(name_or_path)
+    meta = json.loads((directory / HMT_CONFIG_FILE).read_text())
+    file = meta.get("backbone_deltas") or meta.get("backbone_deltas_applied")
+    return _read_deltas(directory / str(file)) if file else []
 
 
 def save_pretrained(model: HMTModel, directory: str | Path, include_backbone: bool = True,

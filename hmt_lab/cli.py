@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 from hmt_core import backbones
 from hmt_core.checkpoint import load_tokenizer, read_state_dict
 from hmt_core.config import HMTConfig
-from hmt_core.errors import HMTError
+from hmt_core.errors import HMTError, InvalidInputError
 from hmt_core.memory import MEMORY_KINDS, memory_of
 from hmt_core.model import HMTModel
 from hmt_core.precision import PRECISIONS
@@ -56,6 +56,39 @@ def _info(args: argparse.Namespace) -> int:
         "tokenizer": model.tokenizer is not None,
         "backbone_weights": backbones.origin_of(model.backbone),
     }, indent=2))
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    """One round of backbone changes for all of a model's rounds (hmt_core.checkpoint.compact_deltas)."""
+    import shutil
+
+    from hmt_core.checkpoint import (
+        apply_deltas,
+        compact_deltas,
+        load_pretrained,
+        read_backbone_deltas,
+        resolve_model_dir,
+    )
+
+    source, out = resolve_model_dir(args.model), Path(args.out)
+    if out.resolve() == source.resolve():
+        raise InvalidInputError("--out must be another directory than --model")
+    rounds = read_backbone_deltas(source)
+    if not rounds:
+        raise InvalidInputError(f"{args.model} has no backbone changes to compact")
+    compacted, error = compact_deltas(rounds, args.rank)
+    model = load_pretrained(HMTModel, source, backbone_deltas=False)  # the bare backbone, then the one round
+    apply_deltas(model.backbone, compacted)
+    model.backbone_deltas = [compacted]
+    model.refresh_fingerprint()
+    model.save_pretrained(out, include_backbone=False)
+    for extra in ("held_out.txt", "model_card.json"):  # what eval and the server read beside the weights
+        if (source / extra).is_file():
+            shutil.copyfile(source / extra, out / extra)
+    print(json.dumps({"model": str(out), "fingerprint": model.fingerprint, "rounds": len(rounds), "rank": args.rank,
+                      "largest_relative_error": round(error, 6),
+                      "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}, indent=2))
     return 0
 
 
@@ -506,6 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
         chat.add_argument("--" + recipe_field.name.replace("_", "-"), dest=recipe_field.name, type=kind,
                           help=f"default {recipe_field.default}")
     chat.set_defaults(run=_build_chat)
+
+    compact = commands.add_parser("compact", help="merge a model's rounds of backbone changes (one per training "
+                                  "stage) into one low-rank round, so what it ships does not grow with its stages")
+    compact.add_argument("--model", required=True, metavar="DIR")
+    compact.add_argument("--out", required=True, metavar="DIR")
+    compact.add_argument("--rank", type=int, default=16, help="rank per module (the rounds' ranks summed: exact "
+                         "up to bf16; less: the best approximation of that rank)")
+    compact.set_defaults(run=_compact)
 
     info = commands.add_parser("info", help="describe a model directory")
     info.add_argument("model", metavar="DIR_OR_NAME")

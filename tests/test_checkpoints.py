@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hmt_core import CheckpointError, HMTConfig, HMTModel
+from hmt_core.errors import InvalidInputError
 from hmt_core.testing import tiny_backbone_config, tiny_hmt_model
 
 HMT_CFG = HMTConfig(segment_tokens=8, num_sensory=3, ltm_context=4, recall_dim=16)
@@ -178,3 +179,65 @@ def test_bad_checkpoints_are_clear_errors(tmp_path: Path) -> None:
                       "--out", str(tmp_path / "out"), "--segment-tokens", "8", "--num-sensory", "3",
                       "--ltm-context", "4")
     assert result.returncode == 2 and "error" in result.stderr and "Traceback" not in result.stderr
+
+
+def _rounds_of_changes(model: HMTModel, count: int, rank: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """`count` rounds of random rank-`rank` changes on every linear layer, factors in bf16 as training ships them."""
+    generator = torch.Generator().manual_seed(7)
+    linears = {name: m for name, m in model.backbone.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not model.backbone.get_output_embeddings()}
+    return [{name: ((torch.randn(rank, m.in_features, generator=generator) * 0.1).to(torch.bfloat16),
+                    (torch.randn(m.out_features, rank, generator=generator) * 0.1).to(torch.bfloat16))
+             for name, m in linears.items()} for _ in range(count)]
+
+
+def test_compact_merges_rounds_into_one_and_keeps_the_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
+    """A model trained in stages ships a round of low-rank changes per stage; `hmt compact` ships one round: at
+    the rounds' summed rank the same weights (up to bf16 factors), below it the best approximation of that rank."""
+    import json
+
+    from hmt_core.checkpoint import apply_deltas, compact_deltas, save_pretrained
+    from hmt_lab import cli
+
+    base = tiny_hmt_model("llama", HMT_CFG)
+    base.backbone.save_pretrained(tmp_path / "backbone")
+    model = tiny_hmt_model("llama", HMT_CFG)
+    model.backbone.load_state_dict(base.backbone.state_dict())
+    rounds = _rounds_of_changes(model, count=3, rank=2)
+    for deltas in rounds:
+        apply_deltas(model.backbone, deltas)
+    model.backbone_deltas = rounds
+    save_pretrained(model, tmp_path / "staged", include_backbone=False, backbone_ref=str(tmp_path / "backbone"))
+    staged = HMTModel.from_pretrained(tmp_path / "staged")
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    want = staged.score(ids).logits
+
+    assert cli.main(["compact", "--model", str(tmp_path / "staged"), "--out", str(tmp_path / "exact"),
+                     "--rank", "6"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    exact = HMTModel.from_pretrained(tmp_path / "exact")
+    assert report["fingerprint"] == exact.fingerprint != staged.fingerprint and len(exact.backbone_deltas) == 1
+    assert report["rounds"] == 3 and report["largest_relative_error"] < 0.01  # bf16 factors only
+    torch.testing.assert_close(exact.score(ids).logits, want, atol=2e-3, rtol=1e-2)
+    assert exact.hmt_config == staged.hmt_config
+    torch.testing.assert_close(exact.summary_prompt, staged.summary_prompt)
+
+    # below the summed rank: the truncated SVD of the sum, and a third of the bytes
+    name = next(iter(rounds[0]))
+    total = sum(b.float() @ a.float() for a, b in (deltas[name] for deltas in rounds))
+    singular = torch.linalg.svdvals(total)
+    compacted, _ = compact_deltas(rounds, 2)
+    a, b = compacted[name]
+    lost = float((total - b.float() @ a.float()).norm() / total.norm())
+    assert a.shape[0] == 2 and lost == pytest.approx(float(singular[2:].norm() / singular.norm()), rel=0.05)
+    assert cli.main(["compact", "--model", str(tmp_path / "staged"), "--out", str(tmp_path / "small"),
+                     "--rank", "2"]) == 0
+    size = {d: (tmp_path / d / "backbone_deltas.safetensors").stat().st_size for d in ("staged", "small")}
+    assert size["small"] < size["staged"] / 2.5
+    capsys.readouterr()
+    assert cli.main(["compact", "--model", str(tmp_path / "staged"), "--out", str(tmp_path / "staged")]) == 2
+    assert "another directory" in capsys.readouterr().err
+    assert cli.main(["compact", "--model", str(tmp_path / "backbone-less"), "--out", str(tmp_path / "x")]) == 2
+    with pytest.raises(InvalidInputError, match="rank must be >= 1"):
+        compact_deltas(rounds, 0)
