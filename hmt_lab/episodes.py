@@ -234,18 +234,28 @@ def build_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, summa
     question = encode(" " + wording.question)
     answer = encode(f" {key}.")
     value_indices = value_token_indices(tokenizer, answer)
-    questions = []
+    questions = question_rows(rng, distances, stream.take, question, answer, value_indices, question_length,
+                              summary_tokens)
+    return Episode(key, write, len(intro) + len(before), [answer[i] for i in value_indices], questions)
+
+
+def question_rows(rng: random.Random, distances: Sequence[int], filler: Callable[[int], list[int]],
+                  question: list[int], answer: list[int], value_indices: Sequence[int], question_length: int,
+                  summary_tokens: int) -> tuple[Question, ...]:
+    """Per distance, a row of at most question_length: `filler` tokens of uniform random length, the question,
+    the answer; the answer's value tokens scored, the summary query cut before the answer."""
+    rows = []
     for distance in sorted(distances):
         room = question_length - len(question) - len(answer)
         if room < 0:
             raise InvalidInputError(f"a question and answer need {question_length - room} tokens, "
                                     f"question rows have {question_length}")
-        tokens = stream.take(rng.randint(0, room)) + question
+        tokens = filler(rng.randint(0, room)) + question
         start = len(tokens)
         tokens += answer
-        questions.append(Question(distance, tokens, start, [start + i for i in value_indices],
-                                  min(summary_tokens, start)))
-    return Episode(key, write, len(intro) + len(before), [answer[i] for i in value_indices], tuple(questions))
+        rows.append(Question(distance, tokens, start, [start + i for i in value_indices],
+                             min(summary_tokens, start)))
+    return tuple(rows)
 
 
 def build_fact_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, summary_tokens: int,
@@ -270,18 +280,9 @@ def build_fact_episode(tokenizer: Any, rng: random.Random, segment_tokens: int, 
     write = before + exchange + filler.take(room - len(before))
     reply, value_indices = fact_reply(tokenizer, fact, template)
     question = encode(render_continuation(tokenizer, fact.messages[2:], generation_prompt=True))
-    questions = []
-    for distance in sorted(distances):
-        room = question_length - len(question) - len(reply)
-        if room < 0:
-            raise InvalidInputError(f"a question and reply need {question_length - room} tokens, question rows "
-                                    f"have {question_length}")
-        tokens = filler.tail(rng.randint(0, room)) + question
-        start = len(tokens)
-        tokens += reply
-        questions.append(Question(distance, tokens, start, [start + i for i in value_indices],
-                                  min(summary_tokens, start)))
-    return Episode(fact.value, write, len(before), [reply[i] for i in value_indices], tuple(questions))
+    questions = question_rows(rng, distances, filler.tail, question, reply, value_indices, question_length,
+                              summary_tokens)
+    return Episode(fact.value, write, len(before), [reply[i] for i in value_indices], questions)
 
 
 def step_data(model: HMTModel, config: EpisodeConfig, step: int, text_stream: Sequence[int],
